@@ -1,0 +1,3 @@
+"""kfac_tn: KFAC for convolutional networks with a tensor-network curvature engine."""
+
+__version__ = "0.1.0"

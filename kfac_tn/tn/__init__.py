@@ -1,0 +1,16 @@
+"""Tensor-network engine: convolution routines as simplified, cached einsum contractions.
+
+Pure functions on tensors, no ``nn.Module``.
+"""
+
+from kfac_tn.tn.patterns import index_pattern
+from kfac_tn.tn.spec import ConvSpec, DimCategory, DimSpec, conv_spec, conv_transpose_spec
+
+__all__ = [
+    "ConvSpec",
+    "DimCategory",
+    "DimSpec",
+    "conv_spec",
+    "conv_transpose_spec",
+    "index_pattern",
+]
