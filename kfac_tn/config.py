@@ -1,0 +1,917 @@
+"""Typed training configuration: dataclass schema, YAML loading, dotted overrides, validation.
+
+The schema's defaults *are* the offline default run (`kfac-tn train` with no config file): a small
+CNN on scikit-learn's 8x8 digits trained with KFAC. ``configs/digits_kfac.yaml`` spells the same
+values out (a test keeps both identical).
+
+Validation happens before any work and reports every problem at once, each as
+``section.key: <value> <what is wrong>; allowed: ...``. YAML is read with ``yaml.safe_load`` only.
+The ``optimizer:`` section maps one to one onto the keyword arguments of :class:`kfac_tn.KFAC`
+(except ``loss``/``loss_reduction``, which follow from the task: cross-entropy for classifiers,
+MSE for the autoencoder, both with mean reduction), and onto ``torch.optim.SGD``/``Adam``/``AdamW``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ConfigError",
+    "DataConfig",
+    "DataName",
+    "Distributed",
+    "ModelConfig",
+    "OptimizerConfig",
+    "OptimizerName",
+    "Precision",
+    "SampledBackpropConfig",
+    "ScheduleConfig",
+    "ScheduleName",
+    "TrainConfig",
+    "WIDTH_RESNETS",
+    "apply_overrides",
+    "config_from_dict",
+    "config_reference",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names each bad key, its value and what is allowed."""
+
+
+class _StrEnum(str, enum.Enum):
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class DataName(_StrEnum):
+    """Data sets: offline digits, CIFAR (python-pickle format), ImageNet (ImageFolder), FakeData."""
+
+    DIGITS = "digits"
+    CIFAR10 = "cifar10"
+    CIFAR100 = "cifar100"
+    IMAGENET = "imagenet"
+    FAKE = "fake"
+
+
+class OptimizerName(_StrEnum):
+    """Optimizers."""
+
+    KFAC = "kfac"
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+class KfacApprox(_StrEnum):
+    """KFAC approximation for weight-sharing layers."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+class FisherType(_StrEnum):
+    """Curvature estimate behind the output-gradient factor."""
+
+    EMPIRICAL = "empirical"
+    MC = "mc"
+    TYPE2 = "type2"
+
+
+class Inversion(_StrEnum):
+    """How damped factors are inverted."""
+
+    EIGEN = "eigen"
+    CHOLESKY = "cholesky"
+
+
+class DistStrategy(_StrEnum):
+    """KFAC inverse placement across workers."""
+
+    REPLICATE = "replicate"
+    SHARD = "shard"
+
+
+class FactorDtype(_StrEnum):
+    """Dtype names allowed for KFAC factor storage/inversion."""
+
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class ScheduleName(_StrEnum):
+    """Learning-rate schedules (stepped every iteration; ``warmup_epochs`` applies to all)."""
+
+    NONE = "none"
+    COSINE = "cosine"
+    STEP = "step"
+    MULTISTEP = "multistep"
+    ONECYCLE = "onecycle"
+
+
+class Precision(_StrEnum):
+    """Forward/backward precision: fp32, bf16 autocast, or fp16 autocast with a GradScaler."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Distributed(_StrEnum):
+    """Multi-process training: off, or DistributedDataParallel launched by torchrun."""
+
+    OFF = "off"
+    DDP = "ddp"
+
+
+class SampleAxis(_StrEnum):
+    """Leg sampled by randomized backpropagation in the weight VJP."""
+
+    SPATIAL = "spatial"
+    CHANNEL = "channel"
+
+
+BUILTIN_MODELS: tuple[str, ...] = ("digits_cnn", "2c2d", "3c3d", "allcnnc", "autoencoder")
+"""Models defined in :mod:`kfac_tn.models`; any torchvision classification model name works too."""
+
+WIDTH_RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+"""torchvision ResNets that accept ``model.width`` and ``model.cifar_stem``."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Network.
+
+    Attributes:
+        name: a built-in model (``digits_cnn``, ``2c2d``, ``3c3d``, ``allcnnc``, ``autoencoder``)
+            or a torchvision classification model name (``resnet18``, ``resnet50``, ...).
+        width: channel multiplier (1.0 = the published architecture); for torchvision only
+            ResNets (resnet18/34/50/101/152) support values other than 1.0 (their stem keeps 64).
+        cifar_stem: torchvision ResNets: replace the 7x7/s2 stem and max-pool by a 3x3/s1 conv.
+        dropout: dropout probability for models that have dropout (All-CNN-C uses 0.2 on the
+            input and 0.5 after the stride-2 convs when ``dropout`` is 0.5).
+    """
+
+    name: str = "digits_cnn"
+    width: float = 1.0
+    cifar_stem: bool = False
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Data set and loading.
+
+    Attributes:
+        name: data set.
+        root: directory of CIFAR (``cifar-10-batches-py``/``cifar-100-python`` inside) or
+            ImageNet (``train/`` and ``val/`` class folders inside); unused for digits/fake.
+        download: download CIFAR into ``root`` if it is missing (needs internet).
+        image_size: side length the images are resized/cropped to (``None``: the data set's own;
+            digits default 8, ImageNet 224, fake 32).
+        augment: standard training augmentation (CIFAR: random crop with 4-pixel padding and
+            horizontal flip; ImageNet: random-resized crop and flip; digits: none).
+        num_workers: DataLoader worker processes.
+        train_subset: use only the first N training examples (``None``: all).
+        test_subset: use only the first N test examples (``None``: all).
+        limit_batches: stop each training epoch after this many batches (``None``: no limit).
+        fake_train_size: number of FakeData training images.
+        fake_test_size: number of FakeData test images.
+        fake_num_classes: number of FakeData classes.
+    """
+
+    name: DataName = DataName.DIGITS
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    augment: bool = True
+    num_workers: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    limit_batches: int | None = None
+    fake_train_size: int = 512
+    fake_test_size: int = 128
+    fake_num_classes: int = 10
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """Optimizer and its hyperparameters (keys map one to one onto the constructor arguments).
+
+    Keys marked (kfac) only apply to ``name: kfac``; ``betas``, ``eps`` and ``amsgrad`` only to
+    Adam/AdamW; ``dampening`` only to SGD. Setting a key that does not apply is an error.
+    """
+
+    name: OptimizerName = OptimizerName.KFAC
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    dampening: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    amsgrad: bool = False
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    factor_update_period: int = 1
+    inverse_update_period: int = 10
+    kfac_approx: KfacApprox = KfacApprox.EXPAND
+    fisher_type: FisherType = FisherType.EMPIRICAL
+    mc_samples: int = 1
+    inversion: Inversion = Inversion.EIGEN
+    kl_clip: float | None = 1e-3
+    factor_dtype: FactorDtype | None = None
+    inverse_dtype: FactorDtype | None = None
+    layer_settings: dict[str, Any] | None = None
+    distributed_strategy: DistStrategy = DistStrategy.REPLICATE
+    bucket_cap_mb: float = 25.0
+
+
+KFAC_KEYS: tuple[str, ...] = (
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "damping",
+    "factor_decay",
+    "factor_update_period",
+    "inverse_update_period",
+    "kfac_approx",
+    "fisher_type",
+    "mc_samples",
+    "inversion",
+    "kl_clip",
+    "factor_dtype",
+    "inverse_dtype",
+    "layer_settings",
+    "distributed_strategy",
+    "bucket_cap_mb",
+)
+"""Keys passed to :class:`kfac_tn.KFAC` (``loss``/``loss_reduction`` come from the task)."""
+
+OPTIMIZER_KEYS: dict[OptimizerName, tuple[str, ...]] = {
+    OptimizerName.KFAC: KFAC_KEYS,
+    OptimizerName.SGD: ("lr", "momentum", "nesterov", "weight_decay", "dampening"),
+    OptimizerName.ADAM: ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+    OptimizerName.ADAMW: ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+}
+"""Which ``optimizer.*`` keys each optimizer takes (``name`` aside)."""
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, evaluated per iteration as a multiplier of ``optimizer.lr``.
+
+    Attributes:
+        name: ``none`` (constant), ``cosine`` (to ``min_lr_ratio``), ``step`` (x ``gamma`` every
+            ``step_epochs``), ``multistep`` (x ``gamma`` at each of ``milestones``), ``onecycle``
+            (linear warm-up over ``pct_start`` of training, then cosine to ``min_lr_ratio``).
+        warmup_epochs: linear warm-up from 0 over this many epochs (fractions allowed).
+        min_lr_ratio: final learning rate as a fraction of ``optimizer.lr`` (cosine/onecycle).
+        step_epochs: period of ``step``.
+        milestones: epochs of ``multistep``.
+        gamma: decay factor of ``step``/``multistep``.
+        pct_start: fraction of training spent warming up in ``onecycle``.
+    """
+
+    name: ScheduleName = ScheduleName.COSINE
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    step_epochs: int = 30
+    milestones: list[int] = dataclasses.field(default_factory=list)
+    gamma: float = 0.1
+    pct_start: float = 0.3
+
+
+@dataclasses.dataclass
+class SampledBackpropConfig:
+    """Randomized backpropagation (tensor dropout in the weight VJP of conv layers).
+
+    Attributes:
+        enabled: replace matching conv layers by their sampled counterparts.
+        keep_prob: probability of keeping a slice (1.0 = exact).
+        axis: sampled leg, ``spatial`` (input positions) or ``channel``.
+        layers: fnmatch pattern on module names selecting the converted conv layers.
+    """
+
+    enabled: bool = False
+    keep_prob: float = 0.5
+    axis: SampleAxis = SampleAxis.SPATIAL
+    layers: str = "*"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+        model: network.
+        data: data set.
+        optimizer: optimizer.
+        schedule: learning-rate schedule.
+        sampled_backprop: randomized backpropagation.
+        epochs: number of training epochs.
+        batch_size: training batch size per process.
+        test_batch_size: evaluation batch size per process.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler).
+        seed: seed of every random number generator (data order, initialisation, sampling).
+        out_dir: parent directory of run directories.
+        run_name: run directory name inside ``out_dir`` (``None``: ``<model>-<optimizer>-<time>``).
+        checkpoint_period: checkpoint every N epochs and at the end (0: only at the end).
+        distributed: ``off`` or ``ddp`` (launch with ``torchrun``).
+        dist_timeout_s: collective timeout; a dead peer aborts the run with an error after it.
+        quiet: no progress bars.
+        log_every: refresh the progress bar's loss/accuracy every N iterations.
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    sampled_backprop: SampledBackpropConfig = dataclasses.field(
+        default_factory=SampledBackpropConfig
+    )
+    epochs: int = 10
+    batch_size: int = 64
+    test_batch_size: int = 512
+    device: str = "auto"
+    precision: Precision = Precision.FP32
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None
+    checkpoint_period: int = 1
+    distributed: Distributed = Distributed.OFF
+    dist_timeout_s: float = 600.0
+    quiet: bool = False
+    log_every: int = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic typed conversion
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + str([m.value for m in tp])
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Convert a YAML value to ``tp``; append ``key: ...`` messages to ``errors`` on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(value, non_none[0], key, errors)
+        raise TypeError(f"unsupported schema type {tp}")  # pragma: no cover - schema bug
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            errors.append(f"{key}: {value!r} is not a mapping of {tp.__name__} keys")
+            return tp()
+        return _dataclass_from_mapping(tp, value, key, errors)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if isinstance(value, str) and value in allowed:
+            return tp(value)
+        errors.append(f"{key}: {value!r} is not one of {allowed}")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{key}: {value!r} is not a bool (true/false)")
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        errors.append(f"{key}: {value!r} is not an int")
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        errors.append(f"{key}: {value!r} is not a float")
+        return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        errors.append(f"{key}: {value!r} is not a string")
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{key}: {value!r} is not a list of {_type_name(item_tp)}")
+            return []
+        return [_convert(v, item_tp, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is tuple:
+        item_tps = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
+            errors.append(f"{key}: {value!r} is not a list of {len(item_tps)} values")
+            return None
+        return tuple(
+            _convert(v, t, f"{key}[{i}]", errors) for i, (v, t) in enumerate(zip(value, item_tps))
+        )
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            errors.append(f"{key}: {value!r} is not a mapping with string keys")
+            return None
+        return dict(value)
+    raise TypeError(f"unsupported schema type {tp}")  # pragma: no cover - schema bug
+
+
+def _dataclass_from_mapping(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            errors.append(f"{key}: unknown key; allowed keys: {names}")
+            continue
+        kwargs[k] = _convert(v, hints[k], key, errors)
+    obj = cls()
+    for k, v in kwargs.items():
+        setattr(obj, k, v)
+    return obj
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain (YAML/JSON-serialisable) nested dict of a config; ``config_from_dict`` inverts it."""
+    return _to_plain(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _torchvision_models() -> list[str]:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # pragma: no cover - torchvision is an optional extra
+        return []
+    return sorted(tvm.list_models(module=tvm))
+
+
+def _check_range(errors: list[str], key: str, value: Any, ok: bool, allowed: str) -> None:
+    if value is not None and not ok:
+        errors.append(f"{key}: {value!r} is out of range; allowed: {allowed}")
+
+
+def _semantic_errors(cfg: TrainConfig, raw: Mapping[str, Any]) -> list[str]:
+    errors: list[str] = []
+    m, d, o, s, sb = cfg.model, cfg.data, cfg.optimizer, cfg.schedule, cfg.sampled_backprop
+    # model
+    if isinstance(m.name, str) and m.name not in BUILTIN_MODELS:
+        tv = _torchvision_models()
+        if m.name not in tv:
+            errors.append(
+                f"model.name: {m.name!r} is not a built-in model {list(BUILTIN_MODELS)} "
+                f"nor a torchvision classification model (e.g. resnet18, resnet50)"
+            )
+        elif m.name not in WIDTH_RESNETS and (m.width != 1.0 or m.cifar_stem):
+            key, val = ("model.width", m.width) if m.width != 1.0 else ("model.cifar_stem", True)
+            errors.append(
+                f"{key}: {val!r} is only supported for built-ins and {list(WIDTH_RESNETS)}"
+            )
+    elif m.cifar_stem:
+        errors.append(f"model.cifar_stem: True is only supported for {list(WIDTH_RESNETS)}")
+    _check_range(errors, "model.width", m.width, m.width is None or m.width > 0, "> 0")
+    _check_range(
+        errors, "model.dropout", m.dropout, m.dropout is None or 0 <= m.dropout < 1, "[0, 1)"
+    )
+    if m.name == "autoencoder" and d.name == DataName.IMAGENET:
+        errors.append("model.name: 'autoencoder' is for digits/CIFAR/fake data, not imagenet")
+    # data
+    for key in ("image_size", "train_subset", "test_subset", "limit_batches"):
+        v = getattr(d, key)
+        _check_range(errors, f"data.{key}", v, v is None or v >= 1, ">= 1 or null")
+    for key in ("fake_train_size", "fake_test_size", "num_workers"):
+        v = getattr(d, key)
+        lo = 0 if key == "num_workers" else 1
+        _check_range(errors, f"data.{key}", v, v is None or v >= lo, f">= {lo}")
+    _check_range(
+        errors,
+        "data.fake_num_classes",
+        d.fake_num_classes,
+        d.fake_num_classes is None or d.fake_num_classes >= 2,
+        ">= 2",
+    )
+    errors.extend(_data_path_errors(d))
+    # optimizer: only keys that apply to the chosen optimizer may be set
+    raw_opt = raw.get("optimizer") if isinstance(raw, Mapping) else None
+    if isinstance(raw_opt, Mapping) and isinstance(o.name, OptimizerName):
+        allowed = OPTIMIZER_KEYS[o.name]
+        for k in raw_opt:
+            if k != "name" and k not in allowed:
+                errors.append(
+                    f"optimizer.{k}: does not apply to optimizer.name {o.name.value!r}; "
+                    f"allowed keys: {['name', *allowed]}"
+                )
+    positive = {"lr": o.lr, "damping": o.damping, "bucket_cap_mb": o.bucket_cap_mb, "eps": o.eps}
+    for k, v in positive.items():
+        _check_range(errors, f"optimizer.{k}", v, v is None or v > 0, "> 0")
+    for k in ("momentum", "factor_decay", "dampening"):
+        v = getattr(o, k)
+        _check_range(errors, f"optimizer.{k}", v, v is None or 0 <= v < 1, "[0, 1)")
+    _check_range(
+        errors,
+        "optimizer.weight_decay",
+        o.weight_decay,
+        o.weight_decay is None or o.weight_decay >= 0,
+        ">= 0",
+    )
+    for k in ("factor_update_period", "inverse_update_period", "mc_samples"):
+        v = getattr(o, k)
+        _check_range(errors, f"optimizer.{k}", v, v is None or v >= 1, ">= 1")
+    _check_range(
+        errors, "optimizer.kl_clip", o.kl_clip, o.kl_clip is None or o.kl_clip > 0, "> 0 or null"
+    )
+    if o.betas is not None and all(b is not None for b in o.betas):
+        _check_range(
+            errors,
+            "optimizer.betas",
+            list(o.betas),
+            all(0 <= b < 1 for b in o.betas),
+            "two values in [0, 1)",
+        )
+    if o.layer_settings:
+        errors.extend(_layer_settings_errors(o.layer_settings))
+    # schedule
+    _check_range(
+        errors,
+        "schedule.warmup_epochs",
+        s.warmup_epochs,
+        s.warmup_epochs is None or s.warmup_epochs >= 0,
+        ">= 0",
+    )
+    _check_range(
+        errors,
+        "schedule.min_lr_ratio",
+        s.min_lr_ratio,
+        s.min_lr_ratio is None or 0 <= s.min_lr_ratio <= 1,
+        "[0, 1]",
+    )
+    _check_range(
+        errors,
+        "schedule.step_epochs",
+        s.step_epochs,
+        s.step_epochs is None or s.step_epochs >= 1,
+        ">= 1",
+    )
+    _check_range(errors, "schedule.gamma", s.gamma, s.gamma is None or 0 < s.gamma <= 1, "(0, 1]")
+    _check_range(
+        errors,
+        "schedule.pct_start",
+        s.pct_start,
+        s.pct_start is None or 0 < s.pct_start < 1,
+        "(0, 1)",
+    )
+    if s.milestones and any(mi is not None and mi < 1 for mi in s.milestones):
+        errors.append(
+            f"schedule.milestones: {s.milestones!r} is out of range; allowed: epochs >= 1"
+        )
+    # sampled backprop
+    _check_range(
+        errors,
+        "sampled_backprop.keep_prob",
+        sb.keep_prob,
+        sb.keep_prob is None or 0 < sb.keep_prob <= 1,
+        "(0, 1]",
+    )
+    # run
+    for key, lo in (
+        ("epochs", 1),
+        ("batch_size", 1),
+        ("test_batch_size", 1),
+        ("checkpoint_period", 0),
+        ("log_every", 1),
+    ):
+        v = getattr(cfg, key)
+        _check_range(errors, key, v, v is None or v >= lo, f">= {lo}")
+    _check_range(
+        errors,
+        "dist_timeout_s",
+        cfg.dist_timeout_s,
+        cfg.dist_timeout_s is None or cfg.dist_timeout_s > 0,
+        "> 0",
+    )
+    if isinstance(cfg.device, str) and not _valid_device(cfg.device):
+        errors.append(
+            f"device: {cfg.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"
+        )
+    return errors
+
+
+def _valid_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda", "mps"):
+        return True
+    head, _, idx = device.partition(":")
+    return head == "cuda" and idx.isdigit()
+
+
+def _layer_settings_errors(settings: Mapping[str, Any]) -> list[str]:
+    errors: list[str] = []
+    hints = typing.get_type_hints(OptimizerConfig)
+    per_layer = [
+        k
+        for k in KFAC_KEYS
+        if k not in ("lr", "layer_settings", "distributed_strategy", "bucket_cap_mb")
+    ]
+    for pattern, override in settings.items():
+        key = f"optimizer.layer_settings[{pattern!r}]"
+        if override == "skip":
+            continue
+        if not isinstance(override, Mapping):
+            errors.append(
+                f"{key}: {override!r} is neither 'skip' nor a mapping of KFAC keys {per_layer}"
+            )
+            continue
+        for k, v in override.items():
+            if k not in per_layer:
+                errors.append(f"{key}.{k}: unknown key; allowed keys: {per_layer}")
+            else:
+                _convert(v, hints[k], f"{key}.{k}", errors)
+    return errors
+
+
+def _data_path_errors(d: DataConfig) -> list[str]:
+    if d.name in (DataName.CIFAR10, DataName.CIFAR100):
+        sub = "cifar-10-batches-py" if d.name == DataName.CIFAR10 else "cifar-100-python"
+        if d.root is None:
+            return [
+                f"data.root: None is required for data.name {d.name.value!r} (parent of {sub}/)"
+            ]
+        if not d.download and not (Path(d.root).expanduser() / sub).is_dir():
+            return [
+                f"data.root: {d.root!r} does not contain {sub}/; allowed: an existing CIFAR root "
+                f"(python-pickle format) or set data.download=true"
+            ]
+    if d.name == DataName.IMAGENET:
+        if d.root is None:
+            return [
+                "data.root: None is required for data.name 'imagenet' (directory of train/, val/)"
+            ]
+        root = Path(d.root).expanduser()
+        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            return [
+                f"data.root: {d.root!r} has no {'/ and '.join(missing)}/ directory; allowed: an "
+                f"ImageFolder root with train/<class>/* and val/<class>/*"
+            ]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def config_from_dict(raw: Mapping[str, Any] | None) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a nested mapping (e.g. parsed YAML).
+
+    Args:
+        raw: nested mapping; missing keys take the schema defaults. ``None`` means all defaults.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type, bad choice, out-of-range value or
+            missing data path, one per line.
+    """
+    raw = {} if raw is None else raw
+    errors: list[str] = []
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: {raw!r} is not a mapping of TrainConfig keys")
+    cfg = _dataclass_from_mapping(TrainConfig, raw, "", errors)
+    if not errors:
+        errors.extend(_semantic_errors(cfg, raw))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``dotted.key=value`` into its key path and YAML-typed value.
+
+    Args:
+        text: e.g. ``optimizer.lr=0.1``, ``data.root=/data``, ``schedule.milestones=[30, 60]``.
+
+    Returns:
+        ``(["optimizer", "lr"], 0.1)``.
+
+    Raises:
+        ConfigError: if there is no ``=`` or the key is empty.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override: {text!r} is not of the form dotted.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: {value!r} is not valid YAML ({exc})") from exc
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a nested mapping (a copy is returned).
+
+    Keys below a mapping-valued field (``optimizer.layer_settings``) keep their dots, so
+    ``optimizer.layer_settings.features.0=skip`` sets the pattern ``"features.0"``.
+
+    Args:
+        raw: nested mapping (not modified).
+        overrides: strings ``dotted.key=value``; values use YAML scalar typing.
+
+    Returns:
+        A new nested dict; unknown keys are left for :func:`config_from_dict` to reject.
+    """
+    out = _deep_copy(raw or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        node: dict[str, Any] = out
+        cls: Any = TrainConfig
+        for i, part in enumerate(path[:-1]):
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            tp = hints.get(part)
+            if tp is not None and _is_mapping_type(tp):
+                rest = ".".join(path[i + 1 :])
+                sub = node.get(part)
+                if not isinstance(sub, dict):
+                    sub = {}
+                    node[part] = sub
+                sub[rest] = value
+                break
+            sub = node.get(part)
+            if not isinstance(sub, dict):
+                sub = {}
+                node[part] = sub
+            node = sub
+            cls = tp
+        else:
+            node[path[-1]] = value
+    return out
+
+
+def _is_mapping_type(tp: Any) -> bool:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_is_mapping_type(a) for a in typing.get_args(tp))
+    return typing.get_origin(tp) is dict
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load`` (no code execution).
+
+    Raises:
+        ConfigError: if the file is missing, not valid YAML or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: {str(path)!r} is not an existing file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {str(path)!r} is not valid YAML ({exc})") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {str(path)!r} holds {type(raw).__name__}, not a mapping")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a YAML config (or the built-in offline default), apply overrides, validate.
+
+    Args:
+        path: YAML file; ``None`` gives the schema defaults (offline digits + KFAC).
+        overrides: ``dotted.key=value`` strings applied on top.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: on any problem, before any training work happens.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (every key, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _default_repr(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:  # pragma: no cover
+        return ""
+    v = _to_plain(v)
+    return (
+        "null"
+        if v is None
+        else yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...")
+    )
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    doc = cls.__doc__ or ""
+    out: dict[str, str] = {}
+    current = None
+    in_attrs = False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_attrs = True
+            continue
+        if not in_attrs:
+            continue
+        name, sep, rest = stripped.partition(":")
+        if (
+            sep
+            and name.isidentifier()
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 12)
+        ):
+            current = name
+            out[name] = rest.strip()
+        elif current and stripped:
+            out[current] += " " + stripped
+    return out
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key: type, default, choices, description."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+                continue
+            desc = docs.get(f.name, "")
+            if cls is OptimizerConfig:
+                users = [n.value for n, keys in OPTIMIZER_KEYS.items() if f.name in keys]
+                desc = "optimizer" if f.name == "name" else "used by: " + ", ".join(users)
+            lines.append(f"| `{key}` | {_type_name(tp)} | `{_default_repr(f)}` | {desc} |")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
