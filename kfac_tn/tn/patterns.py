@@ -47,3 +47,29 @@ def cached_index_pattern(dim: DimSpec, dtype: torch.dtype, device: torch.device)
 def summed_index_pattern(dim: DimSpec, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Π summed over its output leg, ``Π̄[k, i] = Σ_o Π[k, o, i]`` (KFAC-reduce), ``[K, I]``."""
     return _cached_pattern(dim, dtype, torch.device(device)).sum(1)
+
+
+def cached_summed_index_pattern(
+    dim: DimSpec, dtype: torch.dtype, device: torch.device, *, over: str = "o"
+) -> torch.Tensor:
+    """Return the cached Π summed over one leg (shared tensor, do not modify it).
+
+    Args:
+        dim: Geometry of the dimension.
+        dtype: Floating dtype of the result.
+        device: Device of the result.
+        over: ``'o'`` gives ``Π̄[k, i] = Σ_o Π[k, o, i]`` ``[K, I]`` (KFAC-reduce of a
+            convolution); ``'i'`` gives ``Σ_i Π[k, o, i]`` ``[K, O]`` (KFAC-reduce of a
+            transposed convolution).
+
+    Raises:
+        ValueError: If ``over`` is not ``'o'`` or ``'i'``.
+    """
+    if over not in ("o", "i"):
+        raise ValueError(f"Invalid over: {over!r} (allowed: 'o', 'i')")
+    return _cached_summed(dim, dtype, torch.device(device), over)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_summed(dim: DimSpec, dtype: torch.dtype, device: torch.device, over: str):
+    return _cached_pattern(dim, dtype, device).sum(1 if over == "o" else 2)

@@ -1,0 +1,544 @@
+r"""KFAC factors of convolutions: input factors (KFC / KFAC-expand, KFAC-reduce), gradient factors.
+
+Input factors, per channel group ``g`` (block-diagonal, exact for grouped convolutions), with
+``u_{n,o}`` the unfolded input column of sample ``n`` at output position ``o``
+(``D = C_in/G·ΠK`` entries, ordered ``(c_in_of_group, k_1, ..., k_N)`` like
+``weight.view(C_out, -1)`` of one group):
+
+.. math::
+    A^{\text{expand}}_g = \frac{1}{N\,O} \sum_{n,o} u_{n,o} u_{n,o}^\top, \qquad
+    A^{\text{reduce}}_g = \frac{1}{N} \sum_n \bar u_n \bar u_n^\top,\quad
+    \bar u_n = \frac{1}{O}\sum_o u_{n,o},
+
+``O = ΠO_j`` the number of output positions.  With ``bias=True`` a constant ``1`` is
+appended to every column (last row/column; for reduce the mean of ones is ``1``).
+
+Transposed convolutions (``transpose=True``): ``x`` is the ConvTranspose input
+``[N, C_in, *O]`` and the hyperparameters are the ConvTranspose's.  The columns are the
+*transpose-unfolded* input ``u_{n,i}[(c, k)] = Σ_o Π[k, o, i] x[n, c, o]`` at the output
+positions ``i`` of the transposed convolution (input positions of the associated
+convolution), and ``O`` above becomes ``I = ΠI_j``.  The rows ``(c_in_of_group, k)`` match the
+ConvTranspose weight ``[C_in, C_out/G, *K]`` flattened per group as
+``weight.view(G, C_in/G, C_out/G, *K).transpose(1, 2).reshape(G, C_out/G, C_in/G·ΠK)``
+(the gradient of that matrix is ``Σ g u^T``, so it pairs with the ``C_out/G`` gradient factor).
+
+Gradient factors (no normalisation; the optimizer applies its scale conventions), for
+``g: [N, C_out, *spatial]`` the output gradients:
+``grad_expand_factor = Σ_{n,o} g g^T`` and ``grad_reduce_factor = Σ_n (Σ_o g)(Σ_o g)^T``,
+per group ``[G, C_out/G, C_out/G]``.
+
+Every function takes ``impl``:
+
+* ``"tn"``: the plain tensor network (input copies and index patterns Π) contracted along a
+  cached opt_einsum ``dp`` path;
+* ``"tn_simplified"``: the simplified network: Π contractions become strided views of the
+  padded input (dense dimensions a reshape, down-sampling dimensions a strided slice); for
+  KFAC-reduce each Π is summed over its private output leg first (``Π̄[k, i] = Σ_o Π``), and
+  dense / down-sampling dimensions are summed on the strided view, so the unfolded input is
+  never materialised;
+* ``"standard"``: unfold (``F.unfold``, or a one-hot convolution for N ≠ 2, as BackPACK does)
+  followed by a matmul or a spatial mean (the curvlinops / BackPACK way);
+* ``"auto"`` (default): the faster of the above for the call's shapes (see :func:`choose_impl`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kfac_tn.tn._common import (
+    check_groups,
+    check_impl,
+    join,
+    make_spec,
+    names,
+    pad,
+    patch_view,
+    prod,
+    scatter_patches,
+    spatial_ndim,
+)
+from kfac_tn.tn.einsum import contract, to_letters
+from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
+from kfac_tn.tn.spec import ConvSpec, DimCategory
+
+__all__ = [
+    "choose_impl",
+    "grad_expand_factor",
+    "grad_reduce_factor",
+    "kfac_expand_factor",
+    "kfac_reduce_factor",
+    "standard_unfold",
+    "standard_unfold_transpose",
+    "summed_patches",
+    "summed_transpose_patches",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def kfac_expand_factor(
+    x: torch.Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    bias: bool = False,
+    transpose: bool = False,
+    output_padding=0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    r"""KFC / KFAC-expand input factor :math:`\frac{1}{N O}\sum_{n,o} u u^\top` per group.
+
+    Args:
+        x: Layer input ``[N, C_in, *spatial]`` (for ``transpose=True`` the ConvTranspose
+            input, spatial size ``O``).
+        kernel_size: Kernel size, int or N ints.
+        stride: Stride, int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'`` (ints only for
+            ``transpose=True``).
+        dilation: Dilation, int or N ints.
+        groups: Channel groups ``G`` (must divide ``C_in``).
+        bias: Append a constant-one entry to every column (last row/column).
+        transpose: Treat the layer as a transposed convolution (see module docstring).
+        output_padding: Output padding of the transposed convolution.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[G, C_in/G·ΠK (+1), C_in/G·ΠK (+1)]``, symmetric.
+
+    Raises:
+        ValueError: On invalid hyperparameters, input rank, groups or ``impl``.
+    """
+    spec = _factor_spec(
+        x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
+    )
+    impl = _resolve("expand", impl, spec, x)
+    n, c = x.shape[:2]
+    cg = c // groups
+    positions = prod(spec.in_spatial if transpose else spec.out_spatial)
+    scale = 1.0 / (n * positions)
+    if impl == "standard":
+        u = _standard_columns(x, spec)  # [N, G, D, L]
+        a = _gram_expand(u) * scale
+        mean = u.mean(dim=(0, 3)) if bias else None
+    elif impl == "tn":
+        a = _tn_expand(x, spec) * scale
+        mean = _tn_summed(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
+    else:
+        if transpose:
+            cols = scatter_patches(x, spec).reshape(n, groups, cg * prod(spec.kernel_size), -1)
+            a = _gram_expand(cols) * scale
+            mean = cols.mean(dim=(0, 3)) if bias else None
+        else:
+            a = _view_expand(x, spec, groups) * scale
+            mean = summed_patches(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
+    return _augment(a, mean) if bias else a
+
+
+def kfac_reduce_factor(
+    x: torch.Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    bias: bool = False,
+    transpose: bool = False,
+    output_padding=0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    r"""KFAC-reduce input factor :math:`\frac{1}{N}\sum_n \bar u_n \bar u_n^\top` per group.
+
+    :math:`\bar u_n` is the spatial mean of the unfolded input (over output positions; for
+    ``transpose=True`` over the transposed convolution's output positions).  Arguments as in
+    :func:`kfac_expand_factor`.
+
+    Returns:
+        ``[G, C_in/G·ΠK (+1), C_in/G·ΠK (+1)]``, symmetric.
+
+    Raises:
+        ValueError: On invalid hyperparameters, input rank, groups or ``impl``.
+    """
+    spec = _factor_spec(
+        x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
+    )
+    impl = _resolve("reduce", impl, spec, x)
+    n = x.shape[0]
+    positions = prod(spec.in_spatial if transpose else spec.out_spatial)
+    if impl == "standard":
+        ubar = _standard_columns(x, spec).mean(dim=3)  # [N, G, D]
+    elif impl == "tn":
+        a = _tn_reduce(x, spec) / (n * positions**2)
+        if not bias:
+            return a
+        ubar = _tn_summed(x, spec).reshape(n, groups, -1) / positions
+        return _augment(a, ubar.mean(0))
+    else:
+        summed = summed_transpose_patches(x, spec) if transpose else summed_patches(x, spec)
+        ubar = summed.reshape(n, groups, -1) / positions
+    a = contract("n g d, n g e -> g d e", ubar, ubar) / n
+    return _augment(a, ubar.mean(0)) if bias else a
+
+
+def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") -> torch.Tensor:
+    r"""Output-gradient factor :math:`\sum_{n,o} g_{n,o} g_{n,o}^\top` per group (no scaling).
+
+    Args:
+        g: Output gradients ``[N, C_out, *spatial]``.
+        groups: Channel groups ``G`` (must divide ``C_out``).
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[G, C_out/G, C_out/G]``.
+
+    Raises:
+        ValueError: If ``g`` has rank < 3, ``groups`` does not divide ``C_out`` or ``impl`` is
+            invalid.
+    """
+    impl = _check_grad(g, groups, impl)
+    n, c = g.shape[:2]
+    if impl == "tn":
+        o = names("o", g.ndim - 2)
+        gv = g.reshape(n, groups, c // groups, *g.shape[2:])
+        eq = f"{join('n g c', o)}, {join('n g c_', o)} -> g c c_"
+        return contract(eq, gv, gv)
+    gv = g.reshape(n, groups, c // groups, -1)
+    if impl == "tn_simplified":
+        return contract("n g c o, n g d o -> g c d", gv, gv)
+    flat = gv.permute(1, 2, 0, 3).reshape(groups, c // groups, -1)  # [G, C/G, N·O]
+    return torch.bmm(flat, flat.transpose(1, 2))
+
+
+def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") -> torch.Tensor:
+    r"""Output-gradient factor :math:`\sum_n (\sum_o g_{n,o})(\sum_o g_{n,o})^\top` per group.
+
+    Args:
+        g: Output gradients ``[N, C_out, *spatial]``.
+        groups: Channel groups ``G`` (must divide ``C_out``).
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[G, C_out/G, C_out/G]`` (no normalisation).
+
+    Raises:
+        ValueError: As :func:`grad_expand_factor`.
+    """
+    impl = _check_grad(g, groups, impl)
+    n, c = g.shape[:2]
+    if impl == "tn":
+        o, o_ = names("o", g.ndim - 2), names("o", g.ndim - 2, "_")
+        gv = g.reshape(n, groups, c // groups, *g.shape[2:])
+        eq = f"{join('n g c', o)}, {join('n g c_', o_)} -> g c c_"
+        return contract(eq, gv, gv)
+    s = g.reshape(n, groups, c // groups, -1).sum(-1)  # [N, G, C/G]
+    if impl == "tn_simplified":
+        return contract("n g c, n g d -> g c d", s, s)
+    st = s.permute(1, 0, 2)  # [G, N, C/G]
+    return torch.bmm(st.transpose(1, 2), st)
+
+
+# --------------------------------------------------------------------------------------------
+# implementation choice
+# --------------------------------------------------------------------------------------------
+def choose_impl(kind: str, spec: ConvSpec, channels: int, dtype: torch.dtype, device) -> str:
+    """Pick the implementation ``impl='auto'`` uses for a factor, from shapes alone (cached).
+
+    Cost model (from measurements on CPU; see the benchmark):
+
+    * KFAC-reduce: always ``'tn_simplified'`` — it never materialises the unfolded input,
+      only sums strided views and contracts with ``Π̄``, which costs about the size of the input.
+    * KFAC-expand: the unfolded input must be materialised either way.  For convolutions whose
+      dimensions are all dense or down-sampling the strided view is a free reshape / slice and
+      ``'tn_simplified'`` skips the unfold copy; the transposed convolution's one-strided-write
+      unfold also beats ``conv_transpose`` with a one-hot kernel.  For general 2-d convolutions
+      torch's im2col (``F.unfold``) is used, for other N the strided view.
+
+    Args:
+        kind: ``'expand'`` or ``'reduce'``.
+        spec: The layer's spec.
+        channels: Input channels.
+        dtype: Input dtype.
+        device: Input device.
+
+    Returns:
+        One of ``'tn_simplified'``, ``'standard'``.
+    """
+    return _choose(kind, spec, channels, dtype, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(kind: str, spec: ConvSpec, channels: int, dtype: torch.dtype, device_type: str) -> str:
+    if kind == "reduce" or spec.transpose:
+        return "tn_simplified"
+    if spec.layer_category in ("dense", "down") or spec.ndim != 2:
+        return "tn_simplified"
+    return "standard"
+
+
+def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
+    check_impl(impl)
+    if impl == "auto":
+        return _choose(kind, spec, x.shape[1], x.dtype, x.device.type)
+    return impl
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+def _factor_spec(x, kernel_size, stride, padding, dilation, groups, transpose, output_padding):
+    n = spatial_ndim(x, kernel_size)
+    check_groups(x.shape[1], groups)
+    del n
+    return make_spec(
+        x.shape[2:],
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transpose=transpose,
+        output_padding=output_padding,
+    )
+
+
+def _check_grad(g: torch.Tensor, groups: int, impl: str) -> str:
+    check_impl(impl)
+    if g.ndim < 3:
+        raise ValueError(
+            f"Invalid g: shape {tuple(g.shape)} (expected [N, C_out, *spatial] with at least one "
+            f"spatial dimension)"
+        )
+    check_groups(g.shape[1], groups, "g")
+    return "tn_simplified" if impl == "auto" else impl
+
+
+def _augment(a: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Bias augmentation: ``[[A, m], [m^T, 1]]`` per group; ``a: [G, D, D]``, ``mean: [G, D]``."""
+    g, d, _ = a.shape
+    out = a.new_empty(g, d + 1, d + 1)
+    out[:, :d, :d] = a
+    out[:, :d, d] = mean
+    out[:, d, :d] = mean
+    out[:, d, d] = 1.0
+    return out
+
+
+def _gram_expand(cols: torch.Tensor) -> torch.Tensor:
+    """``Σ_{n,l} u u^T`` per group from columns ``[N, G, D, L]`` -> ``[G, D, D]``."""
+    g, d = cols.shape[1], cols.shape[2]
+    flat = cols.permute(1, 2, 0, 3).reshape(g, d, -1)  # [G, D, N·L]
+    return torch.bmm(flat, flat.transpose(1, 2))
+
+
+def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tensor:
+    """``Σ_{n,o} u u^T`` per group via the strided patch view (no Π), ``[G, D, D]``."""
+    n, c = x.shape[:2]
+    cg = c // groups
+    nd = spec.ndim
+    view = patch_view(x.reshape(n, groups, cg, *x.shape[2:]), spec)  # [N, G, Cg, *O, *K]
+    if all(cat is DimCategory.DENSE for cat in spec.categories) and all(
+        k == 1 for k in spec.kernel_size
+    ):
+        # 1x1 (possibly strided) convolution: the columns are the (sliced) input itself.
+        flat = view.reshape(n, groups, cg, -1)
+        return contract("n g c o, n g d o -> g c d", flat, flat)
+    o, k, k_ = names("o", nd), names("k", nd), names("k", nd, "_")
+    eq = f"{join('n g c', o, k)}, {join('n g c_', o, k_)} -> {join('g c', k, 'c_', k_)}"
+    d = cg * prod(spec.kernel_size)
+    return torch.einsum(to_letters(eq), view, view).reshape(groups, d, d)
+
+
+def summed_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Sum the unfolded input over output positions without materialising it.
+
+    ``[*lead, *I] -> [*lead, *K]``.
+
+    ``out[..., k] = Σ_o x_pad[..., S·o + D·k]``.  Dense and down-sampling dimensions are summed
+    on a strided ``(o, k)`` view; general dimensions are contracted with ``Π̄ = Σ_o Π``.
+    """
+    nd = spec.ndim
+    lead = x.shape[: x.ndim - nd]
+    nl = len(lead)
+    simple = [d.category is not DimCategory.GENERAL for d in spec.dims]
+    if any(simple):
+        st = x.stride()
+        size, stride, o_axes = list(lead), list(st[:nl]), []
+        for j, d in enumerate(spec.dims):
+            s = st[nl + j]
+            if simple[j]:
+                o_axes.append(len(size))
+                size += [d.out_size, d.kernel]
+                stride += [d.stride * s, s]
+            else:
+                size.append(d.in_size)
+                stride.append(s)
+        x = x.as_strided(size, stride, x.storage_offset()).sum(dim=o_axes)
+        if all(simple):
+            return x
+    lead_names = names("l", nl)
+    k = names("k", nd)
+    legs = [k[j] if simple[j] else f"i{j}" for j in range(nd)]
+    operands, terms = [x], [join(lead_names, legs)]
+    for j, d in enumerate(spec.dims):
+        if not simple[j]:
+            operands.append(cached_summed_index_pattern(d, x.dtype, x.device, over="o"))
+            terms.append(f"{k[j]} i{j}")
+    return contract(f"{', '.join(terms)} -> {join(lead_names, k)}", *operands)
+
+
+def summed_transpose_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Transpose-unfolded input summed over its positions: ``[*lead, *O] -> [*lead, *K]``.
+
+    ``out[..., k] = Σ_o x[..., o] Σ_i Π[k, o, i]``.  Without padding every tap of every ``o``
+    lands inside the output, so the sum over ``o`` is taken first and broadcast over ``k``;
+    padded dimensions are contracted with ``Σ_i Π`` (``[K, O]``).
+    """
+    nd = spec.ndim
+    nl = x.ndim - nd
+    full = [d.pad_left == 0 and d.pad_right == 0 for d in spec.dims]
+    sum_axes = [nl + j for j in range(nd) if full[j]]
+    if sum_axes:
+        x = x.sum(dim=sum_axes, keepdim=True)
+    lead_names = names("l", nl)
+    k = names("k", nd)
+    legs = ["one" + str(j) if full[j] else f"o{j}" for j in range(nd)]
+    operands, terms = [x], [join(lead_names, legs)]
+    for j, d in enumerate(spec.dims):
+        if not full[j]:
+            operands.append(cached_summed_index_pattern(d, x.dtype, x.device, over="i"))
+            terms.append(f"{k[j]} o{j}")
+    out_legs = [legs[j] if full[j] else k[j] for j in range(nd)]
+    if all(full):
+        return x.expand(*x.shape[:nl], *spec.kernel_size)
+    out = contract(f"{', '.join(terms)} -> {join(lead_names, out_legs)}", *operands)
+    return out.expand(*out.shape[:nl], *spec.kernel_size)
+
+
+def _tn_operands(x: torch.Tensor, spec: ConvSpec, suffix: str, share: str):
+    """Terms and operands of one unfolded-input copy in the plain TN (x with its Π's).
+
+    ``share`` names the leg the two copies share (``'o'`` for conv expand, ``'i'`` for
+    transpose expand, ``''`` for reduce: all private).
+    """
+    n, c = x.shape[:2]
+    g = spec.groups
+    nd = spec.ndim
+    xv = x.reshape(n, g, c // g, *x.shape[2:])
+    i = names("i", nd, "" if share == "i" else suffix)
+    o = names("o", nd, "" if share == "o" else suffix)
+    k = names("k", nd, suffix)
+    x_legs = o if spec.transpose else i
+    terms = [join("n g", "c" + suffix, x_legs)]
+    operands = [xv]
+    for j, d in enumerate(spec.dims):
+        terms.append(f"{k[j]} {o[j]} {i[j]}")
+        operands.append(cached_index_pattern(d, x.dtype, x.device))
+    return terms, operands, join("c" + suffix, k)
+
+
+def _tn_expand(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    share = "i" if spec.transpose else "o"
+    t1, ops1, out1 = _tn_operands(x, spec, "", share)
+    t2, ops2, out2 = _tn_operands(x, spec, "_", share)
+    eq = f"{', '.join(t1 + t2)} -> {join('g', out1, out2)}"
+    d = x.shape[1] // spec.groups * prod(spec.kernel_size)
+    return contract(eq, *ops1, *ops2).reshape(spec.groups, d, d)
+
+
+def _tn_reduce(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    t1, ops1, out1 = _tn_operands(x, spec, "", "")
+    t2, ops2, out2 = _tn_operands(x, spec, "_", "")
+    eq = f"{', '.join(t1 + t2)} -> {join('g', out1, out2)}"
+    d = x.shape[1] // spec.groups * prod(spec.kernel_size)
+    return contract(eq, *ops1, *ops2).reshape(spec.groups, d, d)
+
+
+def _tn_summed(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Plain-TN sum of the unfolded columns over positions: ``[N, G, C/G, *K]``."""
+    terms, ops, out = _tn_operands(x, spec, "", "")
+    return contract(f"{', '.join(terms)} -> {join('n g', out)}", *ops)
+
+
+def standard_unfold(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Unfold the standard way: ``F.unfold`` (2-d) or a one-hot grouped convolution (1-d, 3-d).
+
+    For N > 3, where torch has no convolution, the strided patch view is copied.
+
+    Args:
+        x: ``[N, C, *I]``.
+        spec: The convolution's spec (any grouping is ignored).
+
+    Returns:
+        ``[N, C·ΠK, ΠO]`` with rows ordered ``(c, k_1, ..., k_N)``.
+    """
+    n, c = x.shape[:2]
+    nd = spec.ndim
+    kk = prod(spec.kernel_size)
+    if nd > 3:
+        view = patch_view(x, spec)  # [N, C, *O, *K]
+        perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+        return view.permute(perm).reshape(n, c * kk, -1)
+    dims = spec.dims
+    if all(d.pad_left == d.pad_right for d in dims):
+        padding = tuple(d.pad_left for d in dims)
+    else:
+        x, padding = pad(x, dims), (0,) * nd
+    stride = tuple(d.stride for d in dims)
+    dilation = tuple(d.dilation for d in dims)
+    if nd == 2:
+        return F.unfold(x, spec.kernel_size, dilation=dilation, padding=padding, stride=stride)
+    weight = _one_hot_kernel(c, spec.kernel_size, x.dtype, x.device)
+    conv = F.conv1d if nd == 1 else F.conv3d
+    out = conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=c)
+    return out.reshape(n, c * kk, -1)
+
+
+def standard_unfold_transpose(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Transpose-unfold the standard way: ``conv_transpose`` with a one-hot kernel (BackPACK).
+
+    Args:
+        x: ConvTranspose input ``[N, C, *O]``.
+        spec: The transposed convolution's spec.
+
+    Returns:
+        ``[N, C·ΠK, ΠI]`` with rows ordered ``(c, k_1, ..., k_N)``.
+    """
+    n, c = x.shape[:2]
+    kk = prod(spec.kernel_size)
+    if spec.ndim > 3:
+        return scatter_patches(x, spec).reshape(n, c * kk, -1)
+    weight = _one_hot_kernel(c, spec.kernel_size, x.dtype, x.device).reshape(
+        c, kk, *spec.kernel_size
+    )
+    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spec.ndim - 1]
+    out = conv_t(
+        x,
+        weight,
+        stride=tuple(d.stride for d in spec.dims),
+        padding=tuple(d.pad_left for d in spec.dims),
+        output_padding=spec.output_padding,
+        groups=c,
+        dilation=tuple(d.dilation for d in spec.dims),
+    )
+    return out.reshape(n, c * kk, -1)
+
+
+def _one_hot_kernel(channels: int, kernel: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """``[C·ΠK, 1, *K]`` (same memory for ``[C, ΠK, *K]``): one-hot taps repeated per channel."""
+    kk = prod(kernel)
+    eye = torch.eye(kk, dtype=dtype, device=device).reshape(kk, 1, *kernel)
+    return eye.repeat(channels, *([1] * (len(kernel) + 1)))
+
+
+def _standard_columns(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Unfolded columns of a (transposed) convolution, ``[N, G, C/G·ΠK, L]``."""
+    n = x.shape[0]
+    u = standard_unfold_transpose(x, spec) if spec.transpose else standard_unfold(x, spec)
+    return u.reshape(n, spec.groups, -1, u.shape[-1])

@@ -1,0 +1,47 @@
+"""Shared test helpers: float64 tensors and one ``assert_close`` that reports mismatches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+RTOL = 1e-10
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, atol: float = 0.0
+):
+    """Assert equal shapes and ``max|a - e| <= atol + rtol · max|e|`` (relative to the scale of e).
+
+    On failure the message shows the shapes, the largest absolute and relative deviation and
+    where it occurs.
+    """
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}"
+    )
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    if expected.numel() == 0:
+        return
+    diff = (actual - expected).abs()
+    scale = expected.abs().max().item()
+    worst = diff.max().item()
+    bound = atol + rtol * scale
+    if not worst <= bound:
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"max |actual - expected| = {worst:.3e} > {bound:.3e} (rtol={rtol}, atol={atol}, "
+            f"max|expected| = {scale:.3e}); worst at {idx}: actual {actual[idx].item():.12e}, "
+            f"expected {expected[idx].item():.12e}"
+        )
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A seeded CPU generator for reproducible float64 test tensors."""
+    return torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """Float64 standard normal tensor (seeded through ``generator`` when given)."""
+    return torch.randn(*shape, generator=generator, dtype=torch.float64, **kwargs)
