@@ -1,0 +1,270 @@
+"""Multi-process helpers for ``tests/test_distributed.py``.
+
+:func:`launch` starts ``world_size`` copies of this file as separate Python processes (gloo on
+CPU, rendezvous through a file store, sockets on the loopback interface only) and collects what
+each rank saved. Every scenario is a function ``(rank, world_size, workdir, args) -> result``;
+the result is saved with ``torch.save`` to ``workdir/rank{rank}.pt`` and checked by the parent
+test against references it computes itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# ---------------------------------------------------------------- shared test data
+
+#: (leading shape, d, dtype) of the factors the "comm" scenario reduces; d = 1 exercises the
+#: unpacked path, several dtypes exercise one bucket chain per dtype.
+FACTOR_SPECS: list[tuple[tuple[int, ...], int, torch.dtype]] = [
+    ((), 5, torch.float64),
+    ((2,), 3, torch.float64),
+    ((), 1, torch.float64),
+    ((), 7, torch.float32),
+    ((3,), 4, torch.float64),
+    ((), 2, torch.float32),
+    ((), 11, torch.float64),
+]
+#: bucket cap of the "comm" scenario: small enough to force several buckets (in bytes: 256)
+SMALL_CAP_MB = 256 / 2**20
+
+#: layer key -> cost for the broadcast scenario
+BCAST_COSTS = {"conv1": 8.0, "conv2": 5.0, "fc1": 4.0, "fc2": 3.0, "fc3": 1.0}
+
+
+def make_factors(rank: int) -> list[torch.Tensor]:
+    """Random symmetric factors of one rank (deterministic in ``rank``)."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    out = []
+    for lead, d, dtype in FACTOR_SPECS:
+        m = torch.randn(*lead, d, d, generator=gen, dtype=torch.float64)
+        out.append((m + m.transpose(-1, -2)).to(dtype))
+    return out
+
+
+def make_bcast_tensors(key: str, fill_rank: int) -> list[torch.Tensor]:
+    """Tensors of layer ``key``: symmetric pair + a vector, deterministic in (key, fill_rank)."""
+    gen = torch.Generator().manual_seed(sum(map(ord, key)) * 31 + fill_rank)
+    d = 2 + len(key)
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(d + 1, generator=gen, dtype=torch.float32)
+    return [a + a.T, g + g.T, v]
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def _scenario_comm(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """Bucketed factor averaging, plain all-reduce reference, broadcasts, assignment."""
+    from kfac_tn.distributed import get_communicator
+
+    comm = get_communicator(bucket_cap_mb=SMALL_CAP_MB, strategy="replicate")
+    assert comm is not None
+    factors = make_factors(rank)
+    for f in factors:
+        comm.all_reduce_factor(f)
+    pending = comm.pending_factors
+    comm.wait_factors()
+    # reference: plain full-matrix all-reduce on the default group
+    plain = make_factors(rank)
+    for p in plain:
+        dist.all_reduce(p)
+        p.div_(world_size)
+    result: dict[str, Any] = {
+        "factors": factors,
+        "plain": plain,
+        "pending_before_wait": pending,
+        "pending_after_wait": comm.pending_factors,
+        "bytes": dict(comm.bytes_communicated),
+        "collectives": dict(comm.collectives),
+    }
+    # second round with the same shapes (signature check must not fire again)
+    again = make_factors(rank)
+    for f in again:
+        comm.all_reduce_factor(f)
+    comm.wait_factors()
+    result["factors_again"] = again
+    # broadcasts: owners send their values, others start with their own (wrong) values
+    comm.assign(BCAST_COSTS)
+    result["owners"] = comm.owners
+    received = {}
+    for key in BCAST_COSTS:
+        tensors = make_bcast_tensors(key, fill_rank=rank)
+        comm.broadcast(key, tensors[:2], symmetric=True)
+        comm.broadcast(key, tensors[2:])
+        received[key] = tensors
+    comm.wait_broadcasts()
+    result["received"] = received
+    result["bytes_after_bcast"] = dict(comm.bytes_communicated)
+    return result
+
+
+def _scenario_assign_mismatch(
+    rank: int, world_size: int, workdir: Path, args: Sequence[str]
+) -> Any:
+    """Ranks pass different costs: assign() must raise CommunicationError on every rank."""
+    from kfac_tn.distributed import CommunicationError, get_communicator
+
+    comm = get_communicator()
+    assert comm is not None
+    try:
+        comm.assign({"a": 1.0, "b": float(rank)})
+    except CommunicationError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def _scenario_dead_peer(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """The last rank exits right after setup; the others must fail fast in wait_factors()."""
+    from kfac_tn.distributed import CommunicationError, get_communicator
+
+    comm = get_communicator()
+    assert comm is not None
+    dist.barrier()
+    if rank == world_size - 1:
+        os._exit(3)  # dies without any cleanup, like a crashed worker
+    start = time.monotonic()
+    try:
+        f = torch.eye(4, dtype=torch.float64)
+        comm.all_reduce_factor(f)
+        comm.wait_factors()
+    except CommunicationError as err:
+        return {"error": str(err), "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
+def _scenario_stalled_peer(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """The last rank stays alive but never joins the collective: the others must time out."""
+    from kfac_tn.distributed import CommunicationError, get_communicator
+
+    comm = get_communicator()
+    assert comm is not None
+    dist.barrier()
+    if rank == world_size - 1:
+        time.sleep(float(args[0]))
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        f = torch.eye(4, dtype=torch.float64)
+        comm.all_reduce_factor(f)
+        comm.wait_factors()
+    except CommunicationError as err:
+        return {"error": str(err), "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
+SCENARIOS: dict[str, Callable[[int, int, Path, Sequence[str]], Any]] = {
+    "comm": _scenario_comm,
+    "assign_mismatch": _scenario_assign_mismatch,
+    "dead_peer": _scenario_dead_peer,
+    "stalled_peer": _scenario_stalled_peer,
+}
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def _worker_main(argv: Sequence[str]) -> None:
+    scenario, rank_s, world_s, workdir_s, timeout_s, *args = argv
+    rank, world_size, workdir = int(rank_s), int(world_s), Path(workdir_s)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{workdir / 'store'}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=float(timeout_s)),
+    )
+    result = SCENARIOS[scenario](rank, world_size, workdir, args)
+    torch.save(result, workdir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def launch(
+    scenario: str,
+    world_size: int,
+    workdir: Path,
+    *,
+    args: Sequence[str] = (),
+    timeout: float = 60.0,
+    collective_timeout: float = 20.0,
+) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world_size`` gloo processes; return per-rank dicts.
+
+    Each dict has ``returncode``, ``output`` (stdout+stderr) and ``result`` (the saved scenario
+    result or ``None``). All processes are killed after ``timeout`` seconds and an
+    ``AssertionError`` with their output is raised.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        GLOO_SOCKET_IFNAME="lo",
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                scenario,
+                str(rank),
+                str(world_size),
+                str(workdir),
+                str(collective_timeout),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    deadline = time.monotonic() + timeout
+    outputs: list[str] = []
+    timed_out = False
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+        outputs.append(out)
+    if timed_out:
+        raise AssertionError(
+            f"scenario {scenario!r} on {world_size} ranks exceeded {timeout}s:\n"
+            + "\n".join(f"--- rank {r}\n{o}" for r, o in enumerate(outputs))
+        )
+    results = []
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        path = workdir / f"rank{rank}.pt"
+        res = torch.load(path, weights_only=False) if path.exists() else None
+        results.append({"returncode": p.returncode, "output": out, "result": res})
+    return results
+
+
+def check_ok(results: list[dict[str, Any]]) -> list[Any]:
+    """Assert that every rank exited with 0 and return their results."""
+    for rank, r in enumerate(results):
+        assert r["returncode"] == 0 and r["result"] is not None, (
+            f"rank {rank} failed (rc={r['returncode']}):\n{r['output']}"
+        )
+    return [r["result"] for r in results]
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
