@@ -1,0 +1,335 @@
+r"""Kronecker-factored curvature blocks: the base class and the layer registry.
+
+A block approximates the curvature of one layer's parameters, viewed per channel group ``g`` as
+one matrix :math:`\tilde W_g = [W_g \; b_g] \in \mathbb{R}^{d_G \times d_A}` (the bias, if any, is
+the last column), by :math:`A_g \otimes G_g`.
+
+Scale convention (written for a loss :math:`L = r \sum_n \ell_n` over ``N`` samples, with
+:math:`r = 1/N` for ``cross_entropy``/``"mean"``, :math:`r = 1/(N C)` for ``mse``/``"mean"`` with
+``C`` output entries per sample — torch's ``mse_loss`` averages over all entries — and :math:`r = 1`
+for ``"sum"``; :math:`u_{n,o}` are the (bias-augmented) unfolded layer inputs at output position
+``o`` of ``O``, :math:`\hat g_{n,o}` the gradients of the *per-sample* loss :math:`\ell_n` w.r.t.
+the layer output):
+
+* KFAC-expand: :math:`A = \frac{1}{N O} \sum_{n,o} u_{n,o} u_{n,o}^\top`,
+  :math:`G = r \sum_{n,o} \hat g_{n,o} \hat g_{n,o}^\top`;
+* KFAC-reduce: :math:`A = \frac{1}{N} \sum_n \bar u_n \bar u_n^\top` with
+  :math:`\bar u_n = \frac{1}{O}\sum_o u_{n,o}`,
+  :math:`G = r \sum_n (\sum_o \hat g_{n,o})(\sum_o \hat g_{n,o})^\top`.
+
+Then :math:`A \otimes G` approximates the GGN / Fisher of :math:`L` itself (as used for the
+gradient), so a damping value means the same for every batch size. The backpropagated gradients
+are :math:`g = r \hat g`, so the empirical Fisher uses :math:`G = \frac{1}{r}\sum g g^\top`;
+Monte-Carlo and type-2 backward passes produce :math:`\hat g` directly. Statistics of several
+forward/backward
+passes before one optimizer step (gradient accumulation) are summed, and ``N`` counts all their
+samples, so accumulation over micro-batches equals one large batch.
+
+Subclasses implement only the layer-specific parts (:meth:`KroneckerBlock._input_factor`,
+:meth:`KroneckerBlock._grad_factor`, :meth:`KroneckerBlock._to_matrix`,
+:meth:`KroneckerBlock._from_matrix`); the public template methods own accumulation, EMA, scaling,
+damping and the inversion safeguards. Blocks hold no persistent state: factors and inverses live
+in the optimizer's ``state[weight]`` dict that is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from kfac_tn import linalg
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KFACApprox", "KroneckerBlock", "register_block", "block_class_for", "registered_types"]
+
+
+class KFACApprox(str, Enum):
+    """How weight sharing (spatial positions, extra Linear dimensions) is approximated."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+_REGISTRY: dict[type[nn.Module], type[KroneckerBlock]] = {}
+
+
+def register_block(
+    *module_types: type[nn.Module],
+) -> Callable[[type[KroneckerBlock]], type[KroneckerBlock]]:
+    """Class decorator registering a block class for one or more module types.
+
+    Example::
+
+        @register_block(MyLayer)
+        class MyBlock(KroneckerBlock): ...
+
+    Args:
+        *module_types: ``nn.Module`` subclasses the block handles (subclasses of them too,
+            unless they are registered themselves).
+
+    Returns:
+        The decorator.
+    """
+
+    def decorator(cls: type[KroneckerBlock]) -> type[KroneckerBlock]:
+        for module_type in module_types:
+            _REGISTRY[module_type] = cls
+        return cls
+
+    return decorator
+
+
+def block_class_for(module: nn.Module) -> type[KroneckerBlock] | None:
+    """Look up the block class for ``module`` (exact type first, then its base classes)."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def registered_types() -> tuple[type[nn.Module], ...]:
+    """All module types with a registered block."""
+    return tuple(_REGISTRY)
+
+
+class KroneckerBlock(ABC):
+    """Curvature block of one layer: factors ``A [groups, d_A, d_A]``, ``G [groups, d_G, d_G]``.
+
+    Args:
+        module: The layer.
+        name: Its qualified name in the model (the distributed layer key).
+
+    Attributes:
+        module: The layer.
+        name: Its qualified name.
+        groups: Number of independent Kronecker blocks (channel groups).
+    """
+
+    groups: int = 1
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+        self._a_parts: list[Tensor] = []
+        self._g_parts: list[Tensor] = []
+        self._samples = 0
+
+    # ------------------------------------------------------------------ layer-specific parts
+    @abstractmethod
+    def _input_factor(self, x: Tensor, output: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
+        """Input factor of one forward pass, normalised as in the module docstring.
+
+        Args:
+            x: The layer input as passed to ``forward`` (already in the factor dtype).
+            output: The layer output (only its shape may be used).
+            approx: Expand or reduce.
+
+        Returns:
+            ``(A [groups, d_A, d_A], N)``: bias-augmented input factor and number of samples.
+        """
+
+    @abstractmethod
+    def _grad_factor(self, g: Tensor, approx: KFACApprox) -> Tensor:
+        r"""Unnormalised output-gradient factor :math:`\sum_{n,o} g g^\top` (expand) or reduce form.
+
+        Args:
+            g: Gradient w.r.t. the layer output, same shape as the output (factor dtype).
+            approx: Expand or reduce.
+
+        Returns:
+            ``[groups, d_G, d_G]``.
+        """
+
+    @abstractmethod
+    def _to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Arrange weight-shaped (and bias-shaped) tensors as ``[groups, d_G, d_A]`` matrices."""
+
+    @abstractmethod
+    def _from_matrix(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Invert :meth:`_to_matrix`: ``[groups, d_G, d_A]`` -> (weight-like, bias-like | None)."""
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def weight(self) -> Tensor:
+        """The layer weight (its optimizer state holds the block's factors)."""
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The layer bias, or ``None``."""
+        return getattr(self.module, "bias", None)
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Parameters preconditioned by the block: ``[weight]`` or ``[weight, bias]``."""
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """``(d_A, d_G)``, the per-group factor sizes."""
+        d_g, d_a = self._to_matrix(self.weight.detach(), self._bias_detached()).shape[-2:]
+        return d_a, d_g
+
+    def _bias_detached(self) -> Tensor | None:
+        return None if self.bias is None else self.bias.detach()
+
+    def inversion_cost(self) -> float:
+        """Relative cost of inverting both factors, ``groups·(d_A³ + d_G³)`` (load balancing)."""
+        d_a, d_g = self.dims
+        return float(self.groups * (d_a**3 + d_g**3))
+
+    # ------------------------------------------------------------------ capture (called from hooks)
+    def input_statistic(
+        self, x: Tensor, output: Tensor, approx: KFACApprox, dtype: torch.dtype
+    ) -> tuple[Tensor, int]:
+        """Input statistic of one forward pass in *sum* form (``N·A``), and ``N``.
+
+        Args:
+            x: Layer input.
+            output: Layer output.
+            approx: Expand or reduce.
+            dtype: Factor dtype (the input is cast before any arithmetic, so bf16/fp16 activations
+                give float32 factors by default).
+
+        Returns:
+            ``(N·A [groups, d_A, d_A], N)``.
+        """
+        a, n = self._input_factor(x.detach().to(dtype), output, approx)
+        return a * n, n
+
+    def grad_statistic(self, g: Tensor, approx: KFACApprox, dtype: torch.dtype) -> Tensor:
+        """Unnormalised output-gradient statistic of one backward pass ``[groups, d_G, d_G]``."""
+        return self._grad_factor(g.detach().to(dtype), approx)
+
+    def add_statistics(self, a_sum: Tensor | None, n: int, g_sum: Tensor) -> None:
+        """Queue the statistics of one forward/backward pair until the next factor update.
+
+        Args:
+            a_sum: Input statistic in sum form (``None`` if an earlier backward of the same forward
+                already added it, e.g. a second Monte-Carlo sample).
+            n: Number of samples it covers (0 with ``a_sum=None``).
+            g_sum: Unnormalised output-gradient statistic.
+        """
+        if a_sum is not None:
+            self._a_parts.append(a_sum)
+            self._samples += n
+        self._g_parts.append(g_sum)
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether statistics were captured since the last factor update."""
+        return bool(self._a_parts) and bool(self._g_parts)
+
+    def pending_statistics(self) -> list[Tensor]:
+        """Return the queued statistic tensors."""
+        return self._a_parts + self._g_parts
+
+    def clear_statistics(self) -> None:
+        """Drop captured statistics (after a factor update, or a skipped / aborted step)."""
+        self._a_parts, self._g_parts, self._samples = [], [], 0
+
+    # ------------------------------------------------------------------ template: factors
+    def update_factors(self, state: dict, *, decay: float, grad_scale: float) -> None:
+        r"""Fold the captured statistics into the factors' exponential moving average.
+
+        :math:`A \leftarrow \beta A + (1-\beta) A_{\text{batch}}` (likewise ``G``); the first
+        update initialises the factors. ``grad_scale`` turns the captured gradient sum into ``G``
+        (see the module docstring: :math:`1/r` for the empirical Fisher, ``r / samples`` for MC).
+        A batch statistic with a non-finite entry leaves both factors unchanged and increments
+        ``state["skipped_factor_updates"]``; the check runs on the device (no host sync).
+
+        Args:
+            state: The optimizer state of the layer weight.
+            decay: EMA factor ``β`` in ``[0, 1)``.
+            grad_scale: Multiplier of the gradient statistic (may involve the sample count).
+        """
+        if not self.has_statistics:
+            return
+        a_new = torch.stack(self._a_parts).sum(0) / self._samples
+        g_new = torch.stack(self._g_parts).sum(0) * grad_scale
+        self.clear_statistics()
+        finite = torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
+        if "A" not in state:
+            # first update: initialise from the batch (zeros if it is not finite, flagged below)
+            state["A"] = torch.where(finite, a_new, torch.zeros_like(a_new))
+            state["G"] = torch.where(finite, g_new, torch.zeros_like(g_new))
+            state["factors_valid"] = finite.clone()
+            state["skipped_factor_updates"] = (~finite).to(torch.int64)
+            return
+        a_old, g_old = state["A"], state["G"]
+        first = ~state["factors_valid"]
+        beta = torch.where(first, 0.0, torch.tensor(decay, dtype=a_old.dtype, device=a_old.device))
+        state["A"] = torch.where(finite, beta * a_old + (1 - beta) * a_new, a_old)
+        state["G"] = torch.where(finite, beta * g_old + (1 - beta) * g_new, g_old)
+        state["factors_valid"] = state["factors_valid"] | finite
+        state["skipped_factor_updates"] = state["skipped_factor_updates"] + (~finite).to(
+            torch.int64
+        )
+
+    # ------------------------------------------------------------------ template: inverses
+    def update_inverses(
+        self, state: dict, *, inversion: linalg.Inversion, damping: float, dtype: torch.dtype
+    ) -> list[Tensor] | None:
+        """Recompute the inverse representation from the current factors.
+
+        On failure (after the float64 retry) the last good inverse is kept. Counts in ``state``:
+        ``inverse_updates``, ``fallback_inversions``, ``failed_inversions``.
+
+        Args:
+            state: The optimizer state of the layer weight (needs ``A``/``G``).
+            inversion: ``"eigen"`` or ``"cholesky"``.
+            damping: Damping ``δ``.
+            dtype: Inverse dtype.
+
+        Returns:
+            The new inverse tensors, or ``None`` if the inversion failed or no factors exist yet.
+        """
+        if "A" not in state:
+            return None
+        result = linalg.compute_inverse(
+            state["A"], state["G"], inversion=inversion, damping=damping, dtype=dtype
+        )
+        state["inverse_updates"] = state.get("inverse_updates", 0) + 1
+        state["fallback_inversions"] = state.get("fallback_inversions", 0) + int(result.fallback)
+        if result.tensors is None:
+            state["failed_inversions"] = state.get("failed_inversions", 0) + 1
+            logger.warning("Layer %s: inversion failed, keeping the previous inverse", self.name)
+            return None
+        state["inverse"] = result.tensors
+        state["inverse_kind"] = linalg.Inversion(inversion).value
+        state["inverse_damping"] = float(damping)
+        return result.tensors
+
+    def has_inverse(self, state: dict) -> bool:
+        """Whether ``state`` holds a usable inverse."""
+        return "inverse" in state
+
+    # ------------------------------------------------------------------ template: preconditioning
+    def precondition(self, state: dict, grads: list[Tensor], *, damping: float) -> list[Tensor]:
+        r"""Precondition the layer's gradients with the damped inverse Kronecker block.
+
+        Args:
+            state: The optimizer state of the layer weight (needs an inverse).
+            grads: Gradients ``[grad_weight]`` or ``[grad_weight, grad_bias]``.
+            damping: Damping ``δ`` (``"eigen"`` uses it here; ``"cholesky"`` baked in the damping
+                of its last inverse update).
+
+        Returns:
+            Preconditioned tensors, shaped like ``grads``.
+        """
+        bias = grads[1] if len(grads) > 1 else None
+        matrix = self._to_matrix(grads[0], bias)
+        out = linalg.precondition(
+            matrix, state["inverse"], inversion=state["inverse_kind"], damping=damping
+        )
+        weight, bias_out = self._from_matrix(out)
+        return [weight] if bias_out is None else [weight, bias_out]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, groups={self.groups})"

@@ -1,0 +1,56 @@
+r"""Kronecker block for ``nn.Linear``.
+
+The input ``x: [N, *shared, D_in]`` may carry extra dimensions between the batch and the feature
+dimension (sequence positions, patches, ...); they share the weight and play the role of the
+``O`` output positions of a convolution: KFAC-expand averages :math:`u u^\top` over all ``N·O``
+rows, KFAC-reduce averages ``u`` over the shared positions first. A 1-d input ``[D_in]`` is one
+sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kfac_tn.blocks.base import KFACApprox, KroneckerBlock, register_block
+
+__all__ = ["LinearBlock"]
+
+
+@register_block(nn.Linear)
+class LinearBlock(KroneckerBlock):
+    """``nn.Linear``: one group, ``d_A = D_in (+1)``, ``d_G = D_out``."""
+
+    groups = 1
+
+    def _input_factor(self, x: Tensor, output: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
+        if x.dim() == 1:
+            x = x[None]
+        n = x.shape[0]
+        x = x.reshape(n, -1, x.shape[-1])  # [N, O, D_in]
+        if approx is KFACApprox.REDUCE:
+            x = x.mean(1, keepdim=True)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return (rows.T @ rows / rows.shape[0])[None], n
+
+    def _grad_factor(self, g: Tensor, approx: KFACApprox) -> Tensor:
+        if g.dim() == 1:
+            g = g[None]
+        g = g.reshape(g.shape[0], -1, g.shape[-1])  # [N, O, D_out]
+        if approx is KFACApprox.REDUCE:
+            g = g.sum(1, keepdim=True)
+        rows = g.reshape(-1, g.shape[-1])
+        return (rows.T @ rows)[None]
+
+    def _to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if bias is None:
+            return weight[None]
+        return torch.cat([weight, bias[:, None]], dim=1)[None]
+
+    def _from_matrix(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+        matrix = matrix[0]
+        if self.bias is None:
+            return matrix, None
+        return matrix[:, :-1], matrix[:, -1]

@@ -1,0 +1,205 @@
+r"""Damping and inversion of Kronecker factors, with safeguards.
+
+A Kronecker block approximates the curvature of one layer's (grouped) weight matrix
+:math:`W_g \in \mathbb{R}^{d_G \times d_A}` as :math:`A_g \otimes G_g` and preconditions the
+gradient matrix :math:`M_g` (same shape as :math:`W_g`) with
+
+* ``"eigen"`` — exact damping of the Kronecker product:
+  :math:`(A \otimes G + \delta I)^{-1} \operatorname{vec}(M)
+  = \operatorname{vec}\big(V_G [(V_G^\top M V_A) \oslash
+  (\lambda_G \lambda_A^\top + \delta)] V_A^\top\big)`
+  with :math:`A = V_A \operatorname{diag}(\lambda_A) V_A^\top`,
+  :math:`G = V_G \operatorname{diag}(\lambda_G) V_G^\top`;
+* ``"cholesky"`` — factored Tikhonov (π-) damping (Martens & Grosse, 2015):
+  :math:`(A + \pi \sqrt{\delta} I)^{-1} \otimes (G + \tfrac{\sqrt{\delta}}{\pi} I)^{-1}` with
+  :math:`\pi = \sqrt{(\operatorname{tr}(A)/d_A) / (\operatorname{tr}(G)/d_G)}`.
+
+Safeguards: a decomposition that raises or returns non-finite values is retried in float64
+(counted as a *fallback*); if that fails too, the caller keeps its last good inverse (counted as
+a *failure*). Each function here works on a batch of groups ``[G, d, d]`` at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Inversion",
+    "InverseResult",
+    "eigen_inverse",
+    "cholesky_inverse",
+    "compute_inverse",
+    "precondition",
+    "pi_damping",
+]
+
+
+class Inversion(str, Enum):
+    """How damped Kronecker factors are inverted."""
+
+    EIGEN = "eigen"
+    CHOLESKY = "cholesky"
+
+
+@dataclass
+class InverseResult:
+    """Outcome of inverting one Kronecker block.
+
+    Attributes:
+        tensors: The inverse representation (see :func:`compute_inverse`), or ``None`` when both
+            attempts failed and the caller must keep its previous inverse.
+        fallback: Whether the first attempt failed and the float64 retry succeeded.
+    """
+
+    tensors: list[Tensor] | None
+    fallback: bool = False
+
+
+def pi_damping(A: Tensor, G: Tensor) -> Tensor:
+    r"""Return the ratio :math:`\pi = \sqrt{(\mathrm{tr} A / d_A) / (\mathrm{tr} G / d_G)}`.
+
+    Args:
+        A: Input factors ``[groups, d_A, d_A]``.
+        G: Output-gradient factors ``[groups, d_G, d_G]``.
+
+    Returns:
+        ``[groups, 1, 1]``; 1 where a trace is not positive.
+    """
+    tr_a = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+    tr_g = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
+    valid = (tr_a > 0) & (tr_g > 0)
+    ratio = torch.where(valid, tr_a / torch.where(valid, tr_g, torch.ones_like(tr_g)), 1.0)
+    return ratio.clamp_min(torch.finfo(ratio.dtype).tiny).sqrt()[:, None, None]
+
+
+def _eigh(F: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition with eigenvalues clamped at 0 (factors are PSD)."""
+    F = 0.5 * (F + F.transpose(-2, -1))
+    evals, evecs = torch.linalg.eigh(F)
+    return evals.clamp_min(0.0), evecs
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One host sync for all tensors of a block (only on inverse-update steps)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def eigen_inverse(A: Tensor, G: Tensor) -> list[Tensor]:
+    """Eigendecompose both factors.
+
+    Args:
+        A: ``[groups, d_A, d_A]``.
+        G: ``[groups, d_G, d_G]``.
+
+    Returns:
+        ``[evals_A [groups, d_A], evecs_A [groups, d_A, d_A], evals_G [groups, d_G],
+        evecs_G [groups, d_G, d_G]]`` in the dtype of the inputs.
+
+    Raises:
+        torch.linalg.LinAlgError: If a decomposition does not converge.
+    """
+    evals_a, evecs_a = _eigh(A)
+    evals_g, evecs_g = _eigh(G)
+    return [evals_a, evecs_a, evals_g, evecs_g]
+
+
+def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> list[Tensor]:
+    """Invert the π-damped factors via Cholesky.
+
+    Args:
+        A: ``[groups, d_A, d_A]``.
+        G: ``[groups, d_G, d_G]``.
+        damping: The damping ``δ > 0`` of the Kronecker product.
+
+    Returns:
+        ``[(A + π√δ I)^{-1} [groups, d_A, d_A], (G + √δ/π I)^{-1} [groups, d_G, d_G]]``.
+
+    Raises:
+        torch.linalg.LinAlgError: If a damped factor is not positive definite.
+    """
+    pi = pi_damping(A, G)
+    root = damping**0.5
+    eye_a = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    eye_g = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    a_damped = 0.5 * (A + A.transpose(-2, -1)) + (pi * root) * eye_a
+    g_damped = 0.5 * (G + G.transpose(-2, -1)) + (root / pi) * eye_g
+    return [
+        torch.cholesky_inverse(torch.linalg.cholesky(a_damped)),
+        torch.cholesky_inverse(torch.linalg.cholesky(g_damped)),
+    ]
+
+
+def compute_inverse(
+    A: Tensor, G: Tensor, *, inversion: Inversion | str, damping: float, dtype: torch.dtype
+) -> InverseResult:
+    """Invert a Kronecker block in ``dtype``, retrying in float64 on failure.
+
+    The eigendecomposition does not depend on the damping (it is applied in
+    :func:`precondition`), so damping changes between inverse updates take effect at once for
+    ``"eigen"``; ``"cholesky"`` bakes the damping in.
+
+    Args:
+        A: Input factors ``[groups, d_A, d_A]``.
+        G: Output-gradient factors ``[groups, d_G, d_G]``.
+        inversion: ``"eigen"`` or ``"cholesky"``.
+        damping: Damping ``δ`` (used by ``"cholesky"``).
+        dtype: Precision of the first attempt and of the returned tensors.
+
+    Returns:
+        The :class:`InverseResult`; ``tensors is None`` if both attempts failed.
+    """
+    inversion = Inversion(inversion)
+    attempts = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
+    for i, attempt_dtype in enumerate(attempts):
+        a, g = A.to(attempt_dtype), G.to(attempt_dtype)
+        try:
+            if inversion is Inversion.EIGEN:
+                out = eigen_inverse(a, g)
+            else:
+                out = cholesky_inverse(a, g, damping)
+        except (torch.linalg.LinAlgError, RuntimeError) as err:
+            logger.warning("%s inversion failed in %s: %s", inversion.value, attempt_dtype, err)
+            continue
+        if not _all_finite(out):
+            logger.warning(
+                "%s inversion gave non-finite values in %s", inversion.value, attempt_dtype
+            )
+            continue
+        return InverseResult([t.to(dtype) for t in out], fallback=i > 0)
+    return InverseResult(None)
+
+
+def precondition(
+    M: Tensor, inverse: list[Tensor], *, inversion: Inversion | str, damping: float
+) -> Tensor:
+    r"""Apply the damped inverse Kronecker block to gradient matrices.
+
+    Args:
+        M: Gradient matrices ``[groups, d_G, d_A]``.
+        inverse: Output of :func:`compute_inverse` for the same block.
+        inversion: The inversion that produced ``inverse``.
+        damping: Damping ``δ`` (used by ``"eigen"``; ``"cholesky"`` has it baked in).
+
+    Returns:
+        ``[groups, d_G, d_A]``: :math:`(A \otimes G + \delta I)^{-1}` applied (``"eigen"``) or
+        the π-damped Kronecker inverse applied (``"cholesky"``), in ``M``'s dtype.
+    """
+    inversion = Inversion(inversion)
+    dtype = inverse[0].dtype
+    m = M.to(dtype)
+    if inversion is Inversion.EIGEN:
+        evals_a, evecs_a, evals_g, evecs_g = inverse
+        rotated = evecs_g.transpose(-2, -1) @ m @ evecs_a
+        rotated = rotated / (evals_g[:, :, None] * evals_a[:, None, :] + damping)
+        out = evecs_g @ rotated @ evecs_a.transpose(-2, -1)
+    else:
+        a_inv, g_inv = inverse
+        out = g_inv @ m @ a_inv
+    return out.to(M.dtype)

@@ -1,0 +1,135 @@
+r"""Loss-side pieces of the Fisher approximations: reduction scale and sampled output gradients.
+
+For a model output ``f: [N, *]`` and the per-sample loss :math:`\ell_n`, the Fisher / GGN of the
+loss w.r.t. ``f_n`` is :math:`\mathbb{E}_{\hat y \sim p(\cdot|f_n)}[\hat g \hat g^\top]` with
+:math:`\hat g = \nabla_{f_n} \ell_n(f_n, \hat y)`, and equals the loss Hessian :math:`H_n` for
+both supported losses:
+
+* ``cross_entropy`` (``f: [N, C]`` logits, :math:`p = \mathrm{softmax}(f_n)`):
+  :math:`\hat g = p - e_{\hat y}`, :math:`\hat y \sim \mathrm{Cat}(p)`;
+  :math:`H_n = \mathrm{diag}(p) - p p^\top = \sum_c s_c s_c^\top` with
+  :math:`s_c = \sqrt{p_c}(e_c - p)` (type-2 columns).
+* ``mse`` (:math:`\ell_n = \sum_j (f_{n,j} - y_{n,j})^2`, torch's ``mse_loss`` up to its reduction):
+  :math:`\hat g = \sqrt{2}\,\varepsilon` with :math:`\varepsilon \sim \mathcal{N}(0, I)`;
+  :math:`H_n = 2 I = \sum_j (\sqrt2 e_j)(\sqrt2 e_j)^\top`.
+
+The generators below yield these vectors for the whole batch, one backward pass each: Monte-Carlo
+samples (``"mc"``) or the columns of the Hessian square root (``"type2"``, ``C`` backward passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossType", "LossReduction", "FisherType", "reduction_scale", "output_gradients"]
+
+
+class LossType(str, Enum):
+    """Loss functions whose Fisher the optimizer knows."""
+
+    CROSS_ENTROPY = "cross_entropy"
+    MSE = "mse"
+
+
+class LossReduction(str, Enum):
+    """Reduction of the per-sample losses, as in torch's ``reduction`` argument."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class FisherType(str, Enum):
+    """Which output gradients build the gradient factor ``G``."""
+
+    EMPIRICAL = "empirical"
+    MC = "mc"
+    TYPE2 = "type2"
+
+
+def reduction_scale(
+    loss: LossType, reduction: LossReduction, samples: int, entries_per_sample: int | None
+) -> float:
+    r"""Return the factor ``r`` in :math:`L = r \sum_n \ell_n`.
+
+    Args:
+        loss: The loss function.
+        reduction: ``"mean"`` or ``"sum"``.
+        samples: Number of samples ``N`` the statistics cover.
+        entries_per_sample: Output entries per sample (needed for ``mse`` with ``"mean"``,
+            which torch averages over all entries).
+
+    Returns:
+        ``1/N`` (cross-entropy, mean), ``1/(N·C)`` (MSE, mean) or ``1`` (sum).
+
+    Raises:
+        ValueError: If ``mse``/``"mean"`` is requested without ``entries_per_sample``.
+    """
+    if reduction is LossReduction.SUM:
+        return 1.0
+    if loss is LossType.CROSS_ENTROPY:
+        return 1.0 / samples
+    if entries_per_sample is None:
+        raise ValueError(
+            "Invalid model output for loss='mse' with loss_reduction='mean': the optimizer needs a "
+            "tensor model output to know the number of entries per sample"
+        )
+    return 1.0 / (samples * entries_per_sample)
+
+
+def output_gradients(
+    output: Tensor, loss: LossType, fisher: FisherType, mc_samples: int
+) -> Iterator[Tensor]:
+    """Yield per-sample-loss output gradients, one batch tensor per backward pass.
+
+    Args:
+        output: Model output, ``[N, C]`` logits for cross-entropy, ``[N, *]`` for MSE. Only its
+            values are used (detached).
+        loss: The loss function.
+        fisher: ``"mc"`` (``mc_samples`` draws) or ``"type2"`` (Hessian square-root columns).
+        mc_samples: Number of Monte-Carlo draws.
+
+    Yields:
+        Tensors shaped and typed like ``output``.
+
+    Raises:
+        ValueError: If the output shape does not suit the loss, or ``fisher`` is ``"empirical"``.
+    """
+    if fisher is FisherType.EMPIRICAL:
+        raise ValueError("Invalid fisher_type: 'empirical' uses the real loss's gradients")
+    f = output.detach()
+    if loss is LossType.CROSS_ENTROPY:
+        if f.dim() != 2:
+            raise ValueError(
+                f"Invalid model output shape {tuple(f.shape)} for loss='cross_entropy' with "
+                f"fisher_type='{fisher.value}' (expected [batch, classes] logits)"
+            )
+        p = torch.softmax(f.float(), dim=1)
+        if fisher is FisherType.MC:
+            for _ in range(mc_samples):
+                y = torch.multinomial(p, 1).squeeze(1)
+                g = p.clone()
+                g[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+                yield g.to(f.dtype)
+        else:
+            root = p.sqrt()
+            for c in range(p.shape[1]):
+                g = -p * root[:, c : c + 1]
+                g[:, c] += root[:, c]
+                yield g.to(f.dtype)
+        return
+    # mse
+    if f.dim() < 1:
+        raise ValueError(f"Invalid model output shape {tuple(f.shape)} for loss='mse'")
+    if fisher is FisherType.MC:
+        for _ in range(mc_samples):
+            yield (2.0**0.5) * torch.randn_like(f)
+    else:
+        flat = f.reshape(f.shape[0], -1)
+        for j in range(flat.shape[1]):
+            g = torch.zeros_like(flat)
+            g[:, j] = 2.0**0.5
+            yield g.reshape(f.shape)
