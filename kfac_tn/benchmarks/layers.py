@@ -7,9 +7,9 @@ on a ``meta`` tensor with forward-pre-hooks on every convolution to record the i
 returns one :class:`ConvLayer` per unique configuration of a network. Extraction of all nine
 networks takes well under a second, so nothing is cached on disk.
 
-The DeepOBS networks are defined here (``kfac_tn.models`` does not provide them at the time of
-writing). Their layouts follow design.md §5; TensorFlow's asymmetric 'same' padding of DeepOBS's
-strided layers is replaced by PyTorch's symmetric padding with the same output size.
+The DeepOBS networks come from :mod:`kfac_tn.models` (layouts of design.md §5; TensorFlow's
+asymmetric 'same' padding of DeepOBS's strided layers is replaced there by PyTorch's symmetric
+padding with the same output size).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from math import prod
 import torch
 from torch import nn
 
+from kfac_tn.models import AllCNNC, Net2c2d, Net3c3d
 from kfac_tn.tn.spec import ConvSpec, conv_spec
 
 log = logging.getLogger(__name__)
@@ -140,102 +141,6 @@ class ConvLayer:
         return cls(**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------
-# DeepOBS networks (design.md §5)
-# ----------------------------------------------------------------------------------------------
-
-
-class _C3D3(nn.Module):
-    """DeepOBS 3c3d for CIFAR-10: three conv + max-pool stages, three dense layers."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2, padding=1),
-            nn.Conv2d(64, 96, 3),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2, padding=1),
-            nn.Conv2d(96, 128, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2, padding=1),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(128 * 3 * 3, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``x: [N, 3, 32, 32]`` to logits ``[N, num_classes]``."""
-        return self.classifier(self.features(x))
-
-
-class _C2D2(nn.Module):
-    """DeepOBS 2c2d for Fashion-MNIST: two conv + max-pool stages, two dense layers."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 1024),
-            nn.ReLU(),
-            nn.Linear(1024, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``x: [N, 1, 28, 28]`` to logits ``[N, num_classes]``."""
-        return self.classifier(self.features(x))
-
-
-class _AllCNNC(nn.Module):
-    """DeepOBS All-CNN-C for CIFAR-100: nine convolutions, global average pooling."""
-
-    def __init__(self, num_classes: int = 100) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Dropout(0.2),
-            nn.Conv2d(3, 96, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(96, 96, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(96, 96, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Conv2d(96, 192, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(192, 192, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(192, 192, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Conv2d(192, 192, 3),
-            nn.ReLU(),
-            nn.Conv2d(192, 192, 1),
-            nn.ReLU(),
-            nn.Conv2d(192, num_classes, 1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``x: [N, 3, 32, 32]`` to logits ``[N, num_classes]``."""
-        return self.features(x)
-
-
 def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision  # optional dependency (extra 'vision'), imported lazily
@@ -255,9 +160,11 @@ class NetEntry:
 
 
 NETS: dict[str, NetEntry] = {
-    "3c3d": NetEntry(_C3D3, (3, 32, 32), "DeepOBS cifar10_3c3d"),
-    "2c2d": NetEntry(_C2D2, (1, 28, 28), "DeepOBS fmnist_2c2d"),
-    "all_cnn_c": NetEntry(_AllCNNC, (3, 32, 32), "DeepOBS cifar100_allcnnc"),
+    "3c3d": NetEntry(Net3c3d, (3, 32, 32), "DeepOBS cifar10_3c3d (kfac_tn.models.Net3c3d)"),
+    "2c2d": NetEntry(Net2c2d, (1, 28, 28), "DeepOBS fmnist_2c2d (kfac_tn.models.Net2c2d)"),
+    "all_cnn_c": NetEntry(
+        AllCNNC, (3, 32, 32), "DeepOBS cifar100_allcnnc (kfac_tn.models.AllCNNC)"
+    ),
     "alexnet": NetEntry(_torchvision("alexnet"), (3, 224, 224), "torchvision"),
     "resnet18": NetEntry(_torchvision("resnet18"), (3, 224, 224), "torchvision"),
     "resnext101_32x8d": NetEntry(_torchvision("resnext101_32x8d"), (3, 224, 224), "torchvision"),
