@@ -478,8 +478,14 @@ def _to_plain(value: Any) -> Any:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain (YAML/JSON-serialisable) nested dict of a config; ``config_from_dict`` inverts it."""
-    return _to_plain(cfg)
+    """Plain (YAML/JSON-serialisable) nested dict of a config; ``config_from_dict`` inverts it.
+
+    The ``optimizer`` section keeps only the keys of the chosen optimizer.
+    """
+    out = _to_plain(cfg)
+    keys = OPTIMIZER_KEYS.get(cfg.optimizer.name, ())
+    out["optimizer"] = {k: v for k, v in out["optimizer"].items() if k == "name" or k in keys}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Plots of run metrics (``metrics.jsonl``): one run's curves and multi-run comparisons.
+
+Uses matplotlib's non-interactive Agg backend through an explicit ``Figure`` (no pyplot global
+state), so it works headless and from several threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["compare_runs", "load_run", "plot_run"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """Label and metrics rows of a run directory.
+
+    Args:
+        run_dir: directory containing ``metrics.jsonl``.
+
+    Returns:
+        ``(label, rows)``; the label is the directory name.
+
+    Raises:
+        ValueError: if ``run_dir`` has no ``metrics.jsonl`` or it has no rows.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"run_dir: {str(run_dir)!r} has no metrics.jsonl (not a kfac-tn run?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"run_dir: {str(run_dir)!r} has an empty metrics.jsonl")
+    return Path(run_dir).name, rows
+
+
+def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    pts = [(r[x], r[y]) for r in rows if r.get(y) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _save(fig: Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Overlay runs: test accuracy and training loss against epoch and against wall-clock time.
+
+    Reconstruction runs (no accuracy) show test loss in the accuracy panels.
+
+    Args:
+        run_dirs: run directories (each with ``metrics.jsonl``).
+        out: PNG file to write.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        ValueError: if ``run_dirs`` is empty or a directory is not a run.
+    """
+    if not run_dirs:
+        raise ValueError("run_dirs: [] is empty; pass at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    has_acc = any(r.get("test_acc") is not None for _, rows in runs for r in rows)
+    top = "test_acc" if has_acc else "test_loss"
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    axes = fig.subplots(2, 2)
+    panels = [
+        (axes[0, 0], "epoch", top),
+        (axes[0, 1], "wall_clock_s", top),
+        (axes[1, 0], "epoch", "train_loss"),
+        (axes[1, 1], "wall_clock_s", "train_loss"),
+    ]
+    for ax, x, y in panels:
+        for label, rows in runs:
+            xs, ys = _series(rows, x, y)
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch" if x == "epoch" else "wall-clock time [s]")
+        ax.set_ylabel(y.replace("_", " "))
+        if y.endswith("loss"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Plot one run's training/test loss and accuracy per epoch.
+
+    Args:
+        run_dir: run directory.
+        out: PNG file to write.
+
+    Returns:
+        The PNG path.
+    """
+    label, rows = load_run(run_dir)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for key in ("train_loss", "test_loss"):
+        ax_loss.plot(*_series(rows, "epoch", key), marker="o", markersize=3, label=key)
+    ax_loss.set_yscale("log")
+    for key in ("train_acc", "test_acc"):
+        xs, ys = _series(rows, "epoch", key)
+        if xs:
+            ax_acc.plot(xs, ys, marker="o", markersize=3, label=key)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(label)
+    return _save(fig, out)
