@@ -107,7 +107,7 @@ def output_gradients(
                 f"Invalid model output shape {tuple(f.shape)} for loss='cross_entropy' with "
                 f"fisher_type='{fisher.value}' (expected [batch, classes] logits)"
             )
-        p = torch.softmax(f.float(), dim=1)
+        p = torch.softmax(f.to(torch.promote_types(f.dtype, torch.float32)), dim=1)
         if fisher is FisherType.MC:
             for _ in range(mc_samples):
                 y = torch.multinomial(p, 1).squeeze(1)
