@@ -1,9 +1,45 @@
 """Tensor-network engine: convolution routines as simplified, cached einsum contractions.
 
-Pure functions on tensors, no ``nn.Module``.
+Pure functions on tensors (no ``nn.Module``), N-d (N = 1, 2, 3 and beyond), with batch,
+channel groups, stride, padding (int, tuple, (left, right) pairs, ``'same'``, ``'valid'``),
+dilation, bias and output padding.  Every routine takes ``impl=``:
+
+* ``"tn"``: the plain tensor network (data operands and index patterns Π) contracted along a
+  cached opt_einsum path (see :func:`symbolic` for the network of any call);
+* ``"tn_simplified"``: the simplified network: Π contractions become strided views of the
+  padded input (dense dimensions reshapes, down-sampling dimensions strided slices, others
+  overlapping strided windows), KFAC-reduce sums each Π over its private output leg first;
+* ``"standard"``: torch's own kernels, or unfold followed by matmul / mean (curvlinops,
+  BackPACK);
+* ``"auto"`` (default): the faster of these per call shape (never torch's kernel's loser).
+
+Routines::
+
+    conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                   dilation=1)
+    unfold(x, kernel_size, dilation=1, padding=0, stride=1)                -> [N, C·ΠK, ΠO]
+    fold(cols, output_size, kernel_size, dilation=1, padding=0, stride=1)  -> [N, C, *I]
+    unfold_transpose(x, kernel_size, stride=1, padding=0, output_padding=0, dilation=1)
+    kernel_unfold(weight, input_size, stride=1, padding=0, dilation=1, groups=1)
+    conv_input_vjp(v, weight, input_size, stride=1, padding=0, dilation=1, groups=1)
+    conv_weight_vjp(x, v, kernel_size, stride=1, padding=0, dilation=1, groups=1)
+    conv_input_jvp(x_dot, weight, stride=1, padding=0, dilation=1, groups=1)
+    conv_weight_jvp(x, weight_dot, stride=1, padding=0, dilation=1, groups=1)
+    kfac_expand_factor(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, *, bias=False,
+                       transpose=False, output_padding=0)                  -> [G, D(+1), D(+1)]
+    kfac_reduce_factor(...same...)
+    grad_expand_factor(g, groups=1), grad_reduce_factor(g, groups=1)      -> [G, C/G, C/G]
+    ggn_diagonal(x, s, kernel_size, stride=1, padding=0, dilation=1, groups=1)
+    hessian_diagonal(x, weight, h, stride=1, padding=0, dilation=1, groups=1)
+    symbolic(routine, *args, **kwargs) -> Expression (equation, operands, shape)
 """
 
+from kfac_tn.tn.convolution import conv, conv_transpose, kernel_unfold
+from kfac_tn.tn.derivatives import conv_input_jvp, conv_input_vjp, conv_weight_jvp, conv_weight_vjp
+from kfac_tn.tn.diagonal import ggn_diagonal, hessian_diagonal
 from kfac_tn.tn.kfac import (
+    choose_impl,
     grad_expand_factor,
     grad_reduce_factor,
     kfac_expand_factor,
@@ -11,16 +47,37 @@ from kfac_tn.tn.kfac import (
 )
 from kfac_tn.tn.patterns import index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory, DimSpec, conv_spec, conv_transpose_spec
+from kfac_tn.tn.symbolic import ROUTINES, Expression, symbolic
+from kfac_tn.tn.unfolding import fold, unfold, unfold_transpose
+
+IMPLS = ("auto", "tn", "tn_simplified", "standard")
 
 __all__ = [
+    "IMPLS",
+    "ROUTINES",
     "ConvSpec",
     "DimCategory",
     "DimSpec",
+    "Expression",
+    "choose_impl",
+    "conv",
+    "conv_input_jvp",
+    "conv_input_vjp",
     "conv_spec",
+    "conv_transpose",
     "conv_transpose_spec",
+    "conv_weight_jvp",
+    "conv_weight_vjp",
+    "fold",
+    "ggn_diagonal",
     "grad_expand_factor",
     "grad_reduce_factor",
+    "hessian_diagonal",
     "index_pattern",
+    "kernel_unfold",
     "kfac_expand_factor",
     "kfac_reduce_factor",
+    "symbolic",
+    "unfold",
+    "unfold_transpose",
 ]

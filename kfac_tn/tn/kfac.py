@@ -60,9 +60,10 @@ from kfac_tn.tn._common import (
     scatter_patches,
     spatial_ndim,
 )
-from kfac_tn.tn.einsum import contract, to_letters
+from kfac_tn.tn.einsum import contract
 from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory
+from kfac_tn.tn.symbolic import evaluate, routine_expression
 
 __all__ = [
     "choose_impl",
@@ -128,7 +129,8 @@ def kfac_expand_factor(
         a = _gram_expand(u) * scale
         mean = u.mean(dim=(0, 3)) if bias else None
     elif impl == "tn":
-        a = _tn_expand(x, spec) * scale
+        expr = routine_expression("kfac_expand_factor", spec, (tuple(x.shape),))
+        a = evaluate(expr, spec, {"x": x})
         mean = _tn_summed(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
     else:
         if transpose:
@@ -175,7 +177,8 @@ def kfac_reduce_factor(
     if impl == "standard":
         ubar = _standard_columns(x, spec).mean(dim=3)  # [N, G, D]
     elif impl == "tn":
-        a = _tn_reduce(x, spec) / (n * positions**2)
+        expr = routine_expression("kfac_reduce_factor", spec, (tuple(x.shape),))
+        a = evaluate(expr, spec, {"x": x})
         if not bias:
             return a
         ubar = _tn_summed(x, spec).reshape(n, groups, -1) / positions
@@ -205,10 +208,8 @@ def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     impl = _check_grad(g, groups, impl)
     n, c = g.shape[:2]
     if impl == "tn":
-        o = names("o", g.ndim - 2)
-        gv = g.reshape(n, groups, c // groups, *g.shape[2:])
-        eq = f"{join('n g c', o)}, {join('n g c_', o)} -> g c c_"
-        return contract(eq, gv, gv)
+        spec, shapes = prepare_grad_factor(g, groups)
+        return evaluate(routine_expression("grad_expand_factor", spec, shapes), spec, {"g": g})
     gv = g.reshape(n, groups, c // groups, -1)
     if impl == "tn_simplified":
         return contract("n g c o, n g d o -> g c d", gv, gv)
@@ -233,10 +234,8 @@ def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     impl = _check_grad(g, groups, impl)
     n, c = g.shape[:2]
     if impl == "tn":
-        o, o_ = names("o", g.ndim - 2), names("o", g.ndim - 2, "_")
-        gv = g.reshape(n, groups, c // groups, *g.shape[2:])
-        eq = f"{join('n g c', o)}, {join('n g c_', o_)} -> g c c_"
-        return contract(eq, gv, gv)
+        spec, shapes = prepare_grad_factor(g, groups)
+        return evaluate(routine_expression("grad_reduce_factor", spec, shapes), spec, {"g": g})
     s = g.reshape(n, groups, c // groups, -1).sum(-1)  # [N, G, C/G]
     if impl == "tn_simplified":
         return contract("n g c, n g d -> g c d", s, s)
@@ -292,11 +291,22 @@ def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------------
-def _factor_spec(x, kernel_size, stride, padding, dilation, groups, transpose, output_padding):
-    n = spatial_ndim(x, kernel_size)
+def prepare_factor(
+    x,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    bias=False,
+    transpose=False,
+    output_padding=0,
+):
+    """Validate the input-factor arguments; return ``(spec, (x.shape,))``."""
+    spatial_ndim(x, kernel_size)
     check_groups(x.shape[1], groups)
-    del n
-    return make_spec(
+    spec = make_spec(
         x.shape[2:],
         kernel_size,
         stride,
@@ -306,16 +316,40 @@ def _factor_spec(x, kernel_size, stride, padding, dilation, groups, transpose, o
         transpose=transpose,
         output_padding=output_padding,
     )
+    return spec, (tuple(x.shape),)
 
 
-def _check_grad(g: torch.Tensor, groups: int, impl: str) -> str:
-    check_impl(impl)
+def prepare_grad_factor(g, groups=1):
+    """Validate the gradient-factor arguments; return ``(spec, (g.shape,))``.
+
+    The spec is that of a 1×1 convolution on ``g``'s spatial size (it only carries ``groups``).
+    """
     if g.ndim < 3:
         raise ValueError(
             f"Invalid g: shape {tuple(g.shape)} (expected [N, C_out, *spatial] with at least one "
             f"spatial dimension)"
         )
     check_groups(g.shape[1], groups, "g")
+    return make_spec(g.shape[2:], 1, groups=groups), (tuple(g.shape),)
+
+
+def _factor_spec(x, kernel_size, stride, padding, dilation, groups, transpose, output_padding):
+    spec, _ = prepare_factor(
+        x,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transpose=transpose,
+        output_padding=output_padding,
+    )
+    return spec
+
+
+def _check_grad(g: torch.Tensor, groups: int, impl: str) -> str:
+    check_impl(impl)
+    prepare_grad_factor(g, groups)
     return "tn_simplified" if impl == "auto" else impl
 
 
@@ -338,21 +372,17 @@ def _gram_expand(cols: torch.Tensor) -> torch.Tensor:
 
 
 def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tensor:
-    """``Σ_{n,o} u u^T`` per group via the strided patch view (no Π), ``[G, D, D]``."""
+    """``Σ_{n,o} u u^T`` per group via the strided patch view (no Π), ``[G, D, D]``.
+
+    The view is copied once, straight into the ``[G, (c k…), (n o…)]`` layout of the matmul
+    (the standard way copies twice: im2col, then the rearrangement).
+    """
     n, c = x.shape[:2]
-    cg = c // groups
-    nd = spec.ndim
+    cg, nd = c // groups, spec.ndim
     view = patch_view(x.reshape(n, groups, cg, *x.shape[2:]), spec)  # [N, G, Cg, *O, *K]
-    if all(cat is DimCategory.DENSE for cat in spec.categories) and all(
-        k == 1 for k in spec.kernel_size
-    ):
-        # 1x1 (possibly strided) convolution: the columns are the (sliced) input itself.
-        flat = view.reshape(n, groups, cg, -1)
-        return contract("n g c o, n g d o -> g c d", flat, flat)
-    o, k, k_ = names("o", nd), names("k", nd), names("k", nd, "_")
-    eq = f"{join('n g c', o, k)}, {join('n g c_', o, k_)} -> {join('g c', k, 'c_', k_)}"
-    d = cg * prod(spec.kernel_size)
-    return torch.einsum(to_letters(eq), view, view).reshape(groups, d, d)
+    perm = (1, 2, *range(3 + nd, 3 + 2 * nd), 0, *range(3, 3 + nd))  # [G, Cg, *K, N, *O]
+    flat = view.permute(perm).reshape(groups, cg * prod(spec.kernel_size), -1)
+    return torch.bmm(flat, flat.transpose(1, 2))
 
 
 def summed_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -441,23 +471,6 @@ def _tn_operands(x: torch.Tensor, spec: ConvSpec, suffix: str, share: str):
         terms.append(f"{k[j]} {o[j]} {i[j]}")
         operands.append(cached_index_pattern(d, x.dtype, x.device))
     return terms, operands, join("c" + suffix, k)
-
-
-def _tn_expand(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    share = "i" if spec.transpose else "o"
-    t1, ops1, out1 = _tn_operands(x, spec, "", share)
-    t2, ops2, out2 = _tn_operands(x, spec, "_", share)
-    eq = f"{', '.join(t1 + t2)} -> {join('g', out1, out2)}"
-    d = x.shape[1] // spec.groups * prod(spec.kernel_size)
-    return contract(eq, *ops1, *ops2).reshape(spec.groups, d, d)
-
-
-def _tn_reduce(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    t1, ops1, out1 = _tn_operands(x, spec, "", "")
-    t2, ops2, out2 = _tn_operands(x, spec, "_", "")
-    eq = f"{', '.join(t1 + t2)} -> {join('g', out1, out2)}"
-    d = x.shape[1] // spec.groups * prod(spec.kernel_size)
-    return contract(eq, *ops1, *ops2).reshape(spec.groups, d, d)
 
 
 def _tn_summed(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:

@@ -112,3 +112,37 @@ def kfac_reduce(x, case, bias=False):
     if bias:
         u = torch.cat([u, torch.ones_like(u[:, :, :1])], 2)
     return torch.einsum("ngd,nge->gde", u, u) / u.shape[0]
+
+
+def kernel(case) -> tuple[int, ...]:
+    """Kernel size of a case as a tuple."""
+    nd = len(case.x_shape) - 2
+    return expand(case.kernel_size, nd)
+
+
+def conv(x, w, case):
+    """Reference N-d convolution: loop-sliced unfold times the flattened kernel, per group."""
+    n, g = x.shape[0], case.groups
+    u = unfold(x, case.kernel_size, case.stride, case.padding, case.dilation)
+    u = u.reshape(n, g, -1, u.shape[-1])
+    wm = w.reshape(g, w.shape[0] // g, -1)
+    nd = x.ndim - 2
+    kern, stride, dilation = kernel(case), expand(case.stride, nd), expand(case.dilation, nd)
+    pads = pad_pairs(case.padding, kern, dilation, nd)
+    out = [
+        (x.shape[2 + j] + sum(pads[j]) - dilation[j] * (kern[j] - 1) - 1) // stride[j] + 1
+        for j in range(nd)
+    ]
+    return torch.einsum("gdk,ngko->ngdo", wm, u).reshape(n, w.shape[0], *out)
+
+
+def torch_conv(x, w, case, bias=None):
+    """``F.convNd`` (asymmetric padding applied explicitly), or :func:`conv` for N > 3."""
+    nd = x.ndim - 2
+    if nd > 3:
+        y = conv(x, w, case)
+        return y if bias is None else y + bias.view(1, -1, *([1] * nd))
+    pads = pad_pairs(case.padding, kernel(case), expand(case.dilation, nd), nd)
+    xp = F.pad(x, [v for pr in reversed(pads) for v in pr])
+    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return fn(xp, w, bias, case.stride, 0, case.dilation, case.groups)

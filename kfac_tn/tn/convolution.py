@@ -1,0 +1,342 @@
+"""Convolution, transposed convolution and the Toeplitz (kernel-unfolded) matrix.
+
+* :func:`conv` equals ``F.conv1d/2d/3d`` (and works for any N):
+  ``n g c_in i…, k o i (per dim), g c_out c_in k… -> n g c_out o…``.
+* :func:`conv_transpose` equals ``F.conv_transpose1d/2d/3d``:
+  ``n g c_in o…, k o i (per dim), g c_in c_out k… -> n g c_out i…``.
+* :func:`kernel_unfold` is the Toeplitz matrix ``T`` of a kernel, per group:
+  ``conv(x)[n, g] == T[g] @ x[n, g].flatten()``:
+  ``g c_out c_in k…, k o i (per dim) -> g (c_out o…) (c_in i…)``.
+
+``impl``: ``'tn'`` contracts the plain network (:mod:`kfac_tn.tn.symbolic`);
+``'tn_simplified'`` replaces every Π by a strided view of the padded input (forward) or a
+per-tap strided accumulation (transposed) / one strided write (Toeplitz); ``'standard'`` is
+torch's own kernel (for N > 3, where torch has none, an unfold followed by a matmul);
+``'auto'`` picks torch's kernel where it exists (never slower than torch) and the simplified
+network otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kfac_tn.tn._common import (
+    check_groups,
+    check_impl,
+    fold_patches,
+    make_spec,
+    names,
+    pad,
+    patch_view,
+    prod,
+    spatial_ndim,
+)
+from kfac_tn.tn.einsum import to_letters
+from kfac_tn.tn.spec import ConvSpec
+from kfac_tn.tn.symbolic import evaluate, routine_expression
+
+__all__ = ["conv", "conv_transpose", "kernel_unfold"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+# --------------------------------------------------------------------------------------------
+# argument preparation (shared with symbolic())
+# --------------------------------------------------------------------------------------------
+def check_weight(x, weight, groups: int, *, transpose: bool = False, x_name: str = "x") -> None:
+    """Check ``weight`` against ``x`` and ``groups``.
+
+    Conv weights are ``[C_out, C_in/G, *K]``, ConvTranspose weights ``[C_in, C_out/G, *K]``.
+
+    Raises:
+        ValueError: Naming the mismatching argument and its shape.
+    """
+    spatial_ndim(x, tuple(weight.shape[2:]), x_name)
+    c_in = x.shape[1]
+    check_groups(c_in, groups, x_name)
+    if transpose:
+        if weight.shape[0] != c_in:
+            raise ValueError(
+                f"Invalid weight: shape {tuple(weight.shape)} (expected [C_in={c_in}, C_out/G, *K] "
+                f"for a transposed convolution)"
+            )
+        return
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(
+            f"Invalid weight: shape {tuple(weight.shape)} (expected [C_out, C_in/G={c_in // groups}"
+            f", *K] for {c_in} input channels and groups={groups})"
+        )
+    check_groups(weight.shape[0], groups, "weight (output channels)")
+
+
+def prepare_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Validate :func:`conv`'s arguments; return ``(spec, (x.shape, weight.shape))``."""
+    check_weight(x, weight, groups)
+    spec = make_spec(x.shape[2:], tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    return spec, (tuple(x.shape), tuple(weight.shape))
+
+
+def prepare_conv_transpose(
+    x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
+):
+    """Validate :func:`conv_transpose`'s arguments; return ``(spec, (x.shape, weight.shape))``."""
+    check_weight(x, weight, groups, transpose=True)
+    spec = make_spec(
+        x.shape[2:],
+        tuple(weight.shape[2:]),
+        stride,
+        padding,
+        dilation,
+        groups,
+        transpose=True,
+        output_padding=output_padding,
+    )
+    return spec, (tuple(x.shape), tuple(weight.shape))
+
+
+def input_spatial(input_size, nd: int, name: str = "input_size") -> tuple[int, ...]:
+    """Spatial part of ``input_size`` (``N`` spatial sizes, or a full ``[N, C, *spatial]``).
+
+    Raises:
+        ValueError: If the length is neither ``nd`` nor ``nd + 2``.
+    """
+    size = tuple(int(v) for v in input_size)
+    if len(size) == nd:
+        return size
+    if len(size) == nd + 2:
+        return size[2:]
+    raise ValueError(
+        f"Invalid {name}: {tuple(input_size)!r} (expected {nd} spatial sizes or a full "
+        f"[N, C, *spatial] shape of length {nd + 2})"
+    )
+
+
+def prepare_kernel_unfold(weight, input_size, stride=1, padding=0, dilation=1, groups=1):
+    """Validate :func:`kernel_unfold`'s arguments; return ``(spec, (weight.shape,))``."""
+    if weight.ndim < 3:
+        raise ValueError(
+            f"Invalid weight: shape {tuple(weight.shape)} (expected [C_out, C_in/G, *K])"
+        )
+    check_groups(weight.shape[0], groups, "weight (output channels)")
+    spatial = input_spatial(input_size, weight.ndim - 2)
+    spec = make_spec(spatial, tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    return spec, (tuple(weight.shape),)
+
+
+# --------------------------------------------------------------------------------------------
+# routines
+# --------------------------------------------------------------------------------------------
+def conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """N-d convolution, equal to ``F.conv1d/2d/3d``.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        weight: Kernel ``[C_out, C_in/G, *K]``.
+        bias: Optional ``[C_out]``.
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[N, C_out, *O]``.
+
+    Raises:
+        ValueError: On invalid shapes, hyperparameters or ``impl``.
+    """
+    check_impl(impl)
+    spec, shapes = prepare_conv(x, weight, bias, stride, padding, dilation, groups)
+    if impl == "auto":
+        impl = "standard" if spec.ndim <= 3 else "tn_simplified"
+    if impl == "standard" and spec.ndim <= 3:
+        y = _torch_conv(x, weight, spec)
+    elif impl == "tn":
+        expr = routine_expression("conv", spec, shapes)
+        y = evaluate(expr, spec, {"x": x, "weight": weight})
+    else:
+        y = conv_simplified(x, weight, spec)
+    return y if bias is None else y + bias.view(1, -1, *([1] * spec.ndim))
+
+
+def conv_transpose(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups: int = 1,
+    dilation=1,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """N-d transposed convolution, equal to ``F.conv_transpose1d/2d/3d``.
+
+    Args:
+        x: Input ``[N, C_in, *O]``.
+        weight: Kernel ``[C_in, C_out/G, *K]``.
+        bias: Optional ``[C_out]``.
+        stride: Int or N ints.
+        padding: Int or N ints (symmetric).
+        output_padding: Int or N ints, each ``< max(stride, dilation)``.
+        groups: Channel groups ``G``.
+        dilation: Int or N ints.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[N, C_out, *I]`` with ``I = (O-1)·S - 2P + D·(K-1) + 1 + output_padding``.
+
+    Raises:
+        ValueError: On invalid shapes, hyperparameters or ``impl``.
+    """
+    check_impl(impl)
+    spec, shapes = prepare_conv_transpose(
+        x, weight, bias, stride, padding, output_padding, groups, dilation
+    )
+    if impl == "auto":
+        impl = "standard" if spec.ndim <= 3 else "tn_simplified"
+    if impl == "standard" and spec.ndim <= 3:
+        y = _CONV_T[spec.ndim](
+            x,
+            weight,
+            None,
+            tuple(d.stride for d in spec.dims),
+            tuple(d.pad_left for d in spec.dims),
+            spec.output_padding,
+            groups,
+            tuple(d.dilation for d in spec.dims),
+        )
+    elif impl == "tn":
+        expr = routine_expression("conv_transpose", spec, shapes)
+        y = evaluate(expr, spec, {"x": x, "weight": weight})
+    else:
+        n, c_in = x.shape[:2]
+        g = groups
+        xv = x.reshape(n, g, c_in // g, -1)  # [N, G, Ci, ΠO]
+        wv = weight.reshape(g, c_in // g, -1)  # [G, Ci, Co·ΠK]
+        cols = torch.einsum("ngco,gcd->ngdo", xv, wv)  # [N, G, Co·ΠK, ΠO]
+        c_out = weight.shape[1]
+        cols = cols.reshape(n, g, c_out, *spec.kernel_size, *spec.out_spatial)
+        nd = spec.ndim
+        cols = cols.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
+        y = fold_patches(cols, spec).reshape(n, g * c_out, *spec.in_spatial)
+    return y if bias is None else y + bias.view(1, -1, *([1] * spec.ndim))
+
+
+def kernel_unfold(
+    weight: torch.Tensor,
+    input_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Toeplitz matrix ``T`` of a kernel: ``conv(x)[n, g].flatten() == T[g] @ x[n, g].flatten()``.
+
+    Args:
+        weight: Kernel ``[C_out, C_in/G, *K]``.
+        input_size: Spatial input size ``(I_1, ..., I_N)`` or a full ``[N, C_in, *I]`` shape.
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[G, C_out/G·ΠO, C_in/G·ΠI]``, rows ordered ``(c_out, o…)``, columns ``(c_in, i…)``.
+
+    Raises:
+        ValueError: On invalid shapes, hyperparameters or ``impl``.
+    """
+    check_impl(impl)
+    spec, shapes = prepare_kernel_unfold(weight, input_size, stride, padding, dilation, groups)
+    if impl == "tn":
+        return evaluate(routine_expression("kernel_unfold", spec, shapes), spec, {"weight": weight})
+    if impl == "standard" and spec.ndim <= 3:
+        return _kernel_unfold_standard(weight, spec)
+    return _kernel_unfold_simplified(weight, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# implementations
+# --------------------------------------------------------------------------------------------
+def _torch_conv(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Torch's convolution kernel (asymmetric padding applied explicitly)."""
+    dims = spec.dims
+    if all(d.pad_left == d.pad_right for d in dims):
+        padding = tuple(d.pad_left for d in dims)
+    else:
+        x, padding = pad(x, dims), 0
+    return _CONV[spec.ndim](
+        x,
+        weight,
+        None,
+        tuple(d.stride for d in dims),
+        padding,
+        tuple(d.dilation for d in dims),
+        spec.groups,
+    )
+
+
+def conv_simplified(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Forward convolution through the strided patch view (no Π): ``[N, C_out, *O]``."""
+    n, c_in = x.shape[:2]
+    g, nd = spec.groups, spec.ndim
+    c_out = weight.shape[0]
+    view = patch_view(x.reshape(n, g, c_in // g, *x.shape[2:]), spec)  # [N,G,Ci,*O,*K]
+    w = weight.reshape(g, c_out // g, c_in // g, *spec.kernel_size)
+    o, k = names("o", nd), names("k", nd)
+    eq = f"n g c {' '.join(o)} {' '.join(k)}, g d c {' '.join(k)} -> n g d {' '.join(o)}"
+    return torch.einsum(to_letters(eq), view, w).reshape(n, c_out, *spec.out_spatial)
+
+
+def _kernel_unfold_simplified(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """One strided write: ``T[g, d, o, c, S·o + D·k - P] = W[g, d, c, k]``."""
+    g, nd = spec.groups, spec.ndim
+    c_out, c_in = weight.shape[0] // g, weight.shape[1]
+    padded = tuple(d.in_size + d.pad_left + d.pad_right for d in spec.dims)
+    buf = weight.new_zeros((g, c_out, *spec.out_spatial, c_in, *padded))
+    st = buf.stride()
+    o_st, c_st, i_st = st[2 : 2 + nd], st[2 + nd], st[3 + nd :]
+    view = buf.as_strided(
+        (g, c_out, *spec.out_spatial, c_in, *spec.kernel_size),
+        (
+            st[0],
+            st[1],
+            *(os + d.stride * s for d, os, s in zip(spec.dims, o_st, i_st)),
+            c_st,
+            *(d.dilation * s for d, s in zip(spec.dims, i_st)),
+        ),
+    )
+    w = weight.reshape(g, c_out, *([1] * nd), c_in, *spec.kernel_size)
+    view.copy_(w.expand(view.shape))
+    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in spec.dims)
+    out = buf[(Ellipsis, *crop)]
+    return out.reshape(g, c_out * prod(spec.out_spatial), c_in * prod(spec.in_spatial))
+
+
+def _kernel_unfold_standard(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Torch's convolution applied to the identity basis (one batched call)."""
+    g, nd = spec.groups, spec.ndim
+    c_out, c_in = weight.shape[0] // g, weight.shape[1]
+    basis = c_in * prod(spec.in_spatial)
+    eye = torch.eye(basis, dtype=weight.dtype, device=weight.device)
+    eye = eye.reshape(basis, c_in, *spec.in_spatial).repeat(1, g, *([1] * nd))
+    y = _torch_conv(eye, weight, spec)  # [B, G·Co, *O]
+    y = y.reshape(basis, g, c_out * prod(spec.out_spatial))
+    return y.permute(1, 2, 0).contiguous()

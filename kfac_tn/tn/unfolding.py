@@ -1,0 +1,245 @@
+"""Unfold (im2col), fold (col2im) and the transposed convolution's unfold, N-d.
+
+* :func:`unfold` equals ``F.unfold`` for 2-d: ``n c i…, k o i (per dim) -> n (c k…) (o…)``.
+* :func:`fold` equals ``F.fold`` (its adjoint): ``n c k… o…, k o i (per dim) -> n c i…``.
+* :func:`unfold_transpose`: the unfolded input of a transposed convolution,
+  ``n c o…, k o i (per dim) -> n (c k…) (i…)``, so that
+  ``conv_transpose(x, W)[n, g] == W_g^T-matrix @ unfold_transpose(x)[n, g]``.
+
+``impl``: ``'tn'`` plain network; ``'tn_simplified'`` strided view (unfold: one copy of the
+padded input's patch view; fold: one strided accumulation per kernel tap; transposed unfold:
+one strided write into a zero buffer); ``'standard'`` torch (``F.unfold`` / ``F.fold`` for
+2-d, one-hot ``conv`` / ``conv_transpose`` otherwise, as BackPACK does); ``'auto'`` torch's
+own 2-d kernels, the simplified network otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kfac_tn.tn._common import (
+    check_impl,
+    fold_patches,
+    make_spec,
+    prod,
+    scatter_patches,
+    spatial_ndim,
+)
+from kfac_tn.tn.convolution import input_spatial
+from kfac_tn.tn.kfac import _one_hot_kernel, standard_unfold, standard_unfold_transpose
+from kfac_tn.tn.spec import ConvSpec
+from kfac_tn.tn.symbolic import evaluate, routine_expression
+
+__all__ = ["fold", "unfold", "unfold_transpose"]
+
+
+def prepare_unfold(x, kernel_size, dilation=1, padding=0, stride=1):
+    """Validate :func:`unfold`'s arguments; return ``(spec, (x.shape,))``."""
+    spatial_ndim(x, kernel_size)
+    spec = make_spec(x.shape[2:], kernel_size, stride, padding, dilation)
+    return spec, (tuple(x.shape),)
+
+
+def prepare_fold(cols, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    """Validate :func:`fold`'s arguments; return ``(spec, (cols.shape,))``.
+
+    Raises:
+        ValueError: If ``cols`` is not ``[N, C·ΠK, ΠO]`` for the given geometry.
+    """
+    if cols.ndim != 3:
+        raise ValueError(f"Invalid cols: shape {tuple(cols.shape)} (expected [N, C·ΠK, L])")
+    nd = len(output_size) if not isinstance(output_size, int) else None
+    if nd is None:
+        nd = 1 if isinstance(kernel_size, int) else len(kernel_size)
+        output_size = (output_size,) * nd
+    spatial = input_spatial(output_size, nd, "output_size")
+    spec = make_spec(spatial, kernel_size, stride, padding, dilation)
+    kk, positions = prod(spec.kernel_size), prod(spec.out_spatial)
+    if cols.shape[1] % kk != 0 or cols.shape[2] != positions:
+        raise ValueError(
+            f"Invalid cols: shape {tuple(cols.shape)} (expected [N, C·{kk}, {positions}] for "
+            f"output_size={tuple(output_size)}, kernel_size={kernel_size!r})"
+        )
+    return spec, (tuple(cols.shape),)
+
+
+def prepare_unfold_transpose(
+    x, kernel_size, stride=1, padding=0, output_padding=0, dilation=1, groups=1
+):
+    """Validate :func:`unfold_transpose`'s arguments; return ``(spec, (x.shape,))``."""
+    spatial_ndim(x, kernel_size)
+    spec = make_spec(
+        x.shape[2:],
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transpose=True,
+        output_padding=output_padding,
+    )
+    return spec, (tuple(x.shape),)
+
+
+def unfold(
+    x: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *, impl: str = "auto"
+) -> torch.Tensor:
+    """Unfold (im2col) an N-d input, equal to ``F.unfold`` for 2-d.
+
+    Args:
+        x: ``[N, C, *I]``.
+        kernel_size: Int or N ints.
+        dilation: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        stride: Int or N ints.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[N, C·ΠK, ΠO]``, rows ordered ``(c, k_1, …, k_N)``.
+
+    Raises:
+        ValueError: On invalid shapes, hyperparameters or ``impl``.
+    """
+    check_impl(impl)
+    spec, shapes = prepare_unfold(x, kernel_size, dilation, padding, stride)
+    if impl == "auto":
+        impl = "standard" if spec.ndim == 2 else "tn_simplified"
+    if impl == "tn":
+        return evaluate(routine_expression("unfold", spec, shapes), spec, {"x": x})
+    if impl == "standard":
+        return standard_unfold(x, spec)
+    return unfold_simplified(x, spec)
+
+
+def unfold_simplified(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Copy the strided patch view into ``[N, C·ΠK, ΠO]`` (one copy)."""
+    from kfac_tn.tn._common import patch_view
+
+    n, c = x.shape[:2]
+    nd = spec.ndim
+    view = patch_view(x, spec)  # [N, C, *O, *K]
+    perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return view.permute(perm).reshape(n, c * prod(spec.kernel_size), -1)
+
+
+def fold(
+    cols: torch.Tensor,
+    output_size,
+    kernel_size,
+    dilation=1,
+    padding=0,
+    stride=1,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Fold (col2im, the adjoint of :func:`unfold`), equal to ``F.fold`` for 2-d.
+
+    Args:
+        cols: ``[N, C·ΠK, ΠO]``.
+        output_size: Spatial size ``(I_1, …, I_N)`` of the result.
+        kernel_size: Int or N ints.
+        dilation: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        stride: Int or N ints.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[N, C, *output_size]``.
+
+    Raises:
+        ValueError: On invalid shapes, hyperparameters or ``impl``.
+    """
+    check_impl(impl)
+    spec, shapes = prepare_fold(cols, output_size, kernel_size, dilation, padding, stride)
+    if impl == "auto":
+        impl = "standard" if spec.ndim <= 3 else "tn_simplified"
+    if impl == "tn":
+        return evaluate(routine_expression("fold", spec, shapes), spec, {"cols": cols})
+    n = cols.shape[0]
+    kk = prod(spec.kernel_size)
+    c = cols.shape[1] // kk
+    if impl == "standard" and spec.ndim <= 3:
+        return _fold_standard(cols, spec)
+    nd = spec.ndim
+    cv = cols.reshape(n, c, *spec.kernel_size, *spec.out_spatial)
+    cv = cv.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # [N, C, *O, *K]
+    return fold_patches(cv, spec)
+
+
+def _fold_standard(cols: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """``F.fold`` (2-d) or a one-hot ``conv_transpose`` (1-d / 3-d) on the padded size."""
+    dims = spec.dims
+    n = cols.shape[0]
+    kk = prod(spec.kernel_size)
+    c = cols.shape[1] // kk
+    padded = tuple(d.in_size + d.pad_left + d.pad_right for d in dims)
+    if spec.ndim == 2:
+        out = F.fold(
+            cols,
+            padded,
+            spec.kernel_size,
+            dilation=tuple(d.dilation for d in dims),
+            stride=tuple(d.stride for d in dims),
+        )
+    else:
+        weight = _one_hot_kernel(c, spec.kernel_size, cols.dtype, cols.device)
+        conv_t = F.conv_transpose1d if spec.ndim == 1 else F.conv_transpose3d
+        out = conv_t(
+            cols.reshape(n, c * kk, *spec.out_spatial),
+            weight,
+            stride=tuple(d.stride for d in dims),
+            dilation=tuple(d.dilation for d in dims),
+            groups=c,
+        )
+        covered = out.shape[2:]
+        extra = []
+        for size, full in reversed(list(zip(covered, padded))):
+            extra.extend((0, full - size))
+        if any(extra):
+            out = F.pad(out, extra)
+    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in dims)
+    return out[(Ellipsis, *crop)]
+
+
+def unfold_transpose(
+    x: torch.Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Unfolded input of a transposed convolution (the associated conv's Π, contracted over o).
+
+    ``conv_transpose(x, W)`` equals, per group, the ConvTranspose weight flattened as
+    ``W.view(G, C_in/G, C_out/G, ΠK).transpose(1, 2).reshape(G, C_out/G, C_in/G·ΠK)`` times
+    the group's rows of this matrix.
+
+    Args:
+        x: ConvTranspose input ``[N, C, *O]``.
+        kernel_size: Int or N ints.
+        stride: Int or N ints.
+        padding: Int or N ints (symmetric).
+        output_padding: Int or N ints.
+        dilation: Int or N ints.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Returns:
+        ``[N, C·ΠK, ΠI]``, rows ordered ``(c, k_1, …, k_N)``.
+
+    Raises:
+        ValueError: On invalid shapes, hyperparameters or ``impl``.
+    """
+    check_impl(impl)
+    spec, shapes = prepare_unfold_transpose(
+        x, kernel_size, stride, padding, output_padding, dilation
+    )
+    if impl == "tn":
+        return evaluate(routine_expression("unfold_transpose", spec, shapes), spec, {"x": x})
+    if impl == "standard":
+        return standard_unfold_transpose(x, spec)
+    n, c = x.shape[:2]
+    return scatter_patches(x, spec).reshape(n, c * prod(spec.kernel_size), -1)
