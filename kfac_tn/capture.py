@@ -53,7 +53,8 @@ class HookSet:
         key = id(module)
 
         def pre_hook(mod: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], Tensor) and active(mod):
+            # ``mod is module`` keeps the hooks inert in deep copies of the model
+            if mod is module and args and isinstance(args[0], Tensor) and active(mod):
                 self._inputs[key] = args[0]
 
         def forward_hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
@@ -71,7 +72,8 @@ class HookSet:
         """Hand every output of ``model`` to ``on_output`` (after all layer hooks of that pass)."""
 
         def hook(mod: nn.Module, args: tuple, output: object) -> None:
-            on_output(output)
+            if mod is model:
+                on_output(output)
 
         self._handles.append(model.register_forward_hook(hook))
 

@@ -90,6 +90,7 @@ _CURVATURE_KEYS = (
     "factors_valid",
     "skipped_factor_updates",
     "inverse",
+    "inverse_kind",  # a str: torch's load_state_dict would turn it into a generator
 )
 # hyperparameters a ``layer_settings`` entry may override
 _LAYER_KEYS = (
@@ -292,12 +293,16 @@ class KFAC(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
         self.model = model
+        self.bucket_cap_mb = float(bucket_cap_mb)
         self.blocks: list[KroneckerBlock] = self._make_blocks(model)
-        self._block_of_module = {id(b.module): b for b in self.blocks}
-        self._comm = _get_communicator(self.distributed_strategy.value, bucket_cap_mb)
-        self._assigned = False
         self._entries_per_sample: int | None = None
-        self._capture_hp: dict[int, _LayerHP] = {}
+        self._attach()
+
+    def _attach(self) -> None:
+        """Set up the runtime parts (hooks, communicator, lookup tables) from the blocks."""
+        self._block_of_module = {id(b.module): b for b in self.blocks}
+        self._comm = _get_communicator(self.distributed_strategy.value, self.bucket_cap_mb)
+        self._assigned = False
         # (block, layer output, input statistic, samples) of the running forward pass (MC/type-2)
         self._pending_forward: list[tuple[KroneckerBlock, Tensor, Tensor, int]] = []
         self._refresh_capture_settings()
@@ -306,7 +311,22 @@ class KFAC(torch.optim.Optimizer):
             self._hooks.add_layer(
                 block.module, active=self._capture_active, on_forward=self._on_layer_forward
             )
-        self._hooks.add_model(model, self._on_model_output)
+        self._hooks.add_model(self.model, self._on_model_output)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # everything but the runtime parts, which __setstate__ rebuilds (deepcopy gets working
+        # hooks on the copied model; hooks left on the copy by the original stay inert)
+        state = self.__dict__.copy()
+        for key in ("_hooks", "_comm", "_block_of_module", "_capture_hp", "_pending_forward"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "blocks" in state:
+            for block in self.blocks:
+                block.clear_statistics()
+            self._attach()
 
     # ------------------------------------------------------------------ construction helpers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
