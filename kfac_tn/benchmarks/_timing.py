@@ -210,8 +210,14 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str = "cpu")
         ValueError: If the device type is neither ``cpu`` nor ``cuda``.
     """
     device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {str(device)!r} (allowed device types: 'cpu', 'cuda')")
+    # no garbage collection during the call: freeing older garbage would hide allocations
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if device.type == "cpu":
+            return _cpu_memory(fn)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -221,9 +227,9 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str = "cpu")
         retained = torch.cuda.memory_allocated(device) - before
         del result
         return Memory(int(peak), int(retained))
-    if device.type == "cpu":
-        return _cpu_memory(fn)
-    raise ValueError(f"Invalid device: {str(device)!r} (allowed device types: 'cpu', 'cuda')")
+    finally:
+        if gc_enabled:
+            gc.enable()
 
 
 def _cpu_memory(fn: Callable[[], object]) -> Memory:
