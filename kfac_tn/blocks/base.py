@@ -200,12 +200,14 @@ class KroneckerBlock(ABC):
         Returns:
             ``(N·A [groups, d_A, d_A], N)``.
         """
-        a, n = self._input_factor(x.detach().to(dtype), output, approx)
-        return a * n, n
+        with torch.autocast(x.device.type, enabled=False):  # factors in ``dtype``, not bf16
+            a, n = self._input_factor(x.detach().to(dtype), output, approx)
+            return a * n, n
 
     def grad_statistic(self, g: Tensor, approx: KFACApprox, dtype: torch.dtype) -> Tensor:
         """Unnormalised output-gradient statistic of one backward pass ``[groups, d_G, d_G]``."""
-        return self._grad_factor(g.detach().to(dtype), approx)
+        with torch.autocast(g.device.type, enabled=False):
+            return self._grad_factor(g.detach().to(dtype), approx)
 
     def add_statistics(self, a_sum: Tensor | None, n: int, g_sum: Tensor) -> None:
         """Queue the statistics of one forward/backward pair until the next factor update.

@@ -1,0 +1,398 @@
+"""The KFAC optimizer's contract: validation, state, groups, schedulers, AMP, accumulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from torch import nn
+
+from kfac_tn import KFAC
+
+
+def small_cnn(inplace: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(4, 4, 3, stride=2, groups=2),
+        nn.ReLU(inplace=inplace),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    ).double()
+
+
+def batch(seed: int, n: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return x, y
+
+
+def train(model, opt, steps, start=0, n=8):
+    for i in range(start, start + steps):
+        x, y = batch(i, n)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ----------------------------------------------------------------------------------- validation
+INVALID = [  # argument, value, expected message fragment
+    ("lr", -0.1, "Invalid learning rate value: -0.1"),
+    ("momentum", 1.0, "Invalid momentum value: 1.0"),
+    ("momentum", -0.5, "Invalid momentum value: -0.5"),
+    ("weight_decay", -1.0, "Invalid weight_decay value: -1.0"),
+    ("damping", 0.0, "Invalid damping value: 0.0"),
+    ("damping", float("nan"), "Invalid damping value: nan"),
+    ("factor_decay", 1.0, "Invalid factor_decay value: 1.0"),
+    ("factor_update_period", 0, "Invalid factor_update_period value: 0"),
+    ("inverse_update_period", 2.5, "Invalid inverse_update_period value: 2.5"),
+    ("kfac_approx", "average", "Invalid kfac_approx value: 'average'"),
+    ("fisher_type", "true", "Invalid fisher_type value: 'true'"),
+    ("mc_samples", 0, "Invalid mc_samples value: 0"),
+    ("loss", "nll", "Invalid loss value: 'nll'"),
+    ("loss_reduction", "none", "Invalid loss_reduction value: 'none'"),
+    ("inversion", "svd", "Invalid inversion value: 'svd'"),
+    ("kl_clip", 0.0, "Invalid kl_clip value: 0.0"),
+    ("factor_dtype", torch.int64, "Invalid factor_dtype value: torch.int64"),
+    ("inverse_dtype", "float32", "Invalid inverse_dtype value: 'float32'"),
+    ("distributed_strategy", "zero", "Invalid distributed_strategy value: 'zero'"),
+    ("bucket_cap_mb", 0, "Invalid bucket_cap_mb value: 0"),
+    ("nesterov", True, "Invalid nesterov value: True"),  # with momentum=0 below
+    ("layer_settings", {"0": "freeze"}, "Invalid layer_settings value for '0': 'freeze'"),
+    ("layer_settings", {"0": {"lr": 1.0}}, "Invalid layer_settings key for '0': 'lr'"),
+    ("layer_settings", {"0": {"damping": -1.0}}, "Invalid damping value: -1.0"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", INVALID, ids=[f"{n}={v!r}" for n, v, _ in INVALID])
+def test_invalid_hyperparameters_raise_value_error_naming_the_value(name, value, message):
+    kwargs = {name: value}
+    if name == "nesterov":
+        kwargs["momentum"] = 0.0
+    with pytest.raises(ValueError) as err:
+        KFAC(small_cnn(), **kwargs)
+    assert message in str(err.value)
+
+
+def test_enum_errors_list_the_allowed_values():
+    with pytest.raises(ValueError, match="'expand', 'reduce'"):
+        KFAC(small_cnn(), kfac_approx="both")
+
+
+def test_invalid_param_group_value_raises():
+    model = small_cnn()
+    opt = KFAC(model, params=[{"params": model[0].parameters()}])
+    with pytest.raises(ValueError, match="Invalid damping value: -1"):
+        opt.add_param_group({"params": model[6].parameters(), "damping": -1})
+
+
+# ----------------------------------------------------------------------------------- state
+def test_state_dict_round_trip_then_lockstep():
+    kw = dict(lr=0.05, inverse_update_period=2, factor_decay=0.9, weight_decay=1e-3)
+    model = small_cnn()
+    opt = KFAC(model, **kw)
+    train(model, opt, 3)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+
+    resumed = small_cnn()
+    resumed.load_state_dict(saved_model)
+    opt2 = KFAC(resumed, **kw)
+    opt2.load_state_dict(saved_opt)
+    for key in ("A", "G"):
+        assert torch.equal(opt2.state[resumed[0].weight][key], opt.state[model[0].weight][key])
+    train(model, opt, 4, start=3)
+    train(resumed, opt2, 4, start=3)
+    assert params_equal(model, resumed)
+    assert opt.stats == opt2.stats
+
+
+def test_load_keeps_the_factor_dtype():
+    model = small_cnn().float()
+    opt = KFAC(model, factor_dtype=torch.float64)
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x.float()), y).backward()
+    opt.step()
+    opt2 = KFAC(copy.deepcopy(model), factor_dtype=torch.float64)
+    opt2.load_state_dict(opt.state_dict())
+    state = opt2.state[opt2.model[0].weight]
+    assert state["A"].dtype == torch.float64 and state["inverse"][0].dtype == torch.float64
+
+
+def test_deepcopy_trains_in_lockstep_and_independently():
+    model = small_cnn()
+    opt = KFAC(model, lr=0.05)
+    train(model, opt, 2)
+    clone = copy.deepcopy(opt)
+    assert clone.model is not model and clone.blocks[0].module is clone.model[0]
+    train(model, opt, 3, start=2)
+    train(clone.model, clone, 3, start=2)
+    assert params_equal(model, clone.model)
+    assert opt.stats == clone.stats
+
+
+# ----------------------------------------------------------------------------------- groups
+def test_param_groups_use_their_own_lr_and_damping():
+    base = small_cnn()
+    model = copy.deepcopy(base)
+    groups = [
+        {"params": [p for i in (0, 1) for p in model[i].parameters()], "lr": 0.1, "damping": 0.01},
+        {"params": list(model[3].parameters()) + list(model[6].parameters()), "lr": 0.3},
+    ]
+    opt = KFAC(model, groups, momentum=0.0, kl_clip=None, damping=1.0)
+    train(model, opt, 1)
+    for lr, damping, layers in ((0.1, 0.01, (0, 1)), (0.3, 1.0, (3, 6))):
+        ref = copy.deepcopy(base)
+        train(ref, KFAC(ref, lr=lr, damping=damping, momentum=0.0, kl_clip=None), 1)
+        for i in layers:
+            for p, q in zip(model[i].parameters(), ref[i].parameters()):
+                assert_close(p, q, rtol=1e-12)
+
+
+def test_lr_scheduler_changes_the_step():
+    model = small_cnn()
+    opt = KFAC(model, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    train(model, opt, 1)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = copy.deepcopy(model)
+    train(model, opt, 1, start=1)
+    # lr 0: parameters frozen (BatchNorm running stats do move)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert opt.stats["factor_updates"] == 6  # statistics still accumulate
+
+
+def test_layer_settings_override_and_skip():
+    model = small_cnn()
+    opt = KFAC(model, layer_settings={"6": "skip", "3": {"kfac_approx": "reduce", "damping": 0.5}})
+    assert [b.name for b in opt.blocks] == ["0", "3"]
+    hp = opt._all_layer_hp()
+    assert hp[id(opt.blocks[1])].kfac_approx.value == "reduce"
+    assert hp[id(opt.blocks[1])].damping == 0.5
+    assert hp[id(opt.blocks[0])].damping == 1e-3
+
+
+def test_skipped_layer_and_batchnorm_get_the_sgd_update():
+    model = small_cnn()
+    opt = KFAC(model, lr=0.1, momentum=0.0, weight_decay=0.01, layer_settings={"6": "skip"})
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    expected = {i: [p - 0.1 * (p.grad + 0.01 * p) for p in model[i].parameters()] for i in (1, 6)}
+    conv_before = model[0].weight.detach().clone()
+    sgd_conv = conv_before - 0.1 * (model[0].weight.grad + 0.01 * conv_before)
+    opt.step()
+    for i, ps in expected.items():
+        for p, e in zip(model[i].parameters(), ps):
+            assert_close(p, e, rtol=1e-14)
+    assert not torch.allclose(model[0].weight, sgd_conv)  # the conv is preconditioned
+
+
+def test_params_without_grad_and_frozen_params():
+    model = small_cnn()
+    model[0].weight.requires_grad_(False)  # frozen: not optimised, its layer falls back to SGD
+    extra = nn.Linear(2, 2).double()  # never used in forward: grads stay None
+    holder = nn.ModuleDict({"net": model, "unused": extra})
+    opt = KFAC(holder, lr=0.1)
+    assert [b.name for b in opt.blocks] == ["net.3", "net.6", "unused"]
+    before = copy.deepcopy(extra.state_dict())
+    for i in range(2):
+        x, y = batch(i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(v, extra.state_dict()[k]) for k, v in before.items())
+    assert "A" not in opt.state[extra.weight]
+
+
+# ----------------------------------------------------------------------------------- capture
+def test_inplace_relu_gives_the_same_training():
+    a, b = small_cnn(inplace=False), small_cnn(inplace=True)
+    opt_a, opt_b = KFAC(a, lr=0.05), KFAC(b, lr=0.05)
+    train(a, opt_a, 3)
+    train(b, opt_b, 3)
+    assert params_equal(a, b)
+    assert torch.equal(opt_a.state[a[3].weight]["G"], opt_b.state[b[3].weight]["G"])
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "type2"])
+def test_two_micro_batches_equal_one_batch(fisher_type):
+    big, acc = small_cnn(), small_cnn()
+    kw = dict(lr=0.05, fisher_type=fisher_type)
+    opt_big, opt_acc = KFAC(big, **kw), KFAC(acc, **kw)
+    for i in range(2):
+        x, y = batch(i, n=8)
+        opt_big.zero_grad()
+        F.cross_entropy(big(x), y).backward()
+        opt_big.step()
+        opt_acc.zero_grad()
+        for part in range(2):
+            sl = slice(4 * part, 4 * part + 4)
+            (F.cross_entropy(acc(x[sl]), y[sl]) / 2).backward()
+        opt_acc.step()
+    # BatchNorm batch statistics differ between micro-batches: compare the factors of the first
+    # layer's input (identical data) and the last layer's gradient factor after one step instead
+    big1, acc1 = small_cnn(), small_cnn()
+    big1[1], acc1[1] = nn.Identity(), nn.Identity()
+    opt_big, opt_acc = KFAC(big1, **kw), KFAC(acc1, **kw)
+    x, y = batch(0, n=8)
+    opt_big.zero_grad()
+    F.cross_entropy(big1(x), y).backward()
+    opt_big.step()
+    opt_acc.zero_grad()
+    for part in range(2):
+        sl = slice(4 * part, 4 * part + 4)
+        (F.cross_entropy(acc1(x[sl]), y[sl]) / 2).backward()
+    opt_acc.step()
+    for layer in (0, 3, 6):
+        for key in ("A", "G"):
+            assert_close(
+                opt_acc.state[acc1[layer].weight][key], opt_big.state[big1[layer].weight][key]
+            )
+    for p, q in zip(acc1.parameters(), big1.parameters()):
+        assert_close(p, q, rtol=1e-12)
+
+
+def test_closure_is_run_with_grad_and_captured():
+    a, b = small_cnn(), small_cnn()
+    opt_a, opt_b = KFAC(a, lr=0.05), KFAC(b, lr=0.05)
+    train(a, opt_a, 2)
+    for i in range(2):
+        x, y = batch(i)
+
+        def closure(x=x, y=y):
+            opt_b.zero_grad()
+            loss = F.cross_entropy(b(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt_b.step(closure)
+        assert loss.grad_fn is not None  # the closure ran with gradients enabled
+    assert params_equal(a, b)
+
+
+def test_remove_hooks_then_momentum_sgd_everywhere():
+    model = small_cnn()
+    ref = copy.deepcopy(model)
+    opt = KFAC(model, lr=0.1, momentum=0.9)
+    opt.remove_hooks()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 3)
+    train(ref, sgd, 3)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert_close(p, q, rtol=1e-12)
+
+
+def test_factor_and_inverse_periods():
+    model = small_cnn()
+    opt = KFAC(model, factor_update_period=2, inverse_update_period=3)
+    train(model, opt, 6)
+    state = opt.state[model[0].weight]
+    assert state["factor_updates"] == 3  # steps 0, 2, 4
+    assert state["inverse_updates"] == 2  # steps 0, 3
+    assert opt.stats["steps"] == 6
+
+
+def test_eval_mode_and_no_grad_capture_nothing():
+    model = small_cnn()
+    opt = KFAC(model)
+    model.eval()
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert not any(b.has_statistics for b in opt.blocks)
+
+
+# ----------------------------------------------------------------------------------- AMP
+def test_grad_scaler_inf_step_leaves_factors_and_params_untouched():
+    model = small_cnn().float()
+    ref = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = KFAC(model, lr=0.05, grad_scaler=scaler)
+    opt_ref = KFAC(ref, lr=0.05)
+
+    def scaled_step(x, y):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    x, y = batch(0)
+    x, x_bad = x.float(), x.float().clone()
+    x_bad[0, 0, 0, 0] = float("inf")
+    scaled_step(x, y)
+    opt_ref.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    opt_ref.step()
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items() if k in ("A", "G")}
+    params = copy.deepcopy(model.state_dict())
+    scaled_step(x_bad, y)  # inf gradients: GradScaler skips opt.step()
+    assert scaler.get_scale() < 2.0**10
+    for k, v in state.items():
+        assert torch.equal(opt.state[model[0].weight][k], v)
+    for k, v in params.items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(model.state_dict()[k], v)
+    # the next step (its zero_grad drops the bad statistics) matches a run that never saw the
+    # bad batch, and G is unscaled: the scaled run matches the unscaled reference
+    x1, y1 = batch(1)
+    scaled_step(x1.float(), y1)
+    opt_ref.zero_grad()
+    F.cross_entropy(ref(x1.float()), y1).backward()
+    opt_ref.step()
+    for layer in (0, 3, 6):
+        for key in ("A", "G"):
+            got, want = opt.state[model[layer].weight][key], opt_ref.state[ref[layer].weight][key]
+            assert_close(got, want, rtol=1e-5)
+
+
+def test_bf16_autocast_factors_are_float32():
+    model = small_cnn().float()
+    opt = KFAC(model, lr=0.05)
+    x, y = batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x.float()), y)
+    loss.backward()
+    opt.step()
+    ref = small_cnn().float()
+    opt_ref = KFAC(ref, lr=0.05)
+    opt_ref.zero_grad()
+    F.cross_entropy(ref(x.float()), y).backward()
+    opt_ref.step()
+    for layer in (0, 3, 6):
+        for key in ("A", "G"):
+            f = opt.state[model[layer].weight][key]
+            r = opt_ref.state[ref[layer].weight][key]
+            assert f.dtype == torch.float32 and torch.isfinite(f).all()
+            assert ((f - r).norm() / r.norm()).item() < 5e-2  # bf16 activations, ~3 digits
+
+
+def test_stats_counters():
+    model = small_cnn()
+    opt = KFAC(model, inverse_update_period=2)
+    train(model, opt, 3)
+    stats = opt.stats
+    assert stats == {
+        "steps": 3,
+        "factor_updates": 9,
+        "skipped_factor_updates": 0,
+        "inverse_updates": 6,
+        "fallback_inversions": 0,
+        "failed_inversions": 0,
+        "kfac_layers": 3,
+    }
