@@ -264,6 +264,18 @@ KFAC_KEYS: tuple[str, ...] = (
 )
 """Keys passed to :class:`kfac_tn.KFAC` (``loss``/``loss_reduction`` come from the task)."""
 
+KFAC_LAYER_KEYS: tuple[str, ...] = (
+    "damping",
+    "factor_decay",
+    "factor_update_period",
+    "inverse_update_period",
+    "kfac_approx",
+    "inversion",
+    "factor_dtype",
+    "inverse_dtype",
+)
+"""Keys an ``optimizer.layer_settings`` entry may override (besides the value ``skip``)."""
+
 OPTIMIZER_KEYS: dict[OptimizerName, tuple[str, ...]] = {
     OptimizerName.KFAC: KFAC_KEYS,
     OptimizerName.SGD: ("lr", "momentum", "nesterov", "weight_decay", "dampening"),
@@ -661,11 +673,7 @@ def _valid_device(device: str) -> bool:
 def _layer_settings_errors(settings: Mapping[str, Any]) -> list[str]:
     errors: list[str] = []
     hints = typing.get_type_hints(OptimizerConfig)
-    per_layer = [
-        k
-        for k in KFAC_KEYS
-        if k not in ("lr", "layer_settings", "distributed_strategy", "bucket_cap_mb")
-    ]
+    per_layer = list(KFAC_LAYER_KEYS)
     for pattern, override in settings.items():
         key = f"optimizer.layer_settings[{pattern!r}]"
         if override == "skip":

@@ -178,13 +178,18 @@ def _torch_dtype(name: Any) -> torch.dtype | None:
 
 
 def build_optimizer(
-    cfg: TrainConfig, model: nn.Module, *, reconstruction: bool
+    cfg: TrainConfig,
+    model: nn.Module,
+    *,
+    reconstruction: bool,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> torch.optim.Optimizer:
     """Instantiate the configured optimizer for ``model``.
 
     For KFAC the keyword arguments are the ``optimizer`` section's KFAC keys plus
     ``loss`` (``mse`` for reconstruction, else ``cross_entropy``) and ``loss_reduction="mean"``,
-    matching the loss the loop minimises.
+    matching the loss the loop minimises, and the loop's ``grad_scaler`` (fp16), whose scale KFAC
+    divides out of its gradient factors.
     """
     o = cfg.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
@@ -212,10 +217,13 @@ def build_optimizer(
     layer_settings = None
     if o.layer_settings:
         layer_settings = {
-            pat: ov
-            if ov == "skip"
-            else {k: (v.value if hasattr(v, "value") else v) for k, v in ov.items()}
-            for pat, ov in o.layer_settings.items()
+            pattern: override
+            if override == "skip"
+            else {
+                k: _torch_dtype(v) if k in ("factor_dtype", "inverse_dtype") else v
+                for k, v in override.items()
+            }
+            for pattern, override in o.layer_settings.items()
         }
     return KFAC(
         model,
@@ -239,6 +247,7 @@ def build_optimizer(
         layer_settings=layer_settings,
         distributed_strategy=o.distributed_strategy.value,
         bucket_cap_mb=o.bucket_cap_mb,
+        grad_scaler=grad_scaler,
     )
 
 
@@ -471,7 +480,7 @@ def _loop(
         sb = cfg.sampled_backprop
         model = convert_sampled(model, keep_prob=sb.keep_prob, axis=sb.axis.value, layers=sb.layers)
     model.to(device)
-    optimizer = build_optimizer(cfg, model, reconstruction=recon)
+
     train_model: nn.Module = model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -481,13 +490,14 @@ def _loop(
     steps_per_epoch = len(loaders.train_loader(0))
     if cfg.data.limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.data.limit_batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg.schedule, step, steps_per_epoch, cfg.epochs)
-    )
     use_amp = cfg.precision != Precision.FP32
     amp_dtype = torch.bfloat16 if cfg.precision == Precision.BF16 else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == Precision.FP16)
     loss_fn: nn.Module = nn.MSELoss() if recon else nn.CrossEntropyLoss()
+    optimizer = build_optimizer(cfg, model, reconstruction=recon, grad_scaler=scaler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg.schedule, step, steps_per_epoch, cfg.epochs)
+    )
 
     start_epoch, elapsed, rows = 0, 0.0, []
     if state is not None:

@@ -1,0 +1,381 @@
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kfac_tn.config import (
+    KFAC_KEYS,
+    KFAC_LAYER_KEYS,
+    OPTIMIZER_KEYS,
+    ConfigError,
+    DataName,
+    OptimizerName,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_reference,
+    config_to_dict,
+    load_config,
+    parse_override,
+    read_yaml,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def data_root_overrides(path: Path, tmp_path: Path) -> list[str]:
+    """Point a shipped config's data.root at a directory laid out like the real data set."""
+    name = read_yaml(path).get("data", {}).get("name", "digits")
+    if name in ("cifar10", "cifar100"):
+        sub = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        (tmp_path / sub).mkdir(exist_ok=True)
+    elif name == "imagenet":
+        (tmp_path / "train").mkdir(exist_ok=True)
+        (tmp_path / "val").mkdir(exist_ok=True)
+    else:
+        return []
+    return [f"data.root={tmp_path}"]
+
+
+def test_shipped_configs_exist():
+    names = {p.stem for p in SHIPPED}
+    assert {
+        "digits_kfac",
+        "digits_sgd",
+        "cifar10_resnet18_kfac",
+        "cifar10_resnet18_sgd",
+        "cifar100_allcnnc_kfac",
+        "imagenet_resnet50_kfac",
+        "digits_autoencoder_kfac",
+        "digits_autoencoder_adam",
+    } <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_config_validates_and_round_trips(path, tmp_path):
+    cfg = load_config(path, data_root_overrides(path, tmp_path))
+    # every key written in the file is reflected in the typed config
+    raw = read_yaml(path)
+    plain = config_to_dict(cfg)
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                if section == "data" and k == "root":
+                    continue
+                assert plain[section][k] == (list(v) if isinstance(v, tuple) else v), (section, k)
+        else:
+            assert plain[section] == values, section
+    assert config_from_dict(plain) == cfg
+
+
+def test_default_config_file_equals_builtin_default():
+    """`kfac-tn train` without a config = schema defaults; the shipped file spells them out."""
+    assert load_config(CONFIG_DIR / "digits_kfac.yaml") == TrainConfig() == load_config(None)
+    assert config_to_dict(TrainConfig()) == read_yaml(CONFIG_DIR / "digits_kfac.yaml")
+
+
+def test_sgd_twin_differs_only_in_optimizer():
+    kfac = config_to_dict(load_config(CONFIG_DIR / "digits_kfac.yaml"))
+    sgd = config_to_dict(load_config(CONFIG_DIR / "digits_sgd.yaml"))
+    assert {k for k in kfac if kfac[k] != sgd[k]} == {"optimizer"}
+    assert sgd["optimizer"]["name"] == "sgd"
+
+
+BAD_CONFIGS = [
+    (
+        "bad_choice",
+        {"optimizer": {"kfac_approx": "expnd"}},
+        "optimizer.kfac_approx: 'expnd' is not one of ['expand', 'reduce']",
+    ),
+    ("unknown_top_key", {"epoch": 3}, "epoch: unknown key; allowed keys: ['model', 'data'"),
+    ("unknown_nested_key", {"optimizer": {"dampnig": 1e-3}}, "optimizer.dampnig: unknown key"),
+    ("wrong_type_int", {"epochs": "ten"}, "epochs: 'ten' is not an int"),
+    ("wrong_type_float", {"optimizer": {"lr": "fast"}}, "optimizer.lr: 'fast' is not a float"),
+    ("bool_is_not_int", {"batch_size": True}, "batch_size: True is not an int"),
+    (
+        "wrong_type_bool",
+        {"data": {"augment": "yes please"}},
+        "data.augment: 'yes please' is not a bool",
+    ),
+    ("section_not_mapping", {"model": "resnet18"}, "model: 'resnet18' is not a mapping"),
+    (
+        "bad_precision",
+        {"precision": "fp8"},
+        "precision: 'fp8' is not one of ['fp32', 'bf16', 'fp16']",
+    ),
+    (
+        "bad_distributed",
+        {"distributed": "horovod"},
+        "distributed: 'horovod' is not one of ['off', 'ddp']",
+    ),
+    ("bad_schedule", {"schedule": {"name": "linear"}}, "schedule.name: 'linear' is not one of"),
+    (
+        "bad_model",
+        {"model": {"name": "resnet9000"}},
+        "model.name: 'resnet9000' is not a built-in model",
+    ),
+    ("bad_data_name", {"data": {"name": "mnist"}}, "data.name: 'mnist' is not one of ['digits'"),
+    (
+        "negative_lr",
+        {"optimizer": {"lr": -0.1}},
+        "optimizer.lr: -0.1 is out of range; allowed: > 0",
+    ),
+    ("momentum_one", {"optimizer": {"momentum": 1.0}}, "optimizer.momentum: 1.0 is out of range"),
+    ("zero_epochs", {"epochs": 0}, "epochs: 0 is out of range; allowed: >= 1"),
+    (
+        "keep_prob_zero",
+        {"sampled_backprop": {"keep_prob": 0}},
+        "sampled_backprop.keep_prob: 0.0 is out",
+    ),
+    ("bad_device", {"device": "gpu"}, "device: 'gpu' is not one of ['auto', 'cpu', 'cuda'"),
+    (
+        "sgd_with_kfac_key",
+        {"optimizer": {"name": "sgd", "damping": 1e-3}},
+        "optimizer.damping: does not apply to optimizer.name 'sgd'",
+    ),
+    (
+        "adam_with_momentum",
+        {"optimizer": {"name": "adam", "momentum": 0.9}},
+        "optimizer.momentum: does not apply to optimizer.name 'adam'",
+    ),
+    (
+        "layer_setting_unknown_key",
+        {"optimizer": {"layer_settings": {"features.*": {"lr": 0.1}}}},
+        "optimizer.layer_settings['features.*'].lr: unknown key; allowed keys: ['damping'",
+    ),
+    (
+        "layer_setting_bad_choice",
+        {"optimizer": {"layer_settings": {"features.*": {"kfac_approx": "full"}}}},
+        "optimizer.layer_settings['features.*'].kfac_approx: 'full' is not one of",
+    ),
+    (
+        "layer_setting_bad_value",
+        {"optimizer": {"layer_settings": {"fc": "ignore"}}},
+        "optimizer.layer_settings['fc']: 'ignore' is neither 'skip' nor a mapping",
+    ),
+    (
+        "betas_length",
+        {"optimizer": {"name": "adam", "betas": [0.9]}},
+        "optimizer.betas: [0.9] is not a list of 2",
+    ),
+    (
+        "width_non_resnet",
+        {"model": {"name": "vgg11", "width": 0.5}},
+        "model.width: 0.5 is only supported",
+    ),
+    (
+        "cifar_stem_builtin",
+        {"model": {"cifar_stem": True}},
+        "model.cifar_stem: True is only supported",
+    ),
+    (
+        "cifar_needs_root",
+        {"data": {"name": "cifar10"}},
+        "data.root: None is required for data.name 'cifar10'",
+    ),
+    (
+        "missing_cifar_root",
+        {"data": {"name": "cifar100", "root": "/nonexistent/cifar"}},
+        "data.root: '/nonexistent/cifar' does not contain cifar-100-python/",
+    ),
+    (
+        "missing_imagenet_root",
+        {"data": {"name": "imagenet", "root": "/nonexistent/imagenet"}},
+        "data.root: '/nonexistent/imagenet' has no train/ and val/ directory",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS]
+)
+def test_bad_config_rejected_with_message(raw, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"epochs": "x", "optimizer": {"lr": "y", "bogus": 1}})
+    text = str(info.value)
+    assert "epochs: 'x'" in text and "optimizer.lr: 'y'" in text and "optimizer.bogus" in text
+
+
+def test_cifar_download_flag_skips_path_check(tmp_path):
+    cfg = config_from_dict(
+        {"data": {"name": "cifar10", "root": str(tmp_path / "new"), "download": True}}
+    )
+    assert cfg.data.name == DataName.CIFAR10 and cfg.data.download
+
+
+OVERRIDES = [
+    ("float_sci", "optimizer.lr=1e-3", ("optimizer", "lr"), 0.001),
+    ("int", "epochs=3", ("epochs",), 3),
+    ("bool", "data.augment=false", ("data", "augment"), False),
+    ("null", "optimizer.kl_clip=null", ("optimizer", "kl_clip"), None),
+    ("list", "schedule.milestones=[3, 5]", ("schedule", "milestones"), [3, 5]),
+    ("enum", "optimizer.kfac_approx=reduce", ("optimizer", "kfac_approx"), "reduce"),
+    ("string_path", "data.root=/tmp/x y", ("data", "root"), "/tmp/x y"),
+    (
+        "dotted_layer_pattern",
+        "optimizer.layer_settings.features.0=skip",
+        ("optimizer", "layer_settings"),
+        {"features.0": "skip"},
+    ),
+    (
+        "flow_mapping",
+        "optimizer.layer_settings={'fc*': {damping: 0.01}}",
+        ("optimizer", "layer_settings"),
+        {"fc*": {"damping": 0.01}},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "expected"), [c[1:] for c in OVERRIDES], ids=[c[0] for c in OVERRIDES]
+)
+def test_override_typing(text, path, expected):
+    raw = apply_overrides({"optimizer": {"momentum": 0.5}}, [text])
+    cfg = config_from_dict(raw)
+    node = cfg
+    for p in path:
+        node = getattr(node, p)
+    assert (node.value if hasattr(node, "value") else node) == expected
+    assert type(node) is type(expected) or hasattr(node, "value")
+    assert cfg.optimizer.momentum == 0.5  # untouched keys survive
+
+
+def test_overrides_validate_into_config():
+    cfg = load_config(
+        None, ["optimizer.lr=1e-3", "schedule.milestones=[3,5]", "optimizer.kl_clip=null"]
+    )
+    assert (
+        cfg.optimizer.lr == 0.001
+        and cfg.schedule.milestones == [3, 5]
+        and cfg.optimizer.kl_clip is None
+    )
+    with pytest.raises(ConfigError, match="optimizer.lr: 'abc' is not a float"):
+        load_config(None, ["optimizer.lr=abc"])
+
+
+@pytest.mark.parametrize(
+    "text", ["epochs", "=3", "a..b=1", ""], ids=["no_equals", "no_key", "empty_part", "empty"]
+)
+def test_malformed_override(text):
+    with pytest.raises(ConfigError, match="is not of the form dotted.key=value"):
+        parse_override(text)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f'epochs: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("- a\n- b\n", "holds list, not a mapping"), ("epochs: [\n", "is not valid YAML")],
+    ids=["list", "syntax"],
+)
+def test_bad_yaml_file(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is not an existing file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# --- the optimizer section maps one to one onto the constructors ------------------------------
+
+
+def test_kfac_keys_match_kfac_signature():
+    from kfac_tn.optimizer import KFAC
+
+    params = set(inspect.signature(KFAC).parameters) - {"model", "params"}
+    # loss/loss_reduction follow from the task, grad_scaler from the precision
+    assert set(KFAC_KEYS) == params - {"loss", "loss_reduction", "grad_scaler"}
+    sig = inspect.signature(KFAC).parameters
+    defaults = TrainConfig().optimizer
+    for key in (
+        "nesterov",
+        "factor_update_period",
+        "inverse_update_period",
+        "mc_samples",
+        "bucket_cap_mb",
+    ):
+        assert type(getattr(defaults, key)) is type(sig[key].default), key
+
+
+def test_layer_keys_match_kfac():
+    from kfac_tn import optimizer
+
+    assert tuple(KFAC_LAYER_KEYS) == tuple(optimizer._LAYER_KEYS)
+
+
+def test_torch_optimizer_keys_match_signatures():
+    for name, cls in (
+        (OptimizerName.SGD, torch.optim.SGD),
+        (OptimizerName.ADAM, torch.optim.Adam),
+        (OptimizerName.ADAMW, torch.optim.AdamW),
+    ):
+        assert set(OPTIMIZER_KEYS[name]) <= set(inspect.signature(cls).parameters), name
+
+
+ENUM_FIELDS = ["kfac_approx", "fisher_type", "inversion", "distributed_strategy"]
+
+
+@pytest.mark.parametrize("field", ENUM_FIELDS)
+def test_enum_choices_accepted_by_kfac(field):
+    """Every choice the schema allows is accepted by KFAC; KFAC rejects others too."""
+    from kfac_tn.optimizer import KFAC
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    tp = {f.name: f.type for f in dataclasses.fields(TrainConfig().optimizer)}
+    enum_cls = type(getattr(TrainConfig().optimizer, field))
+    assert enum_cls.__name__ in str(tp[field])
+    for choice in enum_cls:
+        opt = KFAC(model, **{field: choice.value})
+        opt.remove_hooks()
+    with pytest.raises(ValueError, match=field):
+        KFAC(model, **{field: "bogus"})
+
+
+def test_config_reference_lists_every_key():
+    text = config_reference()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    all_keys = list(keys(TrainConfig))
+    assert len(all_keys) > 60
+    for key in all_keys:
+        assert f"| `{key}` |" in text, key
+    assert "one of ['expand', 'reduce']" in text
+
+
+def test_saved_yaml_reloads(tmp_path):
+    from kfac_tn.config import save_config
+
+    cfg = load_config(
+        None, ["optimizer.name=adamw", "optimizer.betas=[0.8, 0.9]", "model.name=3c3d"]
+    )
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert "damping" not in yaml.safe_load((tmp_path / "c.yaml").read_text())["optimizer"]
