@@ -49,10 +49,11 @@ def prepare_fold(cols, output_size, kernel_size, dilation=1, padding=0, stride=1
     """
     if cols.ndim != 3:
         raise ValueError(f"Invalid cols: shape {tuple(cols.shape)} (expected [N, C·ΠK, L])")
-    nd = len(output_size) if not isinstance(output_size, int) else None
-    if nd is None:
+    if isinstance(output_size, int):
         nd = 1 if isinstance(kernel_size, int) else len(kernel_size)
         output_size = (output_size,) * nd
+    else:
+        nd = len(output_size) if isinstance(kernel_size, int) else len(kernel_size)
     spatial = input_spatial(output_size, nd, "output_size")
     spec = make_spec(spatial, kernel_size, stride, padding, dilation)
     kk, positions = prod(spec.kernel_size), prod(spec.out_spatial)
