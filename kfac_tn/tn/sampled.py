@@ -262,11 +262,13 @@ def _vjp_position(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> 
     Contracts ``x_kept[n, g, c_in, j]`` with the gathered index patterns
     ``Π^{(d)}[k_d, o_d, a_d(j)]`` and ``v``. As every ``Π^{(d)}[k_d, :, a]`` is one-hot (or
     zero), contracting the gathered patterns with ``v`` is a gather of ``v``:
-    ``v_kept[n, c_out, k, j] = v[n, c_out, o(k, j)]`` (zero where the tap hits padding).
+    ``v_kept[c_out, k, j, n] = v[n, c_out, o(k, j)]`` (zero where the tap hits padding), laid
+    out so that the remaining contraction over ``(j, n)`` is one batched matrix product.
     """
-    n, c_in, _ = x_kept.shape
+    n, c_in, m = x_kept.shape
     c_out = v.shape[1]
     g = spec.groups
+    o_total = math.prod(spec.out_spatial)
     coords = torch.unravel_index(sample.indices[0], spec.in_spatial)
     flat_o: Tensor | None = None
     valid: Tensor | None = None
@@ -277,14 +279,17 @@ def _vjp_position(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> 
         else:
             flat_o = (flat_o.unsqueeze(-2) * o_size + o_d.unsqueeze(-3)).flatten(-3, -2)
             valid = (valid.unsqueeze(-2) & valid_d.unsqueeze(-3)).flatten(-3, -2)
-    # flat_o, valid: [ΠK, M], kernel taps in row-major order (k_1, ..., k_N)
-    v_kept = v.flatten(2)[:, :, flat_o]  # [N, C_out, ΠK, M]
-    v_kept = v_kept * valid.to(v_kept.dtype)
-    return contract(
-        "n g c_in j, n g c_out k j -> g c_out c_in k",
-        x_kept.view(n, g, c_in // g, -1),
-        v_kept.view(n, g, c_out // g, *v_kept.shape[2:]),
-    )
+    # flat_o, valid: [ΠK, M], kernel taps in row-major order (k_1, ..., k_N); taps that land in
+    # the padding read an appended zero slot
+    flat_o = torch.where(valid, flat_o, o_total)
+    v_t = v.new_empty(c_out, o_total + 1, n)
+    v_t[:, :o_total].copy_(v.flatten(2).permute(1, 2, 0))
+    v_t[:, o_total].zero_()
+    v_kept = v_t[:, flat_o]  # [C_out, ΠK, M, N]
+    k_total = flat_o.shape[0]
+    x_t = x_kept.view(n, g, c_in // g, m).permute(1, 3, 0, 2).reshape(g, m * n, c_in // g)
+    out = torch.bmm(v_kept.view(g, (c_out // g) * k_total, m * n), x_t)
+    return out.view(g, c_out // g, k_total, c_in // g).transpose(2, 3)
 
 
 def _vjp_dims(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> Tensor:
