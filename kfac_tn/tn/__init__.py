@@ -38,6 +38,7 @@ Routines::
 from kfac_tn.tn.convolution import conv, conv_transpose, kernel_unfold
 from kfac_tn.tn.derivatives import conv_input_jvp, conv_input_vjp, conv_weight_jvp, conv_weight_vjp
 from kfac_tn.tn.diagonal import ggn_diagonal, hessian_diagonal
+from kfac_tn.tn.expressions import ROUTINES, Expression, symbolic
 from kfac_tn.tn.kfac import (
     choose_impl,
     grad_expand_factor,
@@ -47,7 +48,6 @@ from kfac_tn.tn.kfac import (
 )
 from kfac_tn.tn.patterns import index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory, DimSpec, conv_spec, conv_transpose_spec
-from kfac_tn.tn.symbolic import ROUTINES, Expression, symbolic
 from kfac_tn.tn.unfolding import fold, unfold, unfold_transpose
 
 IMPLS = ("auto", "tn", "tn_simplified", "standard")

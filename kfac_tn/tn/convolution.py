@@ -33,8 +33,8 @@ from kfac_tn.tn._common import (
     spatial_ndim,
 )
 from kfac_tn.tn.einsum import to_letters
+from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.spec import ConvSpec
-from kfac_tn.tn.symbolic import evaluate, routine_expression
 
 __all__ = ["conv", "conv_transpose", "kernel_unfold"]
 

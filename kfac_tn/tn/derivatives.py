@@ -29,8 +29,8 @@ from kfac_tn.tn._common import (
 )
 from kfac_tn.tn.convolution import conv, input_spatial
 from kfac_tn.tn.einsum import to_letters
+from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.spec import ConvSpec
-from kfac_tn.tn.symbolic import evaluate, routine_expression
 
 __all__ = ["conv_input_jvp", "conv_input_vjp", "conv_weight_jvp", "conv_weight_vjp"]
 

@@ -36,8 +36,8 @@ from kfac_tn.tn._common import check_groups, check_impl, make_spec, names, patch
 from kfac_tn.tn.convolution import check_weight
 from kfac_tn.tn.derivatives import conv_input_vjp, conv_weight_vjp
 from kfac_tn.tn.einsum import to_letters
+from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.kfac import standard_unfold
-from kfac_tn.tn.symbolic import evaluate, routine_expression
 
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
 

@@ -61,9 +61,9 @@ from kfac_tn.tn._common import (
     spatial_ndim,
 )
 from kfac_tn.tn.einsum import contract
+from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory
-from kfac_tn.tn.symbolic import evaluate, routine_expression
 
 __all__ = [
     "choose_impl",

@@ -66,7 +66,13 @@ class DimSpec:
     @property
     def used_inputs(self) -> int:
         """Number of leading inputs reachable by some (k, o): ``S·(O-1) + D·(K-1) + 1 - P_l``."""
-        return min(self.in_size, self.stride * (self.out_size - 1) + self.dilation * (self.kernel - 1) + 1 - self.pad_left)
+        return min(
+            self.in_size,
+            self.stride * (self.out_size - 1)
+            + self.dilation * (self.kernel - 1)
+            + 1
+            - self.pad_left,
+        )
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,9 @@ def _tuple(name: str, value: IntOrSeq, n: int, *, minimum: int) -> tuple[int, ..
     return values
 
 
-def output_size(in_size: int, kernel: int, stride: int, dilation: int, pad_left: int, pad_right: int) -> int:
+def output_size(
+    in_size: int, kernel: int, stride: int, dilation: int, pad_left: int, pad_right: int
+) -> int:
     """Output size ``O = 1 + floor((I + P_l + P_r - D·(K-1) - 1) / S)`` of one dimension."""
     return 1 + (in_size + pad_left + pad_right - dilation * (kernel - 1) - 1) // stride
 
@@ -183,7 +191,9 @@ def conv_spec(
     """
     n = len(input_spatial)
     if n < 1:
-        raise ValueError(f"Invalid input size: {tuple(input_spatial)} (need >= 1 spatial dimension)")
+        raise ValueError(
+            f"Invalid input size: {tuple(input_spatial)} (need >= 1 spatial dimension)"
+        )
     spatial = _tuple("input size", input_spatial, n, minimum=1)
     kernel = _tuple("kernel_size", kernel_size, n, minimum=1)
     strides = _tuple("stride", stride, n, minimum=1)
@@ -233,7 +243,9 @@ def conv_transpose_spec(
     """
     n = len(input_spatial)
     if n < 1:
-        raise ValueError(f"Invalid input size: {tuple(input_spatial)} (need >= 1 spatial dimension)")
+        raise ValueError(
+            f"Invalid input size: {tuple(input_spatial)} (need >= 1 spatial dimension)"
+        )
     spatial = _tuple("input size", input_spatial, n, minimum=1)
     kernel = _tuple("kernel_size", kernel_size, n, minimum=1)
     strides = _tuple("stride", stride, n, minimum=1)

@@ -27,9 +27,9 @@ from kfac_tn.tn._common import (
     spatial_ndim,
 )
 from kfac_tn.tn.convolution import input_spatial
+from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.kfac import _one_hot_kernel, standard_unfold, standard_unfold_transpose
 from kfac_tn.tn.spec import ConvSpec
-from kfac_tn.tn.symbolic import evaluate, routine_expression
 
 __all__ = ["fold", "unfold", "unfold_transpose"]
 
