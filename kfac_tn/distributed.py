@@ -40,8 +40,9 @@ tears the process down after the timeout. Either way the surviving workers exit 
 and ``torchrun`` reports the failure.
 
 Byte counts. :attr:`Communicator.bytes_communicated` holds the cumulative *payload* bytes of the
-collectives this rank took part in, per kind (``"factors"``, ``"inverses"``, ``"gradients"``): the
-size of each all-reduced or broadcast buffer. A ring all-reduce moves ``2 (W - 1) / W`` times its
+collectives this rank took part in, per kind (``"factors"``, ``"inverses"``, ``"gradients"``;
+``"checkpoint"`` for :meth:`Communicator.transfer`, counted by the sender): the size of each
+all-reduced or broadcast buffer. A ring all-reduce moves ``2 (W - 1) / W`` times its
 payload over each rank's link; payloads are what is comparable with DDP's gradient buckets.
 """
 
@@ -64,6 +65,7 @@ __all__ = [
     "CommunicationError",
     "Communicator",
     "assign_by_cost",
+    "consolidated_state_dict",
     "get_communicator",
     "init_process_group_from_env",
     "packed_size",
@@ -72,8 +74,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("replicate", "shard")
-TRAFFIC_KINDS = ("factors", "inverses", "gradients")
+TRAFFIC_KINDS = ("factors", "inverses", "gradients", "checkpoint")
 _BACKENDS = ("auto", "gloo", "nccl")
+# dtypes a point-to-point transfer can carry (the header sends the index)
+_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+    torch.uint8,
+)
 
 
 class CommunicationError(RuntimeError):
@@ -180,7 +193,7 @@ class Communicator:
         bucket_cap_bytes: Largest bucket payload in bytes (a larger single tensor travels alone).
         group: The process group the collectives run on.
         bytes_communicated: Cumulative payload bytes per kind (``"factors"``, ``"inverses"``,
-            ``"gradients"``).
+            ``"gradients"``, ``"checkpoint"``).
         collectives: Cumulative number of collectives launched per kind.
     """
 
@@ -364,7 +377,8 @@ class Communicator:
             key: Layer key; its owner is the source.
             tensors: Tensors to send (owner) or receive into (others).
             symmetric: Whether every tensor is symmetric in its last two dimensions; then only
-                upper triangles are sent and the receivers symmetrise.
+                upper triangles are sent, and every rank (the owner too) writes the upper
+                triangle into the lower one, so all ranks end up with identical tensors.
             kind: Traffic kind for :attr:`bytes_communicated`; default ``"inverses"`` for
                 strategy ``"replicate"`` and ``"gradients"`` for ``"shard"``.
 
@@ -418,11 +432,92 @@ class Communicator:
         for bucket in buckets:
             self._wait(bucket, "broadcast")
         for bucket in buckets:
+            assert bucket.buffer is not None
             if bucket.src != self._global_ranks[self.rank]:
-                assert bucket.buffer is not None
                 self._unpack(bucket, bucket.buffer)
+            else:
+                # the owner mirrors its upper triangles too, so that every rank holds identical
+                # values even if the owner's tensor was symmetric only up to round-off
+                self._unpack(bucket, bucket.buffer, only_symmetric=True)
+
+    # ---------------------------------------------------------- point-to-point
+    def transfer(
+        self,
+        key: str,
+        tensors: Sequence[Tensor] | None,
+        dst: int,
+        *,
+        device: torch.device | str | None = None,
+    ) -> list[Tensor] | None:
+        """Send ``tensors`` from ``owner(key)`` to rank ``dst`` (blocking); for checkpoints.
+
+        Only the owner and ``dst`` communicate (a small header with dtypes and shapes, then the
+        tensors); other ranks return ``None`` at once. Nothing is sent if the owner is ``dst``.
+
+        Args:
+            key: Layer key; its owner sends.
+            tensors: The owner's tensors, or ``None`` if it has nothing to send (ignored on other
+                ranks).
+            dst: Receiving rank within the group.
+            device: Where ``dst`` allocates the received tensors (default: the collective
+                device, CPU for gloo and the current GPU for NCCL).
+
+        Returns:
+            On ``dst`` (not the owner): the received tensors, or ``None`` if the owner sent
+            nothing. On the owner: ``tensors``. Elsewhere: ``None``.
+
+        Raises:
+            ValueError: If ``dst`` is not a rank of the group.
+            CommunicationError: If the transfer failed.
+        """
+        if not 0 <= dst < self.world_size:
+            raise ValueError(f"Invalid dst: {dst} (must be in [0, {self.world_size}))")
+        src = self.owner(key)
+        if self.rank == src:
+            if dst == src:
+                return None if tensors is None else list(tensors)
+        elif self.rank != dst:
+            return None
+        wire = self._collective_device()
+        try:
+            if self.rank == src:
+                items = [] if tensors is None else list(tensors)
+                header = [len(items)]
+                for t in items:
+                    header += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+                head = torch.tensor(header, dtype=torch.int64, device=wire)
+                size = torch.tensor([head.numel()], dtype=torch.int64, device=wire)
+                dist.send(size, dst=self._global_ranks[dst], group=self.group)
+                dist.send(head, dst=self._global_ranks[dst], group=self.group)
+                for t in items:
+                    payload = t.detach().to(wire).contiguous()
+                    dist.send(payload, dst=self._global_ranks[dst], group=self.group)
+                    nbytes = payload.numel() * payload.element_size()
+                    self.bytes_communicated["checkpoint"] += nbytes
+                return None if tensors is None else list(tensors)
+            size = torch.empty(1, dtype=torch.int64, device=wire)
+            dist.recv(size, src=self._global_ranks[src], group=self.group)
+            head = torch.empty(int(size), dtype=torch.int64, device=wire)
+            dist.recv(head, src=self._global_ranks[src], group=self.group)
+            header = head.tolist()
+            count, pos, out = header[0], 1, []
+            for _ in range(count):
+                dtype, ndim = _DTYPES[header[pos]], header[pos + 1]
+                shape = header[pos + 2 : pos + 2 + ndim]
+                pos += 2 + ndim
+                buf = torch.empty(shape, dtype=dtype, device=wire)
+                dist.recv(buf, src=self._global_ranks[src], group=self.group)
+                out.append(buf.to(device if device is not None else wire))
+            return out if count else None
+        except RuntimeError as err:
+            raise self._error(f"transfer of layer {key!r} to rank {dst}", err) from err
 
     # ------------------------------------------------------------- internals
+    def _collective_device(self) -> torch.device:
+        if "nccl" in self._backend:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def _triu_indices(self, d: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (d, device)
         if key not in self._triu:
@@ -478,9 +573,11 @@ class Communicator:
         except RuntimeError as err:
             raise self._error(what, err) from err
 
-    def _unpack(self, bucket: _Bucket, buffer: Tensor) -> None:
+    def _unpack(self, bucket: _Bucket, buffer: Tensor, only_symmetric: bool = False) -> None:
         with torch.no_grad():
             for e in bucket.entries:
+                if only_symmetric and not e.symmetric:
+                    continue
                 vals = buffer[e.offset : e.offset + e.numel]
                 t = e.tensor
                 if e.symmetric:
@@ -493,12 +590,7 @@ class Communicator:
 
     def _check_same_on_all_ranks(self, text: str, what: str) -> None:
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if "nccl" in self._backend
-            else torch.device("cpu")
-        )
-        mine = torch.tensor([digest], dtype=torch.int64, device=device)
+        mine = torch.tensor([digest], dtype=torch.int64, device=self._collective_device())
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         try:
             dist.all_gather(gathered, mine, group=self.group)
@@ -553,6 +645,60 @@ def get_communicator(
             timeout = _default_group_timeout()
         process_group = dist.new_group(timeout=timeout)
     return Communicator(process_group, bucket_cap_mb=bucket_cap_mb, strategy=strategy)
+
+
+def consolidated_state_dict(optimizer: torch.optim.Optimizer, to: int = 0) -> dict | None:
+    """Complete optimizer state dict on rank ``to``: a collective for checkpoints.
+
+    With :class:`kfac_tn.optimizer.KFAC` and strategy ``"shard"`` a rank holds only the inverses of
+    the layers it owns, so its ``state_dict()`` alone cannot resume exactly (a missing inverse is
+    recomputed at the next step from *newer* factors). Every rank must call this function; the
+    owners send their inverses to rank ``to``, which returns its state dict with every layer's
+    inverse filled in (a copy: its own state is unchanged). Such a dict loads into one process
+    (``"replicate"`` or single-process training continue exactly as the distributed run) and into
+    a distributed run. Other optimizers, ``"replicate"`` and single-process runs need no
+    communication: rank ``to`` just returns ``optimizer.state_dict()``.
+
+    Args:
+        optimizer: The optimizer (every rank passes its own).
+        to: Rank that receives the complete state dict.
+
+    Returns:
+        The state dict on rank ``to`` (or in a single process), ``None`` on the other ranks.
+    """
+    comm = getattr(optimizer, "_comm", None)
+    if not isinstance(comm, Communicator):
+        return optimizer.state_dict()
+    if comm.strategy != "shard":
+        return optimizer.state_dict() if comm.rank == to else None
+    if not 0 <= to < comm.world_size:
+        raise ValueError(f"Invalid to: {to} (must be in [0, {comm.world_size}))")
+    blocks = list(getattr(optimizer, "blocks", []))
+    if blocks and not comm.owners:
+        # no inverse step yet: assign exactly as the optimizer will (same costs on all ranks)
+        comm.assign({b.name: b.inversion_cost() for b in blocks})
+        optimizer._assigned = True  # type: ignore[attr-defined]
+    from kfac_tn.linalg import Inversion
+
+    kinds = [k.value for k in Inversion]
+    received: dict[int, tuple[list[Tensor], str]] = {}
+    for block in blocks:
+        state = optimizer.state.get(block.weight, {})
+        payload = None
+        if comm.is_owner(block.name) and "inverse" in state:
+            code = torch.tensor([kinds.index(state["inverse_kind"])], dtype=torch.int64)
+            payload = [*state["inverse"], code]
+        got = comm.transfer(block.name, payload, to, device=block.weight.device)
+        if comm.rank == to and not comm.is_owner(block.name) and got is not None:
+            received[id(block.weight)] = (got[:-1], kinds[int(got[-1])])
+    if comm.rank != to:
+        return None
+    full = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for pid, (tensors, kind) in received.items():
+        i = index[pid]
+        full["state"][i] = {**full["state"][i], "inverse": tensors, "inverse_kind": kind}
+    return full
 
 
 def _default_group_timeout() -> datetime.timedelta | None:

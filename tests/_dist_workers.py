@@ -9,6 +9,7 @@ test against references it computes itself.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import subprocess
@@ -58,7 +59,107 @@ def make_bcast_tensors(key: str, fill_rank: int) -> list[torch.Tensor]:
     a = torch.randn(d, d, generator=gen, dtype=torch.float64)
     g = torch.randn(3, 3, generator=gen, dtype=torch.float64)
     v = torch.randn(d + 1, generator=gen, dtype=torch.float32)
-    return [a + a.T, g + g.T, v]
+    # symmetric only up to a perturbation of the strict lower triangle (like round-off)
+    noise = 1e-3 * torch.tril(torch.randn(d, d, generator=gen, dtype=torch.float64), -1)
+    return [a + a.T + noise, g + g.T, v]
+
+
+def transfer_payload(key: str) -> list[torch.Tensor] | None:
+    """What the owner of ``key`` sends in the transfer test (None: nothing to send)."""
+    if key == "fc3":
+        return None
+    gen = torch.Generator().manual_seed(len(key))
+    return [
+        torch.randn(2, len(key), generator=gen, dtype=torch.float64),
+        torch.arange(5, dtype=torch.int64),
+        torch.tensor([True, False]),
+        torch.randn(3, generator=gen, dtype=torch.float32),
+    ]
+
+
+# ---------------------------------------------------------------- KFAC training problem
+
+GLOBAL_BATCH = 12  # divisible by 2 and 3 workers
+STEPS = 5
+CHECKPOINT_AFTER = 3  # rank 0 saves model + optimizer after this many steps
+
+#: (id, KFAC keyword arguments) of the training configurations compared with one process
+KFAC_CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("replicate-expand-empirical-eigen", dict(distributed_strategy="replicate")),
+    ("shard-expand-empirical-eigen", dict(distributed_strategy="shard")),
+    (
+        "replicate-reduce-type2-cholesky",
+        dict(
+            distributed_strategy="replicate",
+            kfac_approx="reduce",
+            fisher_type="type2",
+            inversion="cholesky",
+        ),
+    ),
+    (
+        "shard-reduce-type2-cholesky",
+        dict(
+            distributed_strategy="shard",
+            kfac_approx="reduce",
+            fisher_type="type2",
+            inversion="cholesky",
+        ),
+    ),
+]
+
+KFAC_COMMON: dict[str, Any] = dict(
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=1e-3,
+    damping=1e-2,
+    factor_decay=0.9,
+    factor_update_period=1,
+    inverse_update_period=2,
+    kl_clip=1e-2,
+    loss="cross_entropy",
+    loss_reduction="mean",
+    bucket_cap_mb=0.001,  # ~1 KiB: several buckets per step
+)
+
+
+def make_model() -> torch.nn.Module:
+    """Small float64 CNN with a conv, a transposed conv and a linear layer, all with bias."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(3, 2, 2, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 8 * 8, 5),
+    ).double()
+
+
+def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global batch of ``step``: inputs ``[GLOBAL_BATCH, 2, 4, 4]``, labels in ``[0, 5)``."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, 2, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (GLOBAL_BATCH,), generator=gen)
+    return x, y
+
+
+def shard(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Contiguous shard of the global batch for ``rank``."""
+    b = t.shape[0] // world_size
+    return t[rank * b : (rank + 1) * b]
+
+
+def train_steps(model, opt, steps: range, rank: int = 0, world_size: int = 1) -> None:
+    """Ordinary training loop over ``steps`` (global step indices) on this rank's shard."""
+    import torch.nn.functional as F
+
+    for t in steps:
+        x, y = make_batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
 
 
 # ---------------------------------------------------------------- scenarios
@@ -106,6 +207,12 @@ def _scenario_comm(rank: int, world_size: int, workdir: Path, args: Sequence[str
     comm.wait_broadcasts()
     result["received"] = received
     result["bytes_after_bcast"] = dict(comm.bytes_communicated)
+    # point-to-point transfers from each layer's owner to the last rank
+    dst = world_size - 1
+    result["transferred"] = {
+        key: comm.transfer(key, transfer_payload(key) if comm.is_owner(key) else None, dst)
+        for key in BCAST_COSTS
+    }
     return result
 
 
@@ -163,11 +270,61 @@ def _scenario_stalled_peer(rank: int, world_size: int, workdir: Path, args: Sequ
     return {"error": None, "elapsed": time.monotonic() - start}
 
 
+def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """DDP + KFAC for every configuration in ``args`` (ids of KFAC_CONFIGS)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kfac_tn.distributed import consolidated_state_dict
+    from kfac_tn.optimizer import KFAC
+
+    configs = dict(KFAC_CONFIGS)
+    configs["no-averaging"] = configs[KFAC_CONFIGS[0][0]]  # mutation: factors stay local
+    out: dict[str, Any] = {}
+    for name in args:
+        start = time.monotonic()
+        model = make_model()
+        ddp = DistributedDataParallel(model)
+        opt = KFAC(ddp, **KFAC_COMMON, **configs[name])
+        if name == "no-averaging":
+            opt._comm.all_reduce_factor = lambda factor: None
+        train_steps(ddp, opt, range(CHECKPOINT_AFTER), rank, world_size)
+        # collective: owners send their inverses to rank 0 under "shard"
+        opt_state = consolidated_state_dict(opt, to=0)
+        checkpoint = None
+        if rank == 0:
+            checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt_state})
+            checkpoint["plain_optimizer"] = copy.deepcopy(opt.state_dict())
+        train_steps(ddp, opt, range(CHECKPOINT_AFTER, STEPS), rank, world_size)
+        comm = opt._comm
+        out[name] = {
+            "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "checkpoint": checkpoint,
+            "bytes": dict(comm.bytes_communicated),
+            "owners": comm.owners,
+        }
+        opt.remove_hooks()
+        print(f"rank {rank}: {name} took {time.monotonic() - start:.2f}s", flush=True)
+    return out
+
+
+def _scenario_suite(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """Everything that runs on healthy workers, in one launch (process start-up is the cost)."""
+    return {
+        "comm": _scenario_comm(rank, world_size, workdir, args),
+        "kfac": _scenario_kfac(
+            rank, world_size, workdir, [name for name, _ in KFAC_CONFIGS] + ["no-averaging"]
+        ),
+        "assign_mismatch": _scenario_assign_mismatch(rank, world_size, workdir, args),
+    }
+
+
 SCENARIOS: dict[str, Callable[[int, int, Path, Sequence[str]], Any]] = {
     "comm": _scenario_comm,
     "assign_mismatch": _scenario_assign_mismatch,
     "dead_peer": _scenario_dead_peer,
     "stalled_peer": _scenario_stalled_peer,
+    "kfac": _scenario_kfac,
+    "suite": _scenario_suite,
 }
 
 

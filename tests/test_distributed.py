@@ -7,6 +7,7 @@ loopback interface with bounded collective timeouts; each ``launch`` is killed a
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import _dist_workers as workers
@@ -19,6 +20,7 @@ from kfac_tn.distributed import (
     get_communicator,
     packed_size,
 )
+from kfac_tn.optimizer import KFAC
 
 WORLD_SIZES = [2, 3]
 
@@ -120,25 +122,28 @@ def test_assign_by_cost_invalid(costs, world_size, match):
         assign_by_cost(costs, world_size)
 
 
-# ---------------------------------------------------------------- multi-process
+# ---------------------------------------------------------------- multi-process: healthy workers
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
-def comm_run(request, tmp_path_factory):
+def suite(request, tmp_path_factory):
+    """One launch per world size runs every healthy-worker scenario (start-up dominates)."""
     world_size = request.param
     results = workers.check_ok(
-        workers.launch("comm", world_size, tmp_path_factory.mktemp(f"comm{world_size}"))
+        workers.launch(
+            "suite", world_size, tmp_path_factory.mktemp(f"suite{world_size}"), timeout=240.0
+        )
     )
     return world_size, results
 
 
-def test_factor_average_matches_reference(comm_run):
-    world_size, results = comm_run
+def test_factor_average_matches_reference(suite):
+    world_size, results = suite
     inputs = [workers.make_factors(r) for r in range(world_size)]
     for i, (lead, d, dtype) in enumerate(workers.FACTOR_SPECS):
         expected = sum(inp[i].double() for inp in inputs) / world_size
         tol = 1e-13 if dtype == torch.float64 else 1e-5
-        for rank, res in enumerate(results):
+        for rank, res in enumerate(r["comm"] for r in results):
             for name in ("factors", "factors_again", "plain"):
                 got = res[name][i]
                 assert got.dtype == dtype and got.shape == (*lead, d, d)
@@ -150,8 +155,8 @@ def test_factor_average_matches_reference(comm_run):
             torch.testing.assert_close(res["factors"][i], res["plain"][i], rtol=tol, atol=tol)
 
 
-def test_factor_traffic_is_upper_triangles_in_several_buckets(comm_run):
-    world_size, results = comm_run
+def test_factor_traffic_is_upper_triangles_in_several_buckets(suite):
+    _, results = suite
     expected = 0
     for lead, d, dtype in workers.FACTOR_SPECS:
         shape = (*lead, d, d)
@@ -161,16 +166,16 @@ def test_factor_traffic_is_upper_triangles_in_several_buckets(comm_run):
         for lead, d, dtype in workers.FACTOR_SPECS
     )
     assert expected < full
-    for res in results:
-        assert res["bytes"] == {"factors": expected, "inverses": 0, "gradients": 0}
+    for res in (r["comm"] for r in results):
+        assert res["bytes"] == {"factors": expected, "inverses": 0, "gradients": 0, "checkpoint": 0}
         # cap 256 B, packed bytes in queue order: f64 120, 96, 8 | f32 112 | f64 240 | f32 12 |
         # f64 528 -> f64 buckets [120+96+8], [240], [528 alone, over the cap]; f32 [112+12]
         assert res["collectives"]["factors"] == 4
         assert res["pending_before_wait"] and not res["pending_after_wait"]
 
 
-def test_owners_and_broadcasts(comm_run):
-    world_size, results = comm_run
+def test_owners_and_broadcasts(suite):
+    world_size, results = suite
     owners = assign_by_cost(workers.BCAST_COSTS, world_size)
     expected_bytes = 0
     for key in workers.BCAST_COSTS:
@@ -179,23 +184,170 @@ def test_owners_and_broadcasts(comm_run):
         expected_bytes += sum(
             packed_size(t.shape, symmetric=(i < 2)) * t.element_size() for i, t in enumerate(sent)
         )
-        for rank, res in enumerate(results):
+        # symmetric=True: the owner's upper triangle, mirrored, on every rank (owner included)
+        want = [torch.triu(m) + torch.triu(m, 1).T for m in sent[:2]] + sent[2:]
+        assert not torch.equal(want[0], sent[0])  # the perturbation is really mirrored away
+        for rank, res in enumerate(r["comm"] for r in results):
             assert res["owners"] == owners
-            for got, want in zip(res["received"][key], sent):
-                assert torch.equal(got, want), f"layer {key} on rank {rank} (owner {src})"
-    for res in results:
+            for got, w in zip(res["received"][key], want):
+                assert torch.equal(got, w), f"layer {key} on rank {rank} (owner {src})"
+    for res in (r["comm"] for r in results):
         assert res["bytes_after_bcast"]["inverses"] == expected_bytes
         assert res["bytes_after_bcast"]["gradients"] == 0
 
 
-def test_assign_with_different_costs_raises_on_every_rank(tmp_path):
-    results = workers.check_ok(workers.launch("assign_mismatch", 2, tmp_path))
+def test_transfer_to_last_rank(suite):
+    world_size, results = suite
+    owners = assign_by_cost(workers.BCAST_COSTS, world_size)
+    dst = world_size - 1
+    for key in workers.BCAST_COSTS:
+        sent = workers.transfer_payload(key)
+        for rank, res in enumerate(r["comm"] for r in results):
+            got = res["transferred"][key]
+            if rank in (dst, owners[key]) and sent is not None:
+                assert len(got) == len(sent)
+                for g, s in zip(got, sent):
+                    assert g.dtype == s.dtype and torch.equal(g, s), f"{key} on rank {rank}"
+            else:
+                assert got is None, f"{key} on rank {rank}"
+
+
+def test_assign_with_different_costs_raises_on_every_rank(suite):
+    _, results = suite
     for res in results:
-        assert res["error"] is not None and "disagree on the layer costs" in res["error"]
+        error = res["assign_mismatch"]["error"]
+        assert error is not None and "disagree on the layer costs" in error
+
+
+KFAC_IDS = [name for name, _ in workers.KFAC_CONFIGS]
+
+
+@functools.cache
+def _reference_params(name: str) -> dict:
+    """Parameters after STEPS steps of one process on the global batches."""
+    model, _ = _single_process(dict(workers.KFAC_CONFIGS)[name], range(workers.STEPS))
+    return model.state_dict()
+
+
+def _single_process(config: dict, steps: range, checkpoint: dict | None = None):
+    model = workers.make_model()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    opt = KFAC(model, **workers.KFAC_COMMON, **config)
+    if checkpoint is not None:
+        opt.load_state_dict(checkpoint["optimizer"])
+    workers.train_steps(model, opt, steps)
+    return model, opt
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("name", KFAC_IDS)
+def test_kfac_matches_one_process_on_global_batch(suite, name):
+    _, results = suite
+    reference = _reference_params(name)
+    initial = workers.make_model().state_dict()
+    assert _max_diff(reference, initial) > 1e-3  # the parameters really moved
+    for rank, res in enumerate(results):
+        params = res["kfac"][name]["params"]
+        assert _max_diff(params, reference) < 1e-10, f"rank {rank}"
+        assert _max_diff(params, results[0]["kfac"][name]["params"]) == 0.0, f"rank {rank}"
+
+
+@pytest.mark.parametrize(
+    "pair", [KFAC_IDS[0:2], KFAC_IDS[2:4]], ids=["expand-empirical-eigen", "reduce-type2-chol"]
+)
+def test_strategies_give_same_parameters(suite, pair):
+    _, results = suite
+    replicate, shard = (results[0]["kfac"][n]["params"] for n in pair)
+    assert _max_diff(replicate, shard) < 1e-12
+
+
+def test_without_factor_averaging_the_comparison_fails(suite):
+    """Mutation check: workers that skip the factor all-reduce miss the reference.
+
+    (They still agree with each other: under "replicate" every rank uses the inverse its owner
+    computed from the owner's local factors.)
+    """
+    world_size, results = suite
+    reference = _reference_params(KFAC_IDS[0])
+    for res in results:
+        assert _max_diff(res["kfac"]["no-averaging"]["params"], reference) > 1e-6
+
+
+@pytest.mark.parametrize("name", KFAC_IDS)
+def test_checkpoint_resumes_in_one_process(suite, name):
+    world_size, results = suite
+    res = results[0]["kfac"][name]
+    checkpoint = res["checkpoint"]
+    model, _ = _single_process(
+        dict(workers.KFAC_CONFIGS)[name],
+        range(workers.CHECKPOINT_AFTER, workers.STEPS),
+        checkpoint,
+    )
+    assert _max_diff(model.state_dict(), res["params"]) < 1e-10
+    # rank 0's plain state_dict lacks the inverses of layers it does not own under "shard"
+    owners = res["owners"]
+    names = [n for n, _ in workers.make_model().named_modules() if n]
+    kfac_layers = [n for n in names if f"module.{n}" in owners]
+    plain = checkpoint["plain_optimizer"]["state"]
+    full = checkpoint["optimizer"]["state"]
+    param_names = [n for n, _ in workers.make_model().named_parameters()]
+    for layer in kfac_layers:
+        index = param_names.index(f"{layer}.weight")
+        assert "inverse" in full[index]
+        owned = owners[f"module.{layer}"] == 0
+        if name.startswith("shard") and not owned:
+            assert "inverse" not in plain[index]
+        else:
+            assert "inverse" in plain[index]
+
+
+def _statistic_bytes() -> tuple[int, int, int, int]:
+    """Per-step bytes implied by the model's blocks (independent of the communicator).
+
+    Returns:
+        (upper triangles of A and G per layer, eigen inverses (eigenvalues and full
+        eigenvectors), upper triangles of the Cholesky inverses, KFAC-layer parameters), float64.
+    """
+    _, opt = _single_process(dict(workers.KFAC_CONFIGS)[KFAC_IDS[0]], range(0))
+    tri = eig = chol = params = 0
+    for block in opt.blocks:
+        d_a, d_g = block.dims
+        g = block.groups
+        tri += g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2)
+        eig += g * (d_a + d_a * d_a + d_g + d_g * d_g)
+        chol += g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2)  # symmetric: triangles
+        params += sum(p.numel() for p in block.params)
+    return 8 * tri, 8 * eig, 8 * chol, 8 * params
+
+
+@pytest.mark.parametrize("name", KFAC_IDS)
+def test_kfac_traffic(suite, name):
+    """Factors: upper triangles every step; inverses on inverse steps; or gradients every step."""
+    _, results = suite
+    tri, eig, chol, params = _statistic_bytes()
+    inverse_steps = len(range(0, workers.STEPS, workers.KFAC_COMMON["inverse_update_period"]))
+    inverse = eig if "eigen" in name else chol
+    for res in results:
+        sent = res["kfac"][name]["bytes"]
+        assert sent["factors"] == workers.STEPS * tri
+        if name.startswith("replicate"):
+            assert sent["inverses"] == inverse_steps * inverse
+            assert sent["gradients"] == 0
+        else:
+            assert sent["inverses"] == 0
+            assert sent["gradients"] == workers.STEPS * params
+
+
+# ---------------------------------------------------------------- multi-process: failures
 
 
 def test_dead_worker_makes_survivor_raise_fast(tmp_path):
-    results = workers.launch("dead_peer", 2, tmp_path, timeout=40.0, collective_timeout=3.0)
+    results = workers.launch("dead_peer", 2, tmp_path, timeout=60.0, collective_timeout=3.0)
     assert results[1]["returncode"] == 3
     survivor = results[0]
     assert survivor["returncode"] == 0, survivor["output"]
@@ -205,10 +357,11 @@ def test_dead_worker_makes_survivor_raise_fast(tmp_path):
     assert res["elapsed"] < 3.0 + 5.0
 
 
+@pytest.mark.slow
 def test_stalled_worker_makes_survivor_time_out(tmp_path):
     timeout = 2.0
     results = workers.launch(
-        "stalled_peer", 2, tmp_path, args=["6"], timeout=40.0, collective_timeout=timeout
+        "stalled_peer", 2, tmp_path, args=["6"], timeout=60.0, collective_timeout=timeout
     )
     survivor = results[0]
     assert survivor["returncode"] == 0, survivor["output"]
