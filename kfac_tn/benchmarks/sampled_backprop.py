@@ -174,6 +174,7 @@ def train_digits(
     lr: float = 0.05,
     image_size: int = 16,
     seed: int = 0,
+    train_size: int | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Train the digits CNN with exact or sampled backpropagation.
 
@@ -185,11 +186,13 @@ def train_digits(
         lr: SGD learning rate (momentum 0.9).
         image_size: Digits are upsampled to this size.
         seed: Seed for the initialisation, the data order and the sampling.
+        train_size: Use only the first ``train_size`` training images (``None``: all 1437).
 
     Returns:
         Label -> ``{"test_accuracy": [...], "train_loss": [...], "epoch_time_s": [...]}``.
     """
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits_tensors(image_size))
+    x_tr, y_tr = x_tr[:train_size], y_tr[:train_size]
     results = {}
     for label, (keep_prob, axis, mode) in variants.items():
         torch.manual_seed(seed)
@@ -295,6 +298,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="All-CNN-C batch (32)")
     parser.add_argument("--draws", type=int, default=None, help="draws per setting (5)")
     parser.add_argument("--epochs", type=int, default=None, help="digits epochs (15; 0 skips)")
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="digits training images (all 1437)"
+    )
     parser.add_argument("--width", type=float, default=1.0, help="All-CNN-C width multiplier")
     parser.add_argument(
         "--keep-probs", type=float, nargs="+", default=list(KEEP_PROBS), help="keep probabilities"
@@ -338,7 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     variants = {"exact": (1.0, "spatial", "position")}
     variants.update({f"{label} p=0.5": (0.5, *SERIES[label]) for label in SERIES})
-    training = train_digits(variants, epochs, device, seed=args.seed) if epochs > 0 else {}
+    training = (
+        train_digits(variants, epochs, device, seed=args.seed, train_size=args.train_size)
+        if epochs > 0
+        else {}
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -348,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "draws": draws,
             "epochs": epochs,
             "width": args.width,
+            "train_size": args.train_size,
             "keep_probs": list(args.keep_probs),
             "seed": args.seed,
             "threads": torch.get_num_threads(),
