@@ -10,6 +10,9 @@ ordinary convolution; in training mode with ``keep_prob < 1`` the backward pass
   held by the layer shrinks to about ``keep_prob`` of the input;
 * computes the input gradient and the bias gradient exactly.
 
+Under ``torch.autocast`` the input and parameters are cast to the autocast dtype as torch does
+for convolutions (the gradients flow back to the float32 parameters through the cast).
+
 In eval mode, with gradients disabled, with a frozen weight or with ``keep_prob == 1`` the
 layers behave exactly like their torch parents. Forward hooks and tensor hooks on the output
 work as usual, so curvature capture (e.g. :class:`kfac_tn.KFAC`) sees the full input and the
@@ -20,6 +23,7 @@ Use :func:`convert_sampled` to switch the convolutions of an existing model in p
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 from collections.abc import Sequence
@@ -180,10 +184,18 @@ class _SampledConvMixin:
         if self.padding_mode != "zeros":  # type: ignore[attr-defined]
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)  # type: ignore[attr-defined]
             padding = 0
-        y = _SampledConvFunction.apply(
-            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,  # type: ignore[attr-defined]
-            self.keep_prob, self.axis, self.spatial_mode, self.generator,
-        )  # fmt: skip
+        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:  # cast like autocast does for convolutions (recorded by autograd)
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            y = _SampledConvFunction.apply(
+                x, weight, bias, self.stride, padding, self.dilation, self.groups,  # type: ignore[attr-defined]
+                self.keep_prob, self.axis, self.spatial_mode, self.generator,
+            )  # fmt: skip
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -143,6 +143,21 @@ def test_unbatched_input():
     torch.testing.assert_close(gx, torch.autograd.grad(ref(x).sum(), x)[0], rtol=0, atol=1e-12)
 
 
+def test_autocast_matches_torch_conv_dtype_and_grads():
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    layer = SampledConv2d(4, 6, 3, padding=1, keep_prob=0.5)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x), layer(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    assert torch.isfinite(layer.weight.grad).all()
+
+
 # --- saved activation memory ------------------------------------------------------------
 
 
