@@ -386,14 +386,20 @@ def run(
 # ----------------------------------------------------------------------------------------------
 
 
-def speedups(rows: Sequence[dict]) -> list[dict]:
+def speedups(rows: Sequence[dict], stat: str = "median") -> list[dict]:
     """Join every non-standard row with the standard row of the same layer and routine.
+
+    Args:
+        rows: Benchmark rows.
+        stat: ``median`` (``time_s``, the default) or ``min`` (``min_time_s``, the fastest
+            round: more robust on a machine shared with other jobs).
 
     Returns:
         One dict per non-standard row: its keys plus ``speedup`` (standard time / time) and
         ``mem_ratio`` (aux. memory / standard aux. memory; ``None`` if not measured, ``inf`` if
         the standard needs none but the impl does, 1 if both need none).
     """
+    key = _stat_key(stat)
     standard = {(r["net"], r["layer"], r["routine"]): r for r in rows if r["impl"] == "standard"}
     out = []
     for r in rows:
@@ -406,22 +412,29 @@ def speedups(rows: Sequence[dict]) -> list[dict]:
                 mem_ratio = r["peak_mem_bytes"] / base["peak_mem_bytes"]
             else:
                 mem_ratio = 1.0 if r["peak_mem_bytes"] == 0 else math.inf
-        out.append({**r, "speedup": base["time_s"] / r["time_s"], "mem_ratio": mem_ratio})
+        out.append({**r, "speedup": base[key] / r[key], "mem_ratio": mem_ratio})
     return out
 
 
-def summary_table(rows: Sequence[dict]) -> str:
+def _stat_key(stat: str) -> str:
+    if stat not in ("median", "min"):
+        raise ValueError(f"Invalid stat: {stat!r} (allowed: 'median', 'min')")
+    return "time_s" if stat == "median" else "min_time_s"
+
+
+def summary_table(rows: Sequence[dict], stat: str = "median") -> str:
     """Median / min speed-up per routine × category × impl, with the worst layer.
 
     The header names the device, dtype, batch size and thread count of the rows.
     """
-    joined = speedups(rows)
+    joined = speedups(rows, stat)
     if not rows:
         return "(no results)"
     first = rows[0]
     lines = [
-        f"speed-up = standard time / impl time; device={first['device']} dtype={first['dtype']} "
-        f"batch={first['batch_size']} threads={first['threads']} torch={torch.__version__}",
+        f"speed-up = standard time / impl time ({stat} of rounds); device={first['device']} "
+        f"dtype={first['dtype']} batch={first['batch_size']} threads={first['threads']} "
+        f"torch={torch.__version__}",
         f"{'routine':<19} {'category':<8} {'impl':<15} {'n':>3} {'median':>7} {'min':>7} "
         f"{'max':>7} {'mem med':>7}  worst layer",
     ]
@@ -459,7 +472,9 @@ class TargetResult:
     detail: str
 
 
-def check_targets(rows: Sequence[dict], impl: str = "auto") -> list[TargetResult]:
+def check_targets(
+    rows: Sequence[dict], impl: str = "auto", stat: str = "median"
+) -> list[TargetResult]:
     """Check issue #2's CPU targets for ``impl`` (default: the auto choice).
 
     Targets: KFAC-reduce median speed-up ≥ 3, every layer ≥ 1.0, auxiliary memory ≤ 10% of the
@@ -467,7 +482,7 @@ def check_targets(rows: Sequence[dict], impl: str = "auto") -> list[TargetResult
     auxiliary memory below the standard's on dense and down-sampling layers; conv, input VJP,
     weight VJP and unfold every layer ≥ 0.95.
     """
-    joined = [r for r in speedups(rows) if r["impl"] == impl]
+    joined = [r for r in speedups(rows, stat) if r["impl"] == impl]
 
     def sel(routine: str) -> list[dict]:
         return [r for r in joined if r["routine"] == routine]
@@ -546,7 +561,9 @@ def format_targets(results: Sequence[TargetResult], impl: str = "auto") -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict], path: str | Path, *, quantity: str = "speedup") -> Path:
+def plot(
+    rows: Sequence[dict], path: str | Path, *, quantity: str = "speedup", stat: str = "median"
+) -> Path:
     """Paper-style box plot: one panel per routine, boxes per category and impl, log scale.
 
     Args:
@@ -554,6 +571,7 @@ def plot(rows: Sequence[dict], path: str | Path, *, quantity: str = "speedup") -
         path: PNG file to write.
         quantity: ``speedup`` (standard time / impl time) or ``mem_ratio`` (auxiliary memory
             relative to the standard's; layers where both are zero are left out).
+        stat: Timing statistic of the speed-up, ``median`` or ``min`` (see :func:`speedups`).
 
     Returns:
         The written path.
@@ -568,7 +586,7 @@ def plot(rows: Sequence[dict], path: str | Path, *, quantity: str = "speedup") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    joined = speedups(rows)
+    joined = speedups(rows, stat)
     routines = list(dict.fromkeys(r["routine"] for r in joined)) or ["(none)"]
     impls = list(dict.fromkeys(r["impl"] for r in joined))
     ncols = min(3, len(routines))
@@ -612,7 +630,8 @@ def plot(rows: Sequence[dict], path: str | Path, *, quantity: str = "speedup") -
     if rows:
         r0 = rows[0]
         fig.suptitle(
-            f"{r0['device']} {r0['dtype']} batch {r0['batch_size']}, {r0['threads']} threads"
+            f"{r0['device']} {r0['dtype']} batch {r0['batch_size']}, {r0['threads']} threads, "
+            f"speed-up from the {stat} of rounds"
         )
     # fixed margins: tight_layout measures every text extent and is slow on a loaded machine
     fig.subplots_adjust(
@@ -634,25 +653,36 @@ def plot(rows: Sequence[dict], path: str | Path, *, quantity: str = "speedup") -
 # ----------------------------------------------------------------------------------------------
 
 
-def quick_layers(layers: Sequence[ConvLayer], per_category: int = 2) -> list[ConvLayer]:
-    """Pick a small representative subset: ``per_category`` layers of each category.
+def layer_cost(layer: ConvLayer) -> int:
+    """Rough per-sample work of a layer: unfolded input size × (factor width + C_out / G).
 
-    Within a category the layers are ordered by the size of their unfolded input and picked at
-    evenly spaced quantiles of the lower half (small and mid-sized layers, so a run stays short
-    while covering both the overhead-dominated and the compute-dominated regime).
+    Proportional to the FLOPs of the conv (``O·C_out·C_in/G·ΠK``) plus those of the KFC factor
+    (``O·G·(C_in/G·ΠK)²``); used to order layers for :func:`quick_layers`.
+    """
+    width = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return layer.unfolded_numel(1) * (width + layer.out_channels // layer.groups)
+
+
+QUICK_QUANTILES: tuple[float, ...] = (0.1, 0.3)
+"""Cost quantiles of the layers :func:`quick_layers` picks in each category."""
+
+
+def quick_layers(
+    layers: Sequence[ConvLayer], quantiles: Sequence[float] = QUICK_QUANTILES
+) -> list[ConvLayer]:
+    """Pick a small representative subset: one layer per cost quantile in each category.
+
+    Within a category the layers are ordered by :func:`layer_cost` and the layer at each
+    quantile is taken (duplicates merged). The defaults pick a small, overhead-dominated layer
+    and a mid-sized one per category, so a run at batch 32 stays short on a small CPU.
     """
     chosen: list[ConvLayer] = []
     for category in CATEGORIES:
-        group = sorted(
-            (la for la in layers if la.category == category), key=lambda la: la.unfolded_numel(1)
-        )
+        group = sorted((la for la in layers if la.category == category), key=layer_cost)
         if not group:
             continue
-        half = group[: max(1, (len(group) + 1) // 2)]
-        picks = sorted(
-            {round(q * (len(half) - 1) / max(per_category - 1, 1)) for q in range(per_category)}
-        )
-        chosen.extend(half[i] for i in picks)
+        picks = sorted({round(q * (len(group) - 1)) for q in quantiles})
+        chosen.extend(group[i] for i in picks)
     return chosen
 
 
@@ -719,17 +749,25 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help="timed rounds per measurement (default 5, 3 with --quick)",
+        help="timed rounds per measurement (default 5)",
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--quick", action="store_true", help="small representative subset: 2 layers per category"
+        "--quick",
+        action="store_true",
+        help="small representative subset: 2 layers per category (quick_layers)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip memory measurement")
     parser.add_argument(
         "--no-check", action="store_true", help="skip comparing engine results with the standard"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="timing statistic for speed-ups, table, targets and plot (results.json has both)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -755,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"Invalid --device: {args.device!r} (CUDA is not available)")
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else 5
 
     layers = benchmark_layers(args.nets)
     if args.quick:
@@ -780,9 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report = [
         f"{len(layers)} layers, {len(rows)} measurements, {platform.machine()}",
-        summary_table(rows),
+        summary_table(rows, args.stat),
         "",
-        format_targets(check_targets(rows)),
+        format_targets(check_targets(rows, stat=args.stat)),
     ]
     if failures:
         report.append(f"\n{len(failures)} (layer, routine, impl) not benchmarked:")
@@ -791,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-        plot(rows, args.out / "speedup.png", quantity="speedup")
+        plot(rows, args.out / "speedup.png", quantity="speedup", stat=args.stat)
         if not args.no_memory:
             plot(rows, args.out / "memory.png", quantity="mem_ratio")
         (args.out / "summary.txt").write_text("\n".join(report) + "\n")
