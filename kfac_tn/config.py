@@ -410,6 +410,8 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         return _dataclass_from_mapping(tp, value, key, errors)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [m.value for m in tp]
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a bool
         if isinstance(value, str) and value in allowed:
             return tp(value)
         errors.append(f"{key}: {value!r} is not one of {allowed}")
@@ -437,6 +439,8 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML typed a name like 2024 as a number
         errors.append(f"{key}: {value!r} is not a string")
         return None
     if origin is list:

@@ -304,7 +304,8 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
 class EpochLoaders:
     """Train/test loaders whose shuffling is a pure function of ``(seed, epoch)``.
 
-    Call :meth:`train_loader` with the epoch number each epoch. In distributed runs the training
+    Call :meth:`train_loader` with the epoch number each epoch. The last incomplete training
+    batch of an epoch is dropped (unless that would leave none). In distributed runs the training
     set is split by a ``DistributedSampler`` and the test set into disjoint strided shards (no
     padding duplicates, so summed metrics are exact).
     """
@@ -329,13 +330,14 @@ class EpochLoaders:
             else None
         )
         common = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": False}
+        n_local = len(self.sampler) if self.sampler is not None else len(bundle.train)
         self._train = DataLoader(
             bundle.train,
             batch_size=batch_size,
             shuffle=self.sampler is None,
             sampler=self.sampler,
             generator=self.generator,
-            drop_last=False,
+            drop_last=n_local >= batch_size,  # no ragged last batch (BatchNorm needs > 1 sample)
             **common,
         )
         test = bundle.test

@@ -115,10 +115,13 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
         xs, ys = _series(rows, "epoch", key)
         if xs:
             ax_acc.plot(xs, ys, marker="o", markersize=3, label=key)
+    if not ax_acc.lines:  # reconstruction: no accuracy
+        ax_acc.text(0.5, 0.5, "no accuracy (reconstruction)", ha="center", va="center")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle(label)
     return _save(fig, out)

@@ -224,6 +224,8 @@ OVERRIDES = [
     ("list", "schedule.milestones=[3, 5]", ("schedule", "milestones"), [3, 5]),
     ("enum", "optimizer.kfac_approx=reduce", ("optimizer", "kfac_approx"), "reduce"),
     ("string_path", "data.root=/tmp/x y", ("data", "root"), "/tmp/x y"),
+    ("yaml_off_is_not_false", "distributed=off", ("distributed",), "off"),
+    ("numeric_name_is_text", "run_name=2024", ("run_name",), "2024"),
     (
         "dotted_layer_pattern",
         "optimizer.layer_settings.features.0=skip",

@@ -265,7 +265,17 @@ def test_distributed_shards_are_disjoint_and_complete():
     assert torch.equal(
         torch.sort(got.view(25, -1).sum(1)).values, torch.sort(full.view(25, -1).sum(1)).values
     )
-    # training: DistributedSampler gives each rank half of every epoch
-    n0 = sum(len(y) for _, y in shards[0].train_loader(0))
-    n1 = sum(len(y) for _, y in shards[1].train_loader(0))
-    assert n0 == n1 == 15
+    # training: DistributedSampler gives each rank half of every epoch (15), in full batches of 4
+    n0 = [len(y) for _, y in shards[0].train_loader(0)]
+    n1 = [len(y) for _, y in shards[1].train_loader(0)]
+    assert n0 == n1 == [4, 4, 4]
+    idx0 = list(shards[0].sampler)
+    idx1 = list(shards[1].sampler)
+    assert not set(idx0) & set(idx1) and len(idx0) == len(idx1) == 15
+
+
+def test_ragged_last_batch_dropped_unless_it_is_the_only_one():
+    bundle = build_datasets(DataConfig(train_subset=10, test_subset=10))
+    kw = dict(test_batch_size=16, num_workers=0, seed=0)
+    assert [len(y) for _, y in build_loaders(bundle, batch_size=4, **kw).train_loader(0)] == [4, 4]
+    assert [len(y) for _, y in build_loaders(bundle, batch_size=16, **kw).train_loader(0)] == [10]

@@ -1,0 +1,379 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kfac_tn.checkpoint import CheckpointError
+from kfac_tn.config import ConfigError, ScheduleConfig, ScheduleName, load_config
+from kfac_tn.train import lr_factor, read_metrics, resolve_device, train
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ROW_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "wall_clock_s",
+    "lr",
+    "images_per_s",
+}
+
+# tiny but real: a subset of the digits, few batches
+TINY_DIGITS = [
+    "data.train_subset=96",
+    "data.test_subset=64",
+    "batch_size=32",
+    "test_batch_size=64",
+    "quiet=true",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core CPU: one intra-op thread avoids OpenMP spin overhead."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny(tmp_path: Path, *extra: str) -> list[str]:
+    return [*TINY_DIGITS, f"out_dir={tmp_path}", *extra]
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+SCHEDULES = [
+    # (id, config, step, steps_per_epoch, epochs, expected multiplier)
+    ("none", ScheduleConfig(name=ScheduleName.NONE), 37, 10, 5, 1.0),
+    ("cosine_start", ScheduleConfig(name=ScheduleName.COSINE), 0, 10, 5, 1.0),
+    ("cosine_half", ScheduleConfig(name=ScheduleName.COSINE), 25, 10, 5, 0.5),
+    ("cosine_floor", ScheduleConfig(name=ScheduleName.COSINE, min_lr_ratio=0.1), 25, 10, 5, 0.55),
+    (
+        "cosine_quarter",
+        ScheduleConfig(name=ScheduleName.COSINE),
+        10,
+        10,
+        4,
+        0.5 * (1 + math.cos(math.pi / 4)),
+    ),
+    (
+        "step_before",
+        ScheduleConfig(name=ScheduleName.STEP, step_epochs=2, gamma=0.5),
+        19,
+        10,
+        9,
+        1.0,
+    ),
+    (
+        "step_after",
+        ScheduleConfig(name=ScheduleName.STEP, step_epochs=2, gamma=0.5),
+        40,
+        10,
+        9,
+        0.25,
+    ),
+    (
+        "multistep",
+        ScheduleConfig(name=ScheduleName.MULTISTEP, milestones=[1, 3], gamma=0.1),
+        30,
+        10,
+        9,
+        0.01,
+    ),
+    (
+        "multistep_mid",
+        ScheduleConfig(name=ScheduleName.MULTISTEP, milestones=[1, 3], gamma=0.1),
+        29,
+        10,
+        9,
+        0.1,
+    ),
+    ("onecycle_rise", ScheduleConfig(name=ScheduleName.ONECYCLE, pct_start=0.5), 4, 10, 2, 0.5),
+    ("onecycle_peak", ScheduleConfig(name=ScheduleName.ONECYCLE, pct_start=0.5), 10, 10, 2, 1.0),
+    ("onecycle_fall", ScheduleConfig(name=ScheduleName.ONECYCLE, pct_start=0.5), 15, 10, 2, 0.5),
+    ("warmup", ScheduleConfig(name=ScheduleName.NONE, warmup_epochs=2), 4, 10, 5, 0.25),
+    (
+        "warmup_done",
+        ScheduleConfig(name=ScheduleName.COSINE, warmup_epochs=1),
+        9,
+        10,
+        2,
+        0.5 * (1 + math.cos(math.pi * 9 / 20)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "step", "spe", "epochs", "expected"),
+    [c[1:] for c in SCHEDULES],
+    ids=[c[0] for c in SCHEDULES],
+)
+def test_lr_factor(cfg, step, spe, epochs, expected):
+    assert lr_factor(cfg, step, spe, epochs) == pytest.approx(expected, rel=1e-12)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):
+            resolve_device("cuda")
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def test_run_directory_contents(tmp_path):
+    cfg = load_config(
+        None, tiny(tmp_path, "epochs=2", "run_name=r", "optimizer.inverse_update_period=2")
+    )
+    result = train(cfg)
+    run = tmp_path / "r"
+    assert result.run_dir == run
+    assert {p.name for p in run.iterdir()} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "curves.png",
+        "train.log",
+    }
+    rows = read_metrics(run)
+    assert rows == result.metrics and [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert all(math.isfinite(row[k]) for k in ROW_KEYS)
+        assert 0 <= row["test_acc"] <= 1 and row["images_per_s"] > 0
+    assert rows[1]["wall_clock_s"] > rows[0]["wall_clock_s"]
+    assert rows[-1]["lr"] < cfg.optimizer.lr  # cosine decayed
+    assert load_config(run / "config.yaml") == cfg
+    assert "epoch 2/2" in (run / "train.log").read_text()
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the run directory is not silently overwritten
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(cfg)
+
+
+def test_training_learns_digits(tmp_path):
+    """A few hundred KFAC steps on the real digits reach a clearly non-trivial accuracy."""
+    cfg = load_config(
+        None,
+        [
+            f"out_dir={tmp_path}",
+            "quiet=true",
+            "epochs=2",
+            "data.train_subset=640",
+            "checkpoint_period=0",
+        ],
+    )
+    rows = train(cfg).metrics
+    assert rows[-1]["test_acc"] > 0.8, rows
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+RESUME_CASES = [
+    ("kfac_empirical", ["optimizer.name=kfac", "optimizer.inverse_update_period=2"]),
+    (
+        "kfac_mc_reduce",
+        [
+            "optimizer.name=kfac",
+            "optimizer.fisher_type=mc",
+            "optimizer.kfac_approx=reduce",
+            "optimizer.inverse_update_period=3",
+        ],
+    ),
+    ("sgd", ["optimizer.name=sgd"]),
+    (
+        "adam_dropout",
+        [
+            "optimizer.name=adam",
+            "optimizer.lr=1e-3",
+            "model.name=allcnnc",
+            "model.width=0.1",
+            "data.image_size=16",
+            "model.dropout=0.5",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("extra", [c[1] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_resume_equals_uninterrupted(tmp_path, extra):
+    straight = train(
+        load_config(None, tiny(tmp_path, "epochs=2", "run_name=straight", *extra))
+    ).metrics
+    cfg = load_config(None, tiny(tmp_path, "epochs=2", "run_name=split", *extra))
+    first = train(cfg, stop_after=1).metrics
+    assert len(first) == 1
+    resumed = train(cfg, resume=tmp_path / "split").metrics
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(straight, resumed):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+            assert a[key] == b[key], (key, a, b)  # exact on CPU
+    assert read_metrics(tmp_path / "split") == resumed
+
+
+def test_resume_drops_rows_after_checkpoint_and_extends(tmp_path):
+    cfg = load_config(
+        None, tiny(tmp_path, "epochs=2", "run_name=r", "optimizer.name=sgd", "checkpoint_period=0")
+    )
+    train(cfg, stop_after=1)  # checkpoint at epoch 1 (end of this invocation)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # a crashed run wrote more rows
+        f.write(json.dumps({"epoch": 2, "train_loss": 0.0}) + "\n")
+    rows = train(
+        load_config(tmp_path / "r" / "config.yaml", ["epochs=3"]), resume=tmp_path / "r"
+    ).metrics
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert read_metrics(tmp_path / "r") == rows
+
+
+def test_resume_mismatch_and_corruption(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "epochs=1", "run_name=r", "optimizer.name=sgd"))
+    train(cfg)
+    other = load_config(
+        None, tiny(tmp_path, "epochs=2", "run_name=r", "optimizer.name=sgd", "optimizer.lr=0.5")
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"belongs to a different run:\n  optimizer.lr: checkpoint has 0.05, config has 0.5",
+    ):
+        train(other, resume=tmp_path / "r")
+    wider = load_config(
+        None, tiny(tmp_path, "epochs=2", "run_name=r", "optimizer.name=sgd", "model.width=2.0")
+    )
+    with pytest.raises(CheckpointError, match="model.width: checkpoint has 1.0, config has 2.0"):
+        train(wider, resume=tmp_path / "r")
+    ck = tmp_path / "r" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        train(
+            load_config(None, tiny(tmp_path, "epochs=2", "run_name=r", "optimizer.name=sgd")),
+            resume=tmp_path / "r",
+        )
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(cfg, resume=tmp_path / "nowhere")
+
+
+def test_fp16_and_bf16_autocast_on_cpu(tmp_path):
+    for prec in ("bf16", "fp16"):
+        rows = train(
+            load_config(
+                None,
+                tiny(
+                    tmp_path,
+                    "epochs=1",
+                    f"run_name={prec}",
+                    f"precision={prec}",
+                    "data.limit_batches=2",
+                ),
+            )
+        ).metrics
+        assert math.isfinite(rows[0]["train_loss"]) and math.isfinite(rows[0]["test_loss"])
+    ck = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)
+    assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
+
+
+def test_sampled_backprop_wired(tmp_path, monkeypatch):
+    import kfac_tn.nn as knn
+
+    calls = []
+    real = knn.convert_sampled
+
+    def spy(model, **kw):
+        calls.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(knn, "convert_sampled", spy)
+    cfg = load_config(
+        None,
+        tiny(
+            tmp_path,
+            "epochs=1",
+            "run_name=s",
+            "sampled_backprop.enabled=true",
+            "sampled_backprop.keep_prob=0.5",
+            "sampled_backprop.layers=features.*",
+            "optimizer.name=sgd",
+        ),
+    )
+    rows = train(cfg).metrics
+    assert calls == [{"keep_prob": 0.5, "axis": "spatial", "layers": "features.*"}]
+    assert math.isfinite(rows[0]["train_loss"])
+
+
+# --- every shipped config runs one short epoch on tiny data in its real on-disk format ---------
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+SMOKE = {  # tiny-model overrides per shipped config
+    "cifar10_resnet18_kfac": [
+        "model.width=0.0625",
+        "optimizer.factor_update_period=1",
+        "optimizer.inverse_update_period=1",
+    ],
+    "cifar10_resnet18_sgd": ["model.width=0.0625"],
+    "cifar100_allcnnc_kfac": ["model.width=0.1", "optimizer.factor_update_period=1"],
+    "imagenet_resnet50_kfac": [
+        "model.width=0.0625",
+        "data.image_size=32",
+        "distributed=off",
+        "optimizer.factor_update_period=1",
+        "optimizer.inverse_update_period=1",
+    ],
+}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_config_runs_one_short_epoch(path, tmp_path):
+    from test_data import write_cifar, write_image_folder
+
+    name = yaml.safe_load(path.read_text())["data"]["name"]
+    data_root = tmp_path / "data"
+    extra = []
+    if name in ("cifar10", "cifar100"):
+        write_cifar(data_root, name, n_train=16, n_test=8)
+        extra = [f"data.root={data_root}"]
+    elif name == "imagenet":
+        write_image_folder(data_root, per_class=3)
+        extra = [f"data.root={data_root}"]
+    overrides = [
+        *extra,
+        *SMOKE.get(path.stem, []),
+        "epochs=1",
+        "batch_size=8",
+        "test_batch_size=8",
+        "data.limit_batches=2",
+        "data.train_subset=64",
+        "data.test_subset=16",
+        "data.num_workers=0",
+        "device=cpu",
+        "quiet=true",
+        f"out_dir={tmp_path / 'runs'}",
+        "run_name=smoke",
+    ]
+    cfg = load_config(path, overrides)
+    rows = train(cfg).metrics
+    assert (
+        len(rows) == 1
+        and math.isfinite(rows[0]["train_loss"])
+        and math.isfinite(rows[0]["test_loss"])
+    )
+    if cfg.model.name == "autoencoder":
+        assert rows[0]["test_acc"] is None
+    else:
+        assert 0 <= rows[0]["test_acc"] <= 1
+    assert (tmp_path / "runs" / "smoke" / "checkpoint.pt").is_file()
+
+
+def test_ddp_needs_torchrun(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(None, tiny(tmp_path, "distributed=ddp", "epochs=1"))
+    with pytest.raises(ValueError, match="torchrun"):
+        train(cfg)
