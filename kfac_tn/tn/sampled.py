@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kfac_tn.tn.derivatives import conv_weight_vjp
 from kfac_tn.tn.einsum import contract
 from kfac_tn.tn.patterns import cached_index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimSpec, IntOrSeq, Padding, conv_spec
@@ -285,8 +286,8 @@ def _vjp_position(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> 
     v_t = v.new_empty(c_out, o_total + 1, n)
     v_t[:, :o_total].copy_(v.flatten(2).permute(1, 2, 0))
     v_t[:, o_total].zero_()
-    v_kept = v_t[:, flat_o]  # [C_out, ΠK, M, N]
     k_total = flat_o.shape[0]
+    v_kept = v_t.index_select(1, flat_o.flatten())  # [C_out, ΠK·M, N]
     x_t = x_kept.view(n, g, c_in // g, m).permute(1, 3, 0, 2).reshape(g, m * n, c_in // g)
     out = torch.bmm(v_kept.view(g, (c_out // g) * k_total, m * n), x_t)
     return out.view(g, c_out // g, k_total, c_in // g).transpose(2, 3)
@@ -319,19 +320,26 @@ def _vjp_channel(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> T
     c_in = sample.input_shape[1]
     c_out = v.shape[1]
     g, nd = spec.groups, spec.ndim
-    patterns = [cached_index_pattern(dim, x_kept.dtype, x_kept.device) for dim in spec.dims]
-    i, o, k = (_spatial_names(p, nd) for p in ("i", "o", "k"))
-    pats = ", ".join(f"k{d} o{d} i{d}" for d in range(nd))
     k_total = math.prod(spec.kernel_size)
     out = x_kept.new_zeros(g, c_out // g, c_in // g, k_total)
     if m == 0:
         return out
     channels = sample.indices[0]
-    if g == 1:
-        kept = contract(f"n j {i}, {pats}, n c_out {o} -> c_out j {k}", x_kept, *patterns, v)
+    if g == 1:  # the kept channels form an ordinary convolution: use the engine's fastest VJP
+        kept = conv_weight_vjp(
+            x_kept,
+            v,
+            spec.kernel_size,
+            tuple(d.stride for d in spec.dims),
+            tuple((d.pad_left, d.pad_right) for d in spec.dims),
+            tuple(d.dilation for d in spec.dims),
+        )
         out[0].index_copy_(1, channels, kept.flatten(2))
         return out
     # each kept channel meets only its own group's output gradients
+    patterns = [cached_index_pattern(dim, x_kept.dtype, x_kept.device) for dim in spec.dims]
+    i, o, k = (_spatial_names(p, nd) for p in ("i", "o", "k"))
+    pats = ", ".join(f"k{d} o{d} i{d}" for d in range(nd))
     c_group = c_in // g
     group_of, local = channels // c_group, channels % c_group
     v_kept = v.view(n, g, c_out // g, *v.shape[2:]).index_select(1, group_of)
