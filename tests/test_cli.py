@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kfac_tn.cli import build_parser, main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def fake_run(path: Path, accs, losses, recon=False) -> Path:
+    path.mkdir(parents=True)
+    rows = [
+        {
+            "epoch": i + 1,
+            "train_loss": loss,
+            "train_acc": None if recon else acc,
+            "test_loss": loss * 1.1,
+            "test_acc": None if recon else acc,
+            "wall_clock_s": 2.0 * (i + 1),
+            "lr": 0.1,
+            "images_per_s": 100.0,
+        }
+        for i, (acc, loss) in enumerate(zip(accs, losses))
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_help_documents_everything(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--epochs",
+        "--out",
+        "--device",
+        "--resume",
+        "--run-name",
+        "--stop-after",
+        "--threads",
+        "--quiet",
+        "CONFIG.yaml",
+        "key=value",
+        "torchrun",
+        "kfac-tn reference",
+    ):
+        assert flag in text, flag
+    for cmd in ("train", "compare", "reference"):
+        assert cmd in build_parser().format_help()
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "kfac_tn", "compare", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--out FILE.png" in out.stdout
+
+
+BAD_CLI = [
+    (
+        "bad_choice",
+        ["train", "optimizer.kfac_approx=expnd"],
+        "optimizer.kfac_approx: 'expnd' is not one of ['expand', 'reduce']",
+    ),
+    ("unknown_key", ["train", "optimizer.dampnig=0.1"], "optimizer.dampnig: unknown key"),
+    ("wrong_type", ["train", "--epochs", "0"], "epochs: 0 is out of range"),
+    ("missing_config", ["train", "no/such.yaml"], "config: 'no/such.yaml' is not an existing file"),
+    ("two_configs", ["train", "a.yaml", "b.yaml"], "names more than one config file"),
+    (
+        "missing_data",
+        ["train", "data.name=cifar10", "data.root=/no/where"],
+        "data.root: '/no/where' does not contain cifar-10-batches-py/",
+    ),
+    ("bad_override", ["train", "=3"], "is not of the form dotted.key=value"),
+    ("compare_not_a_run", ["compare", "."], "has no metrics.jsonl"),
+    ("threads", ["train", "--threads", "0"], "--threads: 0 is out of range"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [c[1:] for c in BAD_CLI], ids=[c[0] for c in BAD_CLI])
+def test_errors_exit_2_with_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "runs").exists()  # rejected before any work
+
+
+def test_train_resume_and_compare(tmp_path, capsys):
+    common = [
+        "data.train_subset=64",
+        "data.test_subset=32",
+        "batch_size=32",
+        "optimizer.name=sgd",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert main(["train", *common, "--epochs", "2", "--run-name", "a", "--stop-after", "1"]) == 0
+    assert "run " in capsys.readouterr().out
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (
+        main(["train", "--resume", str(tmp_path / "a"), "--quiet"]) == 0
+    )  # config from the run dir
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["train", "--resume", str(tmp_path / "a"), "optimizer.lr=0.3"]) == 2
+    assert "optimizer.lr: checkpoint has 0.05, config has 0.3" in capsys.readouterr().err
+    b = fake_run(tmp_path / "b", [0.5, 0.9, 0.95], [1.0, 0.3, 0.1])
+    out = tmp_path / "plots" / "cmp.png"
+    assert main(["compare", str(tmp_path / "a"), str(b), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_compare_reconstruction_runs(tmp_path):
+    a = fake_run(tmp_path / "a", [0] * 3, [1.0, 0.5, 0.2], recon=True)
+    b = fake_run(tmp_path / "b", [0] * 2, [1.0, 0.4], recon=True)
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+
+
+def test_reference_lists_keys(capsys):
+    assert main(["reference"]) == 0
+    text = capsys.readouterr().out
+    assert "| `optimizer.kfac_approx` |" in text and "| `sampled_backprop.keep_prob` |" in text
+    assert main(["reference", "--format", "yaml"]) == 0
+    import yaml
+
+    from kfac_tn.config import TrainConfig, config_from_dict
+
+    assert config_from_dict(yaml.safe_load(capsys.readouterr().out)) == TrainConfig()
