@@ -295,6 +295,16 @@ def test_speedups_join_standard_rows():
     assert joined["b"]["speedup"] == 0.5 and joined["b"]["mem_ratio"] == 1.0
 
 
+def test_speedups_with_min_statistic():
+    rows = synthetic_rows("conv", [("a", "general", 4.0, 1.0, 1, 1, 1)])
+    for row in rows:
+        row["min_time_s"] = {"standard": 3.0, "auto": 2.0}[row["impl"]]
+    assert [r["speedup"] for r in bench.speedups(rows, "median")] == [4.0]
+    assert [r["speedup"] for r in bench.speedups(rows, "min")] == [1.5]
+    with pytest.raises(ValueError, match="Invalid stat: 'mean'"):
+        bench.speedups(rows, "mean")
+
+
 def targets_by_name(rows):
     return {t.target: t for t in bench.check_targets(rows)}
 
