@@ -162,13 +162,13 @@ def conv(
     if impl == "auto":
         impl = "standard" if spec.ndim <= 3 else "tn_simplified"
     if impl == "standard" and spec.ndim <= 3:
-        y = _torch_conv(x, weight, spec)
-    elif impl == "tn":
+        return _torch_conv(x, weight, spec, bias)
+    if impl == "tn":
         expr = routine_expression("conv", spec, shapes)
         y = evaluate(expr, spec, {"x": x, "weight": weight})
     else:
         y = conv_simplified(x, weight, spec)
-    return y if bias is None else y + bias.view(1, -1, *([1] * spec.ndim))
+    return y if bias is None else y.add_(bias.view(1, -1, *([1] * spec.ndim)))
 
 
 def conv_transpose(
@@ -209,17 +209,17 @@ def conv_transpose(
     if impl == "auto":
         impl = "standard" if spec.ndim <= 3 else "tn_simplified"
     if impl == "standard" and spec.ndim <= 3:
-        y = _CONV_T[spec.ndim](
+        return _CONV_T[spec.ndim](
             x,
             weight,
-            None,
+            bias,
             tuple(d.stride for d in spec.dims),
             tuple(d.pad_left for d in spec.dims),
             spec.output_padding,
             groups,
             tuple(d.dilation for d in spec.dims),
         )
-    elif impl == "tn":
+    if impl == "tn":
         expr = routine_expression("conv_transpose", spec, shapes)
         y = evaluate(expr, spec, {"x": x, "weight": weight})
     else:
@@ -233,7 +233,7 @@ def conv_transpose(
         nd = spec.ndim
         cols = cols.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
         y = fold_patches(cols, spec).reshape(n, g * c_out, *spec.in_spatial)
-    return y if bias is None else y + bias.view(1, -1, *([1] * spec.ndim))
+    return y if bias is None else y.add_(bias.view(1, -1, *([1] * spec.ndim)))
 
 
 def kernel_unfold(
@@ -275,7 +275,9 @@ def kernel_unfold(
 # --------------------------------------------------------------------------------------------
 # implementations
 # --------------------------------------------------------------------------------------------
-def _torch_conv(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+def _torch_conv(
+    x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Torch's convolution kernel (asymmetric padding applied explicitly)."""
     dims = spec.dims
     if all(d.pad_left == d.pad_right for d in dims):
@@ -285,7 +287,7 @@ def _torch_conv(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.
     return _CONV[spec.ndim](
         x,
         weight,
-        None,
+        bias,
         tuple(d.stride for d in dims),
         padding,
         tuple(d.dilation for d in dims),

@@ -78,7 +78,7 @@ def evaluate(expr: Expression, spec: ConvSpec, tensors: dict[str, torch.Tensor])
     if expr.post == "square_sum_m_n":
         out = out.square().sum(dim=(0, 1))
     if expr.scale != 1.0:
-        out = out * expr.scale
+        out = out.mul_(expr.scale)  # the contraction result is a fresh tensor
     return out.reshape(expr.result_shape)
 
 
