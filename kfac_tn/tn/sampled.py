@@ -257,6 +257,37 @@ def _tap_output_index(dim: DimSpec, positions: Tensor) -> tuple[Tensor, Tensor]:
     return o.clamp(0, dim.out_size - 1), valid
 
 
+def _tap_table(spec: ConvSpec, positions: Tensor) -> Tensor:
+    """Flat output index read by every kernel tap at the given input positions.
+
+    Args:
+        spec: Convolution geometry.
+        positions: Flat (row-major) input positions ``[M]`` (int64).
+
+    Returns:
+        ``[ΠK, M]`` (taps in row-major order ``(k_1, ..., k_N)``): the flat ``o`` with
+        ``Π_d[k_d, o_d, a_d] = 1`` for all ``d``, or ``ΠO`` (an appended zero slot) where a tap
+        lands in the padding.
+    """
+    coords = torch.unravel_index(positions, spec.in_spatial)
+    flat_o, valid = _tap_output_index(spec.dims[0], coords[0])  # [K_1, M]
+    for dim, a, o_size in zip(spec.dims[1:], coords[1:], spec.out_spatial[1:]):
+        o_d, valid_d = _tap_output_index(dim, a)  # [K_d, M]
+        flat_o = (flat_o.unsqueeze(-2) * o_size + o_d.unsqueeze(-3)).flatten(-3, -2)
+        valid = (valid.unsqueeze(-2) & valid_d.unsqueeze(-3)).flatten(-3, -2)
+    return torch.where(valid, flat_o, math.prod(spec.out_spatial))
+
+
+def _zero_slot_layout(v: Tensor) -> Tensor:
+    """``v: [N, C_out, *O]`` as ``[C_out, ΠO + 1, N]`` with a zero slot at ``ΠO``."""
+    n, c_out = v.shape[:2]
+    o_total = math.prod(v.shape[2:])
+    v_t = v.new_empty(c_out, o_total + 1, n)
+    v_t[:, :o_total].copy_(v.flatten(2).permute(1, 2, 0))
+    v_t[:, o_total].zero_()
+    return v_t
+
+
 def _vjp_position(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> Tensor:
     """Weight VJP from kept spatial positions: ``[G, C_out/G, C_in/G, ΠK]`` (unscaled).
 
@@ -269,28 +300,71 @@ def _vjp_position(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> 
     n, c_in, m = x_kept.shape
     c_out = v.shape[1]
     g = spec.groups
-    o_total = math.prod(spec.out_spatial)
-    coords = torch.unravel_index(sample.indices[0], spec.in_spatial)
-    flat_o: Tensor | None = None
-    valid: Tensor | None = None
-    for dim, a, o_size in zip(spec.dims, coords, spec.out_spatial):
-        o_d, valid_d = _tap_output_index(dim, a)  # [K_d, M]
-        if flat_o is None:
-            flat_o, valid = o_d, valid_d
-        else:
-            flat_o = (flat_o.unsqueeze(-2) * o_size + o_d.unsqueeze(-3)).flatten(-3, -2)
-            valid = (valid.unsqueeze(-2) & valid_d.unsqueeze(-3)).flatten(-3, -2)
-    # flat_o, valid: [ΠK, M], kernel taps in row-major order (k_1, ..., k_N); taps that land in
-    # the padding read an appended zero slot
-    flat_o = torch.where(valid, flat_o, o_total)
-    v_t = v.new_empty(c_out, o_total + 1, n)
-    v_t[:, :o_total].copy_(v.flatten(2).permute(1, 2, 0))
-    v_t[:, o_total].zero_()
+    flat_o = _tap_table(spec, sample.indices[0])
     k_total = flat_o.shape[0]
-    v_kept = v_t.index_select(1, flat_o.flatten())  # [C_out, ΠK·M, N]
+    v_kept = _zero_slot_layout(v).index_select(1, flat_o.flatten())  # [C_out, ΠK·M, N]
     x_t = x_kept.view(n, g, c_in // g, m).permute(1, 3, 0, 2).reshape(g, m * n, c_in // g)
     out = torch.bmm(v_kept.view(g, (c_out // g) * k_total, m * n), x_t)
     return out.view(g, c_out // g, k_total, c_in // g).transpose(2, 3)
+
+
+def position_contribution_norms(
+    x: Tensor,
+    v: Tensor,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+    *,
+    chunk_numel: int = 1 << 24,
+) -> Tensor:
+    r"""Squared Frobenius norm of every input position's term of the weight VJP.
+
+    The weight VJP splits over input positions, :math:`\partial W = \sum_i T_i`; this returns
+    :math:`\|T_i\|_F^2`. The ``"position"`` estimator's expected squared error follows
+    exactly: :math:`E\|\hat g - g\|^2 = \frac{1-p}{p} \sum_i \|T_i\|_F^2`.
+
+    Args:
+        x: Convolution input ``[N, C_in, *spatial]``.
+        v: Output gradient ``[N, C_out, *out_spatial]``.
+        kernel_size: Kernel size, int or N ints.
+        stride: Stride, int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Dilation, int or N ints.
+        groups: Number of channel groups.
+        chunk_numel: Upper bound on the entries of the per-chunk terms ``T_i`` held at once.
+
+    Returns:
+        ``[*spatial]`` non-negative norms.
+
+    Raises:
+        ValueError: On inconsistent shapes or hyperparameters.
+    """
+    if x.dim() < 3:
+        raise ValueError(f"Invalid x: shape {tuple(x.shape)} (expected [N, C_in, *spatial])")
+    n, c_in, *spatial = x.shape
+    spec = conv_spec(spatial, kernel_size, stride, padding, dilation, groups)
+    if c_in % groups:
+        raise ValueError(f"Invalid groups: {groups} (does not divide C_in = {c_in})")
+    c_out = _check_v(v, spec, n)
+    g, i_total, k_total = groups, math.prod(spatial), math.prod(spec.kernel_size)
+    v_t = _zero_slot_layout(v)
+    x_flat = x.flatten(2)
+    per_position = c_out * k_total * (c_in // g)
+    chunk = max(1, chunk_numel // per_position)
+    norms = []
+    for start in range(0, i_total, chunk):
+        pos = torch.arange(start, min(start + chunk, i_total), device=x.device)
+        m = pos.numel()
+        v_kept = v_t.index_select(1, _tap_table(spec, pos).flatten())
+        terms = contract(
+            "g c_out k m n, n g c_in m -> m g c_out k c_in",
+            v_kept.view(g, c_out // g, k_total, m, n),
+            x_flat[:, :, start : start + m].reshape(n, g, c_in // g, m),
+        )
+        norms.append(terms.pow(2).flatten(1).sum(1))
+    return torch.cat(norms).view(spatial)
 
 
 def _vjp_dims(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> Tensor:

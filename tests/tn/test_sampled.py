@@ -18,6 +18,7 @@ from kfac_tn.tn.sampled import (
     draw_sample,
     gather,
     kept_conv_weight_vjp,
+    position_contribution_norms,
     sampled_conv_weight_vjp,
 )
 
@@ -260,6 +261,26 @@ def test_unbiased_within_derived_bound(case: Case, axis: str, mode: str, keep_pr
     # the check has power: an estimator without the 1/p rescaling is flagged as biased
     biased = mean * keep_prob
     assert not all(_within_bound(biased, exact, var * keep_prob**2, draws))
+
+
+@pytest.mark.parametrize("case", GRID, ids=[c.id for c in GRID])
+def test_position_contribution_norms_match_per_position_autograd(case: Case):
+    x, w, v = case.tensors()
+    contrib = _unit_contributions(case, x, w, v, "position")  # [*spatial, *w.shape]
+    expected = contrib.flatten(len(case.spatial)).pow(2).sum(-1)
+    # a small chunk size exercises the chunking
+    norms = position_contribution_norms(x, v, **case.kwargs(), chunk_numel=100)
+    assert_close(norms, expected, 1e-10 * expected.max().item(), case.id)
+
+
+def test_expected_squared_error_formula_for_position_mode():
+    """E‖ĝ - g‖² = (1-p)/p Σ_i ‖T_i‖² (matches the variance-derived total of the test above)."""
+    case, keep_prob = UNBIASED[1], 0.3
+    x, w, v = case.tensors(seed=3)
+    contrib = _unit_contributions(case, x, w, v, "position").flatten(0, 1)
+    total_var = _exact_variance(contrib, [keep_prob]).sum()
+    norms = position_contribution_norms(x, v, **case.kwargs())
+    torch.testing.assert_close(norms.sum() * (1 - keep_prob) / keep_prob, total_var)
 
 
 # --- gathering --------------------------------------------------------------------------
