@@ -30,6 +30,7 @@ more compactly (e.g. as a boolean mask).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from torch import nn
 from kfac_tn.data import load_digits_tensors
 from kfac_tn.models import AllCNNC, DigitsCNN
 from kfac_tn.nn import convert_sampled
+from kfac_tn.tn.sampled import position_contribution_norms
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,11 @@ class ErrorPoint:
     keep_prob: float
     rel_error_mean: float
     rel_error_std: float
+    rel_error_rms: float
+    rel_error_theory: float | None
     memory_saved: float
     draws: int
+    layer_rel_error_mean: list[float]
 
 
 def _sync(device: torch.device) -> None:
@@ -116,6 +121,48 @@ def conv_weight_grads_and_saved_bytes(
     return list(grads), saved[0]
 
 
+def position_error_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per conv layer: ``Σ_i ‖T_i‖²`` over input positions (exact pass, see below).
+
+    With ``S_l`` this sum for layer ``l``, the spatial ``"position"`` estimator has
+    ``E‖ĝ - g‖² = (1-p)/p · Σ_l S_l`` exactly
+    (:func:`kfac_tn.tn.sampled.position_contribution_norms`).
+
+    Args:
+        model: The network (in training mode, exact convolutions, zero padding mode).
+        x: Inputs ``[B, C, H, W]``.
+        y: Labels ``[B]``.
+
+    Returns:
+        ``S_l`` per conv layer (module order).
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    inputs: dict[int, torch.Tensor] = {}
+    grads: dict[int, torch.Tensor] = {}
+
+    def hook(module, args, output, index):
+        inputs[index] = args[0].detach()
+        output.register_hook(lambda g: grads.__setitem__(index, g.detach()))
+
+    handles = [
+        c.register_forward_hook(functools.partial(hook, index=i)) for i, c in enumerate(convs)
+    ]
+    try:
+        loss = F.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, [c.weight for c in convs])
+    finally:
+        for h in handles:
+            h.remove()
+    return [
+        float(
+            position_contribution_norms(
+                inputs[i], grads[i], c.kernel_size, c.stride, c.padding, c.dilation, c.groups
+            ).sum()
+        )
+        for i, c in enumerate(convs)
+    ]
+
+
 def _relative_error(est: Sequence[torch.Tensor], exact: Sequence[torch.Tensor]) -> float:
     num = sum((a - b).pow(2).sum() for a, b in zip(est, exact))
     den = sum(b.pow(2).sum() for b in exact)
@@ -149,18 +196,35 @@ def gradient_error(
     for name, (x, y) in data.items():
         convert_sampled(model, 1.0)
         exact, exact_bytes = conv_weight_grads_and_saved_bytes(model, x, y)
+        exact_sq = sum(float(g.pow(2).sum()) for g in exact)
+        position_terms = sum(position_error_terms(model, x, y))
         for label, (axis, mode) in series.items():
             for p in keep_probs:
                 convert_sampled(model, p, axis, spatial_mode=mode, generator=gen)
                 errors, saved = [], []
+                layer_errors = [0.0] * len(exact)
                 for _ in range(draws):
                     est, nbytes = conv_weight_grads_and_saved_bytes(model, x, y)
                     errors.append(_relative_error(est, exact))
                     saved.append(nbytes)
+                    for i, (a, b) in enumerate(zip(est, exact)):
+                        layer_errors[i] += _relative_error([a], [b]) / draws
                 mean = sum(errors) / draws
                 std = math.sqrt(sum((e - mean) ** 2 for e in errors) / max(draws - 1, 1))
+                rms = math.sqrt(sum(e**2 for e in errors) / draws)
+                # exact E‖ĝ - g‖² / ‖g‖²: channel (c_in not contracted): (1-p)/p; position:
+                # (1-p)/p Σ_i ‖T_i‖² / ‖g‖²; per-dimension sampling: not derived here
+                theory = None
+                if axis == "channel":
+                    theory = math.sqrt((1 - p) / p)
+                elif mode == "position":
+                    theory = math.sqrt((1 - p) / p * position_terms / exact_sq)
                 memory_saved = 1.0 - sum(saved) / draws / exact_bytes
-                points.append(ErrorPoint(name, label, p, mean, std, memory_saved, draws))
+                points.append(
+                    ErrorPoint(
+                        name, label, p, mean, std, rms, theory, memory_saved, draws, layer_errors
+                    )
+                )
                 log.info("%s %s p=%.2f: error %.4f, saved %.3f", name, label, p, mean, memory_saved)
     convert_sampled(model, 1.0)
     return points
@@ -243,7 +307,7 @@ def _plot(points: list[ErrorPoint], training: dict, out: Path) -> None:
             )
             if not pts:
                 continue
-            ax.errorbar(
+            bars = ax.errorbar(
                 [p.memory_saved for p in pts],
                 [p.rel_error_mean for p in pts],
                 yerr=[p.rel_error_std for p in pts],
@@ -251,6 +315,14 @@ def _plot(points: list[ErrorPoint], training: dict, out: Path) -> None:
                 capsize=3,
                 label=label,
             )
+            theory = [(1 - p.keep_prob, p.rel_error_theory) for p in pts if p.rel_error_theory]
+            if theory:
+                ax.plot(
+                    *zip(*sorted(theory)),
+                    linestyle="--",
+                    color=bars[0].get_color(),
+                    label=f"{label}: exact RMS (theory)",
+                )
         ax.set_title(f"All-CNN-C (untrained), {name} data")
         ax.set_xlabel("saved conv-input memory (measured)")
         ax.set_ylabel("relative weight-gradient error")
@@ -278,12 +350,14 @@ def _plot(points: list[ErrorPoint], training: dict, out: Path) -> None:
 
 def _table(points: list[ErrorPoint]) -> str:
     lines = [
-        f"{'data':<10} {'series':<18} {'keep_prob':>9} {'mem saved':>9} {'rel error':>16}",
+        f"{'data':<10} {'series':<18} {'keep_prob':>9} {'mem saved':>9} {'rel error':>17} "
+        f"{'rms':>7} {'theory':>7}",
     ]
     for p in points:
+        theory = f"{p.rel_error_theory:7.4f}" if p.rel_error_theory is not None else "      -"
         lines.append(
             f"{p.data:<10} {p.series:<18} {p.keep_prob:>9.2f} {p.memory_saved:>9.3f} "
-            f"{p.rel_error_mean:>8.4f} ± {p.rel_error_std:.4f}"
+            f"{p.rel_error_mean:>8.4f} ± {p.rel_error_std:.4f} {p.rel_error_rms:7.4f} {theory}"
         )
     return "\n".join(lines)
 

@@ -75,6 +75,22 @@ def test_gradient_error_channel_half_is_exactly_one_and_keep_all_is_zero():
         assert by_key[label, 1.0].memory_saved == 0.0
         assert 0.0 < by_key[label, 0.5].memory_saved < 1.0
     assert 0.0 < by_key["spatial", 0.5].rel_error_mean
+    assert by_key["channel", 0.5].rel_error_theory == pytest.approx(1.0)
+    assert by_key["spatial", 1.0].rel_error_theory == 0.0
+    assert len(by_key["spatial", 0.5].layer_rel_error_mean) == 2
+
+
+def test_position_error_terms_give_the_exact_expected_error():
+    """The derived RMS error of spatial sampling matches a many-draw Monte-Carlo estimate."""
+    net, (x, y) = _net(), _batch()
+    net(x)
+    keep_prob, draws = 0.5, 100
+    points = gradient_error(
+        net, {"toy": (x, y)}, [keep_prob], {"spatial": ("spatial", "position")}, draws=draws
+    )
+    (point,) = points
+    # E[err²] estimated from `draws` draws: allow 20% on the mean square (loose MC tolerance)
+    assert point.rel_error_rms**2 == pytest.approx(point.rel_error_theory**2, rel=0.2)
     # the model is left exact
     assert all(getattr(m, "keep_prob", 1.0) == 1.0 for m in net.modules())
 
