@@ -98,6 +98,11 @@ def registered_types() -> tuple[type[nn.Module], ...]:
     return tuple(_REGISTRY)
 
 
+def _total(parts: list[Tensor]) -> Tensor:
+    """Sum of the queued statistics (no copy for the usual single part)."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
 class KroneckerBlock(ABC):
     """Curvature block of one layer: factors ``A [groups, d_A, d_A]``, ``G [groups, d_G, d_G]``.
 
@@ -253,22 +258,23 @@ class KroneckerBlock(ABC):
         """
         if not self.has_statistics:
             return
-        a_new = torch.stack(self._a_parts).sum(0) / self._samples
-        g_new = torch.stack(self._g_parts).sum(0) * grad_scale
+        a_new = _total(self._a_parts) / self._samples
+        g_new = _total(self._g_parts) * grad_scale
         self.clear_statistics()
-        finite = torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
+        # one reduction per factor: a sum is finite iff every entry is (for non-overflowing sums)
+        finite = torch.isfinite(a_new.sum() + g_new.sum())
         if "A" not in state:
             # first update: initialise from the batch (zeros if it is not finite, flagged below)
-            state["A"] = torch.where(finite, a_new, torch.zeros_like(a_new))
-            state["G"] = torch.where(finite, g_new, torch.zeros_like(g_new))
+            state["A"] = torch.where(finite, a_new, 0.0)
+            state["G"] = torch.where(finite, g_new, 0.0)
             state["factors_valid"] = finite.clone()
             state["skipped_factor_updates"] = (~finite).to(torch.int64)
             return
         a_old, g_old = state["A"], state["G"]
-        first = ~state["factors_valid"]
-        beta = torch.where(first, 0.0, torch.tensor(decay, dtype=a_old.dtype, device=a_old.device))
-        state["A"] = torch.where(finite, beta * a_old + (1 - beta) * a_new, a_old)
-        state["G"] = torch.where(finite, beta * g_old + (1 - beta) * g_new, g_old)
+        # weight of the new batch: 1 - β, or 1 while no finite batch has been seen yet
+        weight = 1.0 - decay * state["factors_valid"].to(a_old.dtype)  # device-side, no copy
+        a_old.lerp_(torch.where(finite, a_new.to(a_old.dtype), a_old), weight)
+        g_old.lerp_(torch.where(finite, g_new.to(g_old.dtype), g_old), weight)
         state["factors_valid"] = state["factors_valid"] | finite
         state["skipped_factor_updates"] = state["skipped_factor_updates"] + (~finite).to(
             torch.int64

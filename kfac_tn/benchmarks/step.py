@@ -1,0 +1,345 @@
+"""Benchmark a full training step: KFAC vs SGD and Adam (and curvlinops / BackPACK if installed).
+
+Run ``python -m kfac_tn.benchmarks.step [--models 3c3d resnet18] [--batch-size 128] [--steps 20]
+[--device cpu|cuda] [--quick] [--out DIR]``.
+
+A step is: forward, backward (with KFAC's capture hooks: input factors in the forward hooks,
+gradient factors in the output-gradient hooks), then ``optimizer.step()`` (factor EMA every step,
+inverses every 10 steps, preconditioning, KL clipping, momentum update). Each step is timed phase
+by phase with device synchronisation; after one warm-up step the ``--steps`` timed steps contain
+``steps / 10`` inverse updates, so the mean step time amortises the inversion exactly as in
+training. Reported phases (seconds, mean over the timed steps): ``forward``, ``backward``,
+``step`` (amortised), ``step_inverse`` / ``step_no_inverse`` (KFAC: steps with / without an
+inverse update) and ``total``. ``peak_mem_bytes`` is the peak torch allocation during one
+further step (CUDA: ``max_memory_allocated``; CPU: the profiler's allocator events).
+
+Comparison rows (when the packages import): ``curvlinops`` builds a ``KFACLinearOperator`` on the
+batch every step (its own forward and backward), ``backpack`` runs the backward under its
+``KFAC`` extension (one MC sample); both then use the same damped eigen inversion every 10 steps,
+preconditioning and momentum-SGD update as ours, so the rows differ only in how factors are
+computed.
+
+Results go to stdout as a table and, with ``--out DIR``, to ``DIR/results.json`` (one row per
+model × optimizer: model, optimizer, kfac_approx, batch_size, device, threads, time_s{phase},
+ratio_to_sgd, peak_mem_bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_tn import KFAC, linalg
+from kfac_tn.benchmarks._timing import measure_memory, synchronize
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("3c3d", "resnet18")
+INVERSE_PERIOD = 10
+
+
+def build(name: str) -> nn.Module:
+    """Benchmark model for CIFAR-10-shaped inputs (3×32×32, 10 classes).
+
+    Args:
+        name: ``"3c3d"`` (DeepOBS) or ``"resnet18"`` (torchvision, CIFAR stem: 3×3 stride-1 first
+            convolution, no max-pool).
+
+    Returns:
+        The model (float32, CPU).
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    if name == "3c3d":
+        from kfac_tn.models import Net3c3d
+
+        return Net3c3d(3, 32, 10)
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        model = resnet18(num_classes=10)
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    raise ValueError(f"Invalid model: {name!r} (allowed: {', '.join(MODELS)})")
+
+
+# ----------------------------------------------------------------------------- peer baselines
+class _PeerKFAC:
+    """KFAC from a peer library's factors, with our inversion, preconditioning and update.
+
+    Args:
+        model: The model.
+        factors: ``(x, y) -> {module: (A, G)}`` computing factors with the peer library,
+            including its own forward/backward pass; the gradients are left in ``.grad``.
+        lr, momentum, damping: As in :class:`kfac_tn.KFAC`.
+    """
+
+    def __init__(self, model, factors, lr=0.01, momentum=0.9, damping=1e-3) -> None:
+        self.model, self.factors = model, factors
+        self.lr, self.momentum, self.damping = lr, momentum, damping
+        self.step_count = 0
+        self.inverses: dict[nn.Module, list[torch.Tensor]] = {}
+        self.buffers: dict[torch.Tensor, torch.Tensor] = {}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.enable_grad():
+            factors = self.factors(x, y)
+        with torch.no_grad():
+            if self.step_count % INVERSE_PERIOD == 0:
+                for module, (A, G) in factors.items():
+                    result = linalg.compute_inverse(
+                        A[None], G[None], inversion="eigen", damping=self.damping, dtype=A.dtype
+                    )
+                    if result.tensors is not None:
+                        self.inverses[module] = result.tensors
+            directions = {}
+            for module, inverse in self.inverses.items():
+                w, b = module.weight, getattr(module, "bias", None)
+                m = w.grad.reshape(w.shape[0], -1)
+                if b is not None and inverse[0].shape[-1] == m.shape[1] + 1:
+                    m = torch.cat([m, b.grad[:, None]], dim=1)
+                out = linalg.precondition(
+                    m[None], inverse, inversion="eigen", damping=self.damping
+                )[0]
+                directions[w] = out[:, : w[0].numel()].reshape(w.shape)
+                if b is not None and out.shape[1] > w[0].numel():
+                    directions[b] = out[:, -1]
+            for p in self.model.parameters():
+                if p.grad is None:
+                    continue
+                d = directions.get(p, p.grad)
+                buf = self.buffers.get(p)
+                buf = self.buffers[p] = (
+                    d.clone() if buf is None else buf.mul_(self.momentum).add_(d)
+                )
+                p.add_(buf, alpha=-self.lr)
+        self.step_count += 1
+
+
+def _curvlinops_factory(model: nn.Module, approx: str):
+    from curvlinops import KFACLinearOperator
+
+    supported = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    params = [p for m in supported for p in m.parameters()]
+    names = {m: n for n, m in model.named_modules()}
+
+    def factors(x, y):
+        model.zero_grad()
+        op = KFACLinearOperator(
+            model,
+            nn.CrossEntropyLoss(),
+            params,
+            [(x, y)],
+            fisher_type="empirical",
+            kfac_approx=approx,
+            separate_weight_and_bias=False,
+            num_data=x.shape[0],
+            check_deterministic=False,
+        )
+        op.compute_kronecker_factors()
+        with torch.enable_grad():  # curvlinops does not leave gradients: one more backward
+            F.cross_entropy(model(x), y).backward()
+        return {
+            m: (op._input_covariances[names[m]], op._gradient_covariances[names[m]])
+            for m in supported
+            if names[m] in op._input_covariances
+        }
+
+    return factors
+
+
+def _backpack_factory(model: nn.Module):
+    import backpack
+    from backpack.extensions import KFAC as BackpackKFAC
+
+    model = backpack.extend(model)
+    loss_fn = backpack.extend(nn.CrossEntropyLoss())
+    supported = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def factors(x, y):
+        model.zero_grad()
+        with backpack.backpack(BackpackKFAC(mc_samples=1)):
+            loss_fn(model(x), y).backward()
+        out = {}
+        for m in supported:
+            G, A = m.weight.kfac
+            out[m] = (A, G)
+        return out
+
+    return factors
+
+
+# ----------------------------------------------------------------------------- timing
+def _timed_steps(
+    step_fn: Callable[[int], dict[str, float]], steps: int
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    step_fn(-1)  # warm-up (first factors, first inverse, plan caches)
+    records = [step_fn(i) for i in range(steps)]
+    phases = {k: statistics.fmean(r[k] for r in records) for k in records[0]}
+    return phases, records
+
+
+def bench_optimizer(
+    name: str, model_name: str, approx: str | None, batch_size: int, steps: int, device: str
+) -> dict:
+    """Time ``steps`` training steps of one optimizer on one model.
+
+    Returns:
+        A result row (see the module docstring).
+    """
+    torch.manual_seed(0)
+    model = build(model_name).to(device)
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    peer = None
+    if name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    elif name == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    elif name == "kfac":
+        opt = KFAC(model, lr=0.01, kfac_approx=approx, inverse_update_period=INVERSE_PERIOD)
+    elif name == "curvlinops":
+        peer = _PeerKFAC(model, _curvlinops_factory(model, approx))
+    elif name == "backpack":
+        peer = _PeerKFAC(model, _backpack_factory(model))
+    else:
+        raise ValueError(f"Invalid optimizer: {name!r}")
+
+    def one_step(i: int) -> dict[str, float]:
+        synchronize(device)
+        t0 = time.perf_counter()
+        if peer is not None:  # the peers' factor computation includes forward and backward
+            peer.step(x, y)
+            synchronize(device)
+            t = time.perf_counter() - t0
+            return {"forward": 0.0, "backward": 0.0, "step": t, "total": t}
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        synchronize(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        synchronize(device)
+        t2 = time.perf_counter()
+        opt.step()
+        synchronize(device)
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0}
+
+    phases, records = _timed_steps(one_step, steps)
+    if name == "kfac":
+        inverse = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD == 0]
+        other = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD != 0]
+        if inverse:
+            phases["step_inverse"] = statistics.fmean(inverse)
+        if other:
+            phases["step_no_inverse"] = statistics.fmean(other)
+    memory = measure_memory(lambda: one_step(0), device)
+    return {
+        "model": model_name,
+        "optimizer": name,
+        "kfac_approx": approx,
+        "batch_size": batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "time_s": phases,
+        "peak_mem_bytes": memory.peak_bytes,
+    }
+
+
+def _available(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def run(models, batch_size: int, steps: int, device: str, peers: bool = True) -> list[dict]:
+    """Run all optimizers on all models; adds ``ratio_to_sgd`` to every row."""
+    rows = []
+    for model_name in models:
+        configs = [("sgd", None), ("adam", None), ("kfac", "reduce"), ("kfac", "expand")]
+        if peers and _available("curvlinops"):
+            configs += [("curvlinops", "reduce"), ("curvlinops", "expand")]
+        if peers and _available("backpack"):
+            configs += [("backpack", "expand")]
+        model_rows = []
+        for name, approx in configs:
+            try:
+                row = bench_optimizer(name, model_name, approx, batch_size, steps, device)
+            except Exception as err:  # a peer library failing must not stop the benchmark
+                if name in ("curvlinops", "backpack"):
+                    logger.warning("%s on %s failed: %s", name, model_name, err)
+                    continue
+                raise
+            model_rows.append(row)
+            logger.info(
+                "%s %s %s: %.4f s/step", model_name, name, approx or "", row["time_s"]["total"]
+            )
+        sgd = next(r["time_s"]["total"] for r in model_rows if r["optimizer"] == "sgd")
+        for row in model_rows:
+            row["ratio_to_sgd"] = row["time_s"]["total"] / sgd
+        rows += model_rows
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Human-readable summary of the result rows."""
+    lines = [
+        f"{'model':9} {'optimizer':11} {'approx':7} {'fwd':>8} {'bwd':>8} {'step':>8} "
+        f"{'total':>8} {'x SGD':>6} {'peak MiB':>9}"
+    ]
+    for r in rows:
+        t = r["time_s"]
+        lines.append(
+            f"{r['model']:9} {r['optimizer']:11} {r['kfac_approx'] or '':7} {t['forward']:8.4f} "
+            f"{t['backward']:8.4f} {t['step']:8.4f} {t['total']:8.4f} {r['ratio_to_sgd']:6.2f} "
+            f"{r['peak_mem_bytes'] / 2**20:9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Command-line entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (multiple of 10)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-peers", action="store_true", help="skip curvlinops/BackPACK rows")
+    parser.add_argument("--quick", action="store_true", help="3c3d only, 10 steps, no peers")
+    parser.add_argument("--out", type=Path, default=None, help="write DIR/results.json")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"Invalid --batch-size: {args.batch_size} (must be >= 1)")
+    if args.steps < 1:
+        parser.error(f"Invalid --steps: {args.steps} (must be >= 1)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    models, steps, peers = args.models, args.steps, not args.no_peers
+    if args.quick:
+        models, steps, peers = ["3c3d"], 10, False
+    rows = run(models, args.batch_size, steps, args.device, peers)
+    print(format_table(rows))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
