@@ -379,6 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-probs", type=float, nargs="+", default=list(KEEP_PROBS), help="keep probabilities"
     )
+    parser.add_argument("--lr", type=float, default=0.05, help="digits SGD learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -419,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = {"exact": (1.0, "spatial", "position")}
     variants.update({f"{label} p=0.5": (0.5, *SERIES[label]) for label in SERIES})
     training = (
-        train_digits(variants, epochs, device, seed=args.seed, train_size=args.train_size)
+        train_digits(
+            variants, epochs, device, lr=args.lr, seed=args.seed, train_size=args.train_size
+        )
         if epochs > 0
         else {}
     )
@@ -433,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "epochs": epochs,
             "width": args.width,
             "train_size": args.train_size,
+            "lr": args.lr,
             "keep_probs": list(args.keep_probs),
             "seed": args.seed,
             "threads": torch.get_num_threads(),
