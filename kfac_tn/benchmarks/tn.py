@@ -591,7 +591,8 @@ def plot(
     impls = list(dict.fromkeys(r["impl"] for r in joined))
     ncols = min(3, len(routines))
     nrows = math.ceil(len(routines) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    fig_h, fig_w = 3.2 * nrows + 1.4, max(4.2 * ncols, 7.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_w, fig_h), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / max(len(impls), 1)
     for ax, routine in zip(axes.flat, routines):
@@ -629,16 +630,22 @@ def plot(
     fig.legend(handles, impls, loc="lower center", ncol=max(len(impls), 1))
     if rows:
         r0 = rows[0]
-        fig.suptitle(
-            f"{r0['device']} {r0['dtype']} batch {r0['batch_size']}, {r0['threads']} threads, "
-            f"speed-up from the {stat} of rounds"
+        what = (
+            f"speed-up over standard ({stat} of rounds)"
+            if quantity == "speedup"
+            else "auxiliary memory relative to standard"
         )
-    # fixed margins: tight_layout measures every text extent and is slow on a loaded machine
+        fig.suptitle(
+            f"{what}; {r0['device']} {r0['dtype']} batch {r0['batch_size']}, "
+            f"{r0['threads']} threads",
+            y=1 - 0.15 / fig_h,
+        )
+    # fixed margins in inches: tight_layout measures every text extent (slow on a loaded machine)
     fig.subplots_adjust(
-        left=0.08,
-        right=0.98,
-        bottom=0.10 + 0.1 / nrows,
-        top=1 - 0.12 / nrows,
+        left=0.9 / fig_w,
+        right=1 - 0.15 / fig_w,
+        bottom=0.8 / fig_h,
+        top=1 - 0.6 / fig_h,
         wspace=0.3,
         hspace=0.35,
     )
