@@ -19,6 +19,10 @@ work as usual, so curvature capture (e.g. :class:`kfac_tn.KFAC`) sees the full i
 exact output gradient.
 
 Use :func:`convert_sampled` to switch the convolutions of an existing model in place.
+
+Limitations: the sampled backward is once-differentiable (no double backward through sampled
+layers) and has no ``vmap`` rule; extra backward passes (e.g. KFAC's MC / type-2 Fisher passes
+to the layer outputs) also evaluate the sampled weight VJP, which autograd then discards.
 """
 
 from __future__ import annotations
