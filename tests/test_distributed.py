@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import _dist_workers as workers
 import pytest
@@ -369,3 +373,41 @@ def test_stalled_worker_makes_survivor_time_out(tmp_path):
     assert res["error"] is not None, "survivor did not time out"
     assert "failed on rank 0 of 2" in res["error"]
     assert timeout - 0.5 <= res["elapsed"] < timeout + 3.0
+
+
+# ---------------------------------------------------------------- end to end: torchrun + train
+
+
+def _torchrun_train(args: list[str], tmp_path, name: str) -> None:
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "kfac_tn", "train", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_torchrun_train_resumes_exactly(tmp_path, strategy):
+    """``torchrun -m kfac_tn train CONFIG distributed=ddp``: stop + resume == uninterrupted."""
+    common = [
+        "configs/digits_kfac.yaml",
+        "distributed=ddp",
+        "epochs=2",
+        "data.limit_batches=6",
+        f"out_dir={tmp_path}",
+        "quiet=true",
+        "dist_timeout_s=60",
+        f"optimizer.distributed_strategy={strategy}",
+        "optimizer.inverse_update_period=4",  # epoch 2 starts between two inverse steps
+    ]
+    _torchrun_train([*common, "run_name=full"], tmp_path, "uninterrupted run")
+    _torchrun_train([*common, "run_name=part", "--stop-after", "1"], tmp_path, "first half")
+    _torchrun_train(["--resume", str(tmp_path / "part")], tmp_path, "resumed half")
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert len(full) == len(part) == 2
+    for a, b in zip(full, part):
+        ra, rb = json.loads(a), json.loads(b)
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert ra[key] == rb[key], (key, ra, rb)
