@@ -331,3 +331,20 @@ def test_kfac_optimizer_on_converted_model_has_exact_factors():
     assert not torch.equal(net.features[0].weight, w0)
     for opt in opts:
         opt.remove_hooks()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("axis,mode", AXES, ids=AXIS_IDS)
+def test_cuda_matches_cpu(axis: str, mode: str):
+    """Same draw (host generator) on CUDA and CPU: equal outputs and gradients."""
+    case = LAYERS[4]
+    grads = []
+    for device in ("cpu", "cuda"):
+        _, layer = case.pair(0.5, axis, mode, seed=11)
+        layer.to(device)
+        x = case.input().detach().to(device).requires_grad_(True)
+        y = layer(x)
+        v = torch.ones_like(y)
+        grads.append([t.cpu() for t in (y, *torch.autograd.grad(y, [x, layer.weight], v))])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -401,3 +401,19 @@ def test_inconsistent_shapes_raise():
         gather(x[:1], sample)
     with pytest.raises(ValueError, match="Invalid x_kept"):
         kept_conv_weight_vjp(x, sample, v, **case.kwargs())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("axis,mode", MODES, ids=MODE_IDS)
+def test_cuda_matches_cpu(axis: str, mode: str):
+    case = GRID[9]
+    x, _, v = case.tensors()
+    out = []
+    for device in ("cpu", "cuda"):
+        out.append(
+            sampled_conv_weight_vjp(
+                x.to(device), v.to(device), **case.kwargs(), keep_prob=0.5, axis=axis,
+                spatial_mode=mode, generator=torch.Generator().manual_seed(2),
+            ).cpu()
+        )  # fmt: skip
+    assert_close(out[1], out[0], 1e-10, f"{axis}-{mode}")
