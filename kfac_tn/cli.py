@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,7 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     console = logging.StreamHandler()
-    console.setLevel(getattr(logging, ns.log_level))  # the run's train.log still gets INFO
+    level = getattr(logging, ns.log_level)
+    if os.environ.get("RANK", "0") != "0":  # torchrun workers other than rank 0: warnings only
+        level = max(level, logging.WARNING)
+    console.setLevel(level)  # the run's train.log still gets INFO
     logging.basicConfig(
         level=logging.INFO,
         handlers=[console],

@@ -148,3 +148,95 @@ def test_reference_lists_keys(capsys):
     from kfac_tn.config import TrainConfig, config_from_dict
 
     assert config_from_dict(yaml.safe_load(capsys.readouterr().out)) == TrainConfig()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE_RUNS = [
+    ("quickstart", ["quickstart.py", "--epochs", "1"], "epoch 1: test loss"),
+    (
+        "cifar_fake",
+        [
+            "train_cifar.py",
+            "--fake-data",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "2",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+        ],
+        "epoch 1:",
+    ),
+    (
+        "imagenet_fake",
+        [
+            "train_imagenet.py",
+            "--fake-data",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "64",
+            "--workers",
+            "0",
+        ],
+        "top-1",
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("argv", "expected"), [c[1:] for c in EXAMPLE_RUNS], ids=[c[0] for c in EXAMPLE_RUNS]
+)
+def test_examples_run(argv, expected):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expected in out.stdout
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun(tmp_path):
+    """Two gloo workers on CPU: rank 0 writes the run, metrics are global (summed over shards)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kfac_tn",
+        "train",
+        "distributed=ddp",
+        "data.train_subset=256",
+        "data.test_subset=101",
+        "epochs=1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--run-name",
+        "ddp",
+        "--quiet",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [
+        json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 1
+    assert round(rows[0]["test_acc"] * 101) == pytest.approx(
+        rows[0]["test_acc"] * 101, abs=1e-9
+    )  # over all 101
+    assert (tmp_path / "ddp" / "checkpoint.pt").is_file()
