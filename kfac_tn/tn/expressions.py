@@ -15,7 +15,7 @@ marks the second copy in the KFAC factors, ``m`` the loss-Hessian square-root co
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,6 +41,9 @@ class Expression:
         scale: Constant factor applied to the contraction (e.g. ``1/(N·ΠO)`` for KFC).
         post: Element-wise post-processing after the contraction, ``''`` if none
             (``'square_sum_m_n'`` for the GGN diagonal: square, then sum over ``m`` and ``n``).
+        spec: The spec the expression was built for (its ``dims`` give the Π's).
+        transforms: For simplified expressions (:mod:`kfac_tn.tn.simplify`), the strided
+            views / writes that replaced the index patterns; empty for plain networks.
     """
 
     routine: str
@@ -50,6 +53,8 @@ class Expression:
     result_shape: tuple[int, ...]
     scale: float = 1.0
     post: str = ""
+    transforms: tuple[str, ...] = ()
+    spec: ConvSpec | None = field(default=None, repr=False, compare=False)
 
     def __iter__(self):
         """Unpack as ``(equation, operands, shape)`` like einconv's ``einsum_expression``."""
@@ -110,7 +115,7 @@ def routine_expression(
     """
     if routine not in _BUILDERS:
         raise ValueError(f"Invalid routine: {routine!r} (allowed: {', '.join(ROUTINES)})")
-    return _BUILDERS[routine](routine, spec, *shapes)
+    return replace(_BUILDERS[routine](routine, spec, *shapes), spec=spec)
 
 
 def _conv(routine, spec, x_shape, w_shape):
@@ -370,13 +375,14 @@ DATA_ARGS = {
 }
 
 
-def symbolic(routine: str, *args, **kwargs) -> Expression:
+def symbolic(routine: str, *args, simplify: bool = False, **kwargs) -> Expression:
     """Show the plain tensor network of a routine, from the routine's own arguments.
 
     The leading tensor arguments (``x``, ``weight``, ...; positional) may be given as tensors
     or as shapes; the hyperparameters are those of the routine.
     ``'hessian_diagonal_weight'`` and ``'hessian_diagonal_input'`` give the two contractions
-    of :func:`~kfac_tn.tn.hessian_diagonal`.  Nothing is computed.
+    of :func:`~kfac_tn.tn.hessian_diagonal`.  Nothing is computed.  With ``simplify=True``
+    the simplified network (no index patterns; see :mod:`kfac_tn.tn.simplify`) is returned.
 
     Example:
         >>> expr = symbolic("conv", (2, 3, 8, 8), (4, 3, 3, 3), padding=1)
@@ -387,6 +393,7 @@ def symbolic(routine: str, *args, **kwargs) -> Expression:
     Args:
         routine: One of :data:`ROUTINES`.
         *args: The routine's positional arguments (tensors or shapes first).
+        simplify: Return the simplified network instead of the plain one.
         **kwargs: The routine's keyword arguments (``impl`` is ignored).
 
     Returns:
@@ -427,6 +434,10 @@ def symbolic(routine: str, *args, **kwargs) -> Expression:
     )
     kwargs.pop("impl", None)
     spec, shapes = prepare(*args, **kwargs)
+    if simplify:
+        from kfac_tn.tn.simplify import simplified_expression
+
+        return simplified_expression(routine, spec, shapes)
     return routine_expression(routine, spec, shapes)
 
 
