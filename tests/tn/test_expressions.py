@@ -123,3 +123,34 @@ def test_choose_impl_public():
     spec = tn.conv_spec((8, 8), 3, padding=1)
     assert tn.choose_impl("reduce", spec, 3, torch.float32, "cpu") == "tn_simplified"
     assert tn.choose_impl("expand", spec, 3, torch.float32, "cpu") in ("tn_simplified", "standard")
+
+
+def _all_routine_calls():
+    x, w, v = torch.zeros(2, 2, 6, 5), torch.zeros(4, 2, 3, 3), torch.zeros(2, 4, 4, 3)
+    return {
+        "conv": lambda impl: tn.conv(x, w, impl=impl),
+        "conv_transpose": lambda impl: tn.conv_transpose(x, torch.zeros(2, 3, 3, 3), impl=impl),
+        "unfold": lambda impl: tn.unfold(x, 3, impl=impl),
+        "fold": lambda impl: tn.fold(torch.zeros(2, 18, 12), (6, 5), 3, impl=impl),
+        "unfold_transpose": lambda impl: tn.unfold_transpose(x, 3, impl=impl),
+        "kernel_unfold": lambda impl: tn.kernel_unfold(w, (6, 5), impl=impl),
+        "conv_input_vjp": lambda impl: tn.conv_input_vjp(v, w, (6, 5), impl=impl),
+        "conv_weight_vjp": lambda impl: tn.conv_weight_vjp(x, v, 3, impl=impl),
+        "conv_input_jvp": lambda impl: tn.conv_input_jvp(x, w, impl=impl),
+        "conv_weight_jvp": lambda impl: tn.conv_weight_jvp(x, w, impl=impl),
+        "kfac_expand_factor": lambda impl: tn.kfac_expand_factor(x, 3, impl=impl),
+        "kfac_reduce_factor": lambda impl: tn.kfac_reduce_factor(x, 3, impl=impl),
+        "grad_expand_factor": lambda impl: tn.grad_expand_factor(v, impl=impl),
+        "grad_reduce_factor": lambda impl: tn.grad_reduce_factor(v, impl=impl),
+        "ggn_diagonal": lambda impl: tn.ggn_diagonal(x, v[None], 3, impl=impl),
+        "hessian_diagonal": lambda impl: tn.hessian_diagonal(x, w, v, impl=impl),
+    }
+
+
+@pytest.mark.parametrize("routine", sorted(_all_routine_calls()))
+def test_every_routine_validates_impl(routine):
+    call = _all_routine_calls()[routine]
+    for impl in tn.IMPLS:
+        call(impl)
+    with pytest.raises(ValueError, match="Invalid impl: 'fast'"):
+        call("fast")

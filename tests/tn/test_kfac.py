@@ -136,3 +136,20 @@ def test_bad_input_rank():
         grad_expand_factor(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="Invalid groups"):
         grad_reduce_factor(torch.zeros(2, 3, 4), groups=2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fn", [kfac_expand_factor, kfac_reduce_factor], ids=["expand", "reduce"])
+def test_factors_non_contiguous_and_float32(fn, impl, generator):
+    """channels_last / sliced inputs (strided views use the real strides) and float32."""
+    case = Case("nc", (2, 4, 9, 8), 3, stride=2, padding=1, groups=2)
+    x = randn(2, 4, 9, 8, generator=generator)
+    expected = kfac_expand(x, case) if fn is kfac_expand_factor else kfac_reduce(x, case)
+    channels_last = x.to(memory_format=torch.channels_last)
+    assert_close(fn(channels_last, **case.kwargs(), impl=impl), expected)
+    wide = randn(2, 4, 9, 16, generator=generator)
+    wide[..., ::2] = x
+    assert_close(fn(wide[..., ::2], **case.kwargs(), impl=impl), expected)
+    x32 = fn(x.float(), **case.kwargs(), impl=impl)
+    assert x32.dtype == torch.float32
+    assert_close(x32, expected, rtol=1e-5)
