@@ -219,14 +219,14 @@ class OptimizerConfig:
 
     name: OptimizerName = OptimizerName.KFAC
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.5
     nesterov: bool = False
     weight_decay: float = 5e-4
     dampening: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     amsgrad: bool = False
-    damping: float = 1e-3
+    damping: float = 1e-2
     factor_decay: float = 0.95
     factor_update_period: int = 1
     inverse_update_period: int = 10
