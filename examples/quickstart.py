@@ -59,7 +59,7 @@ if args.sgd:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 else:
     optimizer = KFAC(
-        model, lr=0.05, momentum=0.9, weight_decay=5e-4, damping=1e-3, inverse_update_period=10
+        model, lr=0.05, momentum=0.5, weight_decay=5e-4, damping=1e-2, inverse_update_period=10
     )
 
 start = time.perf_counter()
