@@ -26,6 +26,9 @@ gives exactly the factors of one process on the concatenated global batch with `
 "mean"`` (equal local batch sizes), and the averaged gradient is that process's gradient; the
 preconditioned update is identical up to floating-point round-off.
 
+With a single worker (``world_size == 1``) the communicator sends nothing: factors and broadcasts
+are left as they are.
+
 Collective order. All ranks must queue the same factors (same shapes, same order) and call
 :meth:`Communicator.broadcast` for the same keys in the same order; this holds when every rank runs
 the same model and the same optimizer settings. The first :meth:`Communicator.wait_factors` and
@@ -264,6 +267,8 @@ class Communicator:
             raise ValueError(f"Invalid factor shape: {tuple(factor.shape)} (expected [..., d, d])")
         if not factor.is_floating_point():
             raise ValueError(f"Invalid factor dtype: {factor.dtype} (expected floating point)")
+        if self.world_size == 1:  # the average over one worker is the factor itself
+            return
         key = (factor.dtype, factor.device)
         symmetric = factor.shape[-1] > 1
         packed = self._pack(factor, symmetric)
@@ -392,6 +397,8 @@ class Communicator:
         if kind not in TRAFFIC_KINDS:
             raise ValueError(f"Invalid kind: {kind!r} (allowed: {', '.join(TRAFFIC_KINDS)})")
         src = self.owner(key)
+        if self.world_size == 1:  # the owner is the only receiver
+            return
         for t in tensors:
             if symmetric and (t.dim() < 2 or t.shape[-1] != t.shape[-2]):
                 raise ValueError(

@@ -213,6 +213,26 @@ def _scenario_comm(rank: int, world_size: int, workdir: Path, args: Sequence[str
         key: comm.transfer(key, transfer_payload(key) if comm.is_owner(key) else None, dst)
         for key in BCAST_COSTS
     }
+    # a one-rank group (every rank creates all of them: new_group is collective)
+    from kfac_tn.distributed import Communicator
+
+    singles = [dist.new_group([r]) for r in range(world_size)]
+    solo = Communicator(singles[rank], bucket_cap_mb=SMALL_CAP_MB)
+    solo_factors = make_factors(rank)
+    for f in solo_factors:
+        solo.all_reduce_factor(f)
+    solo.wait_factors()
+    solo.assign(BCAST_COSTS)
+    solo_bcast = make_bcast_tensors("conv1", fill_rank=rank)
+    solo.broadcast("conv1", solo_bcast, symmetric=False)
+    solo.wait_broadcasts()
+    result["solo"] = {
+        "world_size": solo.world_size,
+        "factors": solo_factors,
+        "bcast": solo_bcast,
+        "bytes": dict(solo.bytes_communicated),
+        "owners": solo.owners,
+    }
     return result
 
 

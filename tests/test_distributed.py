@@ -200,6 +200,18 @@ def test_owners_and_broadcasts(suite):
         assert res["bytes_after_bcast"]["gradients"] == 0
 
 
+def test_one_rank_group_sends_nothing(suite):
+    world_size, results = suite
+    for rank, res in enumerate(r["comm"]["solo"] for r in results):
+        assert res["world_size"] == 1
+        assert all(v == 0 for v in res["bytes"].values())
+        assert set(res["owners"].values()) == {0}
+        for got, want in zip(res["factors"], workers.make_factors(rank)):
+            assert torch.equal(got, want)
+        for got, want in zip(res["bcast"], workers.make_bcast_tensors("conv1", fill_rank=rank)):
+            assert torch.equal(got, want)
+
+
 def test_transfer_to_last_rank(suite):
     world_size, results = suite
     owners = assign_by_cost(workers.BCAST_COSTS, world_size)

@@ -18,8 +18,8 @@ For every process count ``W`` and method (``sgd``: DDP + SGD with momentum; ``kf
   the measured KFAC traffic is at most this bound.
 
 Payload bytes are the sizes of the buffers handed to the collectives, identical on every rank; a
-ring all-reduce moves ``2 (W - 1) / W`` times its payload over each link. With ``W = 1`` the
-collectives are still issued (a one-rank group), so the numbers show the single-worker overhead.
+ring all-reduce moves ``2 (W - 1) / W`` times its payload over each link. With ``W = 1`` KFAC's
+communicator sends nothing (DDP still runs its one-rank all-reduce).
 
 On a CPU-only machine every worker gets ``max(1, cores // W)`` intra-op threads (reported).
 """
