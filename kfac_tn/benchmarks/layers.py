@@ -2,10 +2,11 @@
 
 The paper's benchmark (design.md §5) runs every routine over the conv layers of three DeepOBS
 networks (3c3d, 2c2d, All-CNN-C) and six torchvision ImageNet networks. This module builds each
-network on the ``meta`` device (no memory, no weight initialisation cost), runs one forward pass
-on a ``meta`` tensor with forward-pre-hooks on every convolution to record the input shapes, and
+ImageNet network on the ``meta`` device (no memory, no weight initialisation cost; the small
+DeepOBS networks on CPU, where meta kernels would cost more in first-use overhead than they save),
+runs one forward pass with forward-pre-hooks on every convolution to record the input shapes, and
 returns one :class:`ConvLayer` per unique configuration of a network. Extraction of all nine
-networks takes well under a second, so nothing is cached on disk.
+networks takes a few seconds (mostly importing torchvision), so nothing is cached on disk.
 
 The DeepOBS networks come from :mod:`kfac_tn.models` (layouts of design.md §5; TensorFlow's
 asymmetric 'same' padding of DeepOBS's strided layers is replaced there by PyTorch's symmetric
@@ -152,19 +153,18 @@ def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
 
 @dataclass(frozen=True)
 class NetEntry:
-    """A benchmark network: how to build it and its input shape (without batch)."""
+    """A benchmark network: how to build it, its input shape (without batch), where to trace it."""
 
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     source: str
+    device: str = "meta"
 
 
 NETS: dict[str, NetEntry] = {
-    "3c3d": NetEntry(Net3c3d, (3, 32, 32), "DeepOBS cifar10_3c3d (kfac_tn.models.Net3c3d)"),
-    "2c2d": NetEntry(Net2c2d, (1, 28, 28), "DeepOBS fmnist_2c2d (kfac_tn.models.Net2c2d)"),
-    "all_cnn_c": NetEntry(
-        AllCNNC, (3, 32, 32), "DeepOBS cifar100_allcnnc (kfac_tn.models.AllCNNC)"
-    ),
+    "3c3d": NetEntry(Net3c3d, (3, 32, 32), "DeepOBS cifar10_3c3d (kfac_tn.models)", "cpu"),
+    "2c2d": NetEntry(Net2c2d, (1, 28, 28), "DeepOBS fmnist_2c2d (kfac_tn.models)", "cpu"),
+    "all_cnn_c": NetEntry(AllCNNC, (3, 32, 32), "DeepOBS cifar100_allcnnc (kfac_tn.models)", "cpu"),
     "alexnet": NetEntry(_torchvision("alexnet"), (3, 224, 224), "torchvision"),
     "resnet18": NetEntry(_torchvision("resnet18"), (3, 224, 224), "torchvision"),
     "resnext101_32x8d": NetEntry(_torchvision("resnext101_32x8d"), (3, 224, 224), "torchvision"),
@@ -205,27 +205,33 @@ def _symmetric_padding(module: nn.Module, name: str, spatial: Sequence[int]) -> 
 
 
 def extract_conv_layers(
-    model: nn.Module, input_shape: Sequence[int], net: str = "", *, dedupe: bool = True
+    model: nn.Module,
+    input_shape: Sequence[int],
+    net: str = "",
+    *,
+    dedupe: bool = True,
+    device: str = "meta",
 ) -> list[ConvLayer]:
     """Record the configuration of every ``Conv1d/2d/3d`` a forward pass of ``model`` runs.
 
-    The model is moved to the ``meta`` device (no memory is allocated and nothing is computed),
-    put in eval mode, and run once on a ``meta`` tensor of shape ``[1, *input_shape]``;
+    The model is moved to ``device`` (on ``meta`` no memory is allocated and nothing is
+    computed), put in eval mode, and run once on a zero tensor of shape ``[1, *input_shape]``;
     forward-pre-hooks record each convolution's input shape. Layers the forward pass does not
     call (e.g. InceptionV3's auxiliary classifier in eval mode) are not recorded. Transposed
     convolutions are not part of the nine networks and are not recorded.
 
     Args:
-        model: The network. It is moved to ``meta`` (its parameters are replaced in place).
+        model: The network. It is moved to ``device`` (its parameters are replaced in place).
         input_shape: Input shape without the batch dimension, e.g. ``(3, 224, 224)``.
         net: Network name stored in each row.
         dedupe: Merge layers with identical hyperparameters and input shape (the first module
             name is kept and ``count`` holds the multiplicity).
+        device: Device of the forward pass (``meta`` for large models).
 
     Returns:
         The layers in the order the forward pass first reaches them.
     """
-    model = model.to("meta").eval()
+    model = model.to(device).eval()
     records: list[ConvLayer] = []
     handles = []
 
@@ -261,7 +267,7 @@ def extract_conv_layers(
             if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 handles.append(module.register_forward_pre_hook(make_hook(name)))
         with torch.no_grad():
-            model(torch.empty(1, *input_shape, device="meta"))
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
         for handle in handles:
             handle.remove()
@@ -293,9 +299,11 @@ def benchmark_layers(nets: Iterable[str] | None = None, *, dedupe: bool = True) 
     layers: list[ConvLayer] = []
     for net in _check_nets(nets):
         entry = NETS[net]
-        with torch.device("meta"):
+        with torch.device(entry.device):
             model = entry.build()
-        found = extract_conv_layers(model, entry.input_shape, net, dedupe=dedupe)
+        found = extract_conv_layers(
+            model, entry.input_shape, net, dedupe=dedupe, device=entry.device
+        )
         log.debug("%s: %d conv layer configurations", net, len(found))
         layers.extend(found)
     return layers
