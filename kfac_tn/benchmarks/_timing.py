@@ -21,7 +21,9 @@ statistics, it runs the call under ``torch.profiler`` with ``profile_memory=True
 the allocation and free events of torch's CPU allocator in time order. This sees every tensor
 allocation made by torch kernels (including kernel-internal scratch tensors such as the padded
 copy inside ``im2col``), but not memory that libraries below torch allocate themselves (e.g. a
-BLAS library's private workspace) nor Python objects.
+BLAS library's private workspace) nor Python objects. Allocations are recorded where the
+profiler is active, i.e. on the calling thread; torch's intra-op worker threads normally only
+fill tensors the calling thread allocated.
 """
 
 from __future__ import annotations

@@ -323,7 +323,9 @@ def run(
                 try:
                     call = make_call(routine, impl, layer, tensors)
                     result = call()  # first call: warms caches, gives the value to check
-                except (NotImplementedError, ValueError, RuntimeError) as err:
+                except (NotImplementedError, ValueError, RuntimeError) as err:  # incl. OOM
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     failures.append(Failure(layer.net, layer.name, routine, impl, repr(err)))
                     log.warning("%s %s %s %s: %r", layer.net, layer.name, routine, impl, err)
                     if impl == "standard":
