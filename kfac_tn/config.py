@@ -285,6 +285,35 @@ OPTIMIZER_KEYS: dict[OptimizerName, tuple[str, ...]] = {
 """Which ``optimizer.*`` keys each optimizer takes (``name`` aside)."""
 
 
+_OPTIMIZER_DOCS: dict[str, str] = {
+    "name": "optimizer: ``kfac`` (kfac_tn.KFAC), ``sgd``, ``adam``, ``adamw`` (torch.optim).",
+    "lr": "base learning rate (multiplied by the schedule).",
+    "momentum": "heavy-ball momentum.",
+    "nesterov": "Nesterov momentum.",
+    "weight_decay": "L2 coefficient (KFAC: added after preconditioning; AdamW: decoupled).",
+    "dampening": "SGD momentum dampening.",
+    "betas": "Adam moment coefficients.",
+    "eps": "Adam denominator epsilon.",
+    "amsgrad": "AMSGrad variant.",
+    "damping": "Tikhonov damping of the Kronecker blocks.",
+    "factor_decay": "EMA coefficient of the Kronecker factors.",
+    "factor_update_period": "update the factors every N steps.",
+    "inverse_update_period": "recompute the inverses every N steps.",
+    "kfac_approx": "``expand`` (KFC) or ``reduce`` (cheaper, Eschenhagen et al. 2023).",
+    "fisher_type": "``empirical`` (your loss' gradients), ``mc`` (sampled labels), ``type2``.",
+    "mc_samples": "Monte-Carlo samples per factor update (``fisher_type: mc``).",
+    "inversion": "``eigen`` (exact damping) or ``cholesky`` (pi-damping, faster).",
+    "kl_clip": "KL-clipping bound of the update (null disables).",
+    "factor_dtype": "dtype of the factors (null: float32 for half-precision params, else theirs).",
+    "inverse_dtype": "dtype of the inverses (null: the factor dtype).",
+    "layer_settings": "mapping fnmatch pattern on module name -> ``{key: value}`` or ``skip``; keys: "
+    + ", ".join(KFAC_LAYER_KEYS)
+    + "; ``skip`` trains the layer with momentum SGD.",
+    "distributed_strategy": "``replicate`` (all ranks hold all inverses) or ``shard``.",
+    "bucket_cap_mb": "bucket size of the factor all-reduce (DDP).",
+}
+
+
 @dataclasses.dataclass
 class ScheduleConfig:
     """Learning-rate schedule, evaluated per iteration as a multiplier of ``optimizer.lr``.
@@ -928,7 +957,9 @@ def config_reference() -> str:
             desc = docs.get(f.name, "")
             if cls is OptimizerConfig:
                 users = [n.value for n, keys in OPTIMIZER_KEYS.items() if f.name in keys]
-                desc = "optimizer" if f.name == "name" else "used by: " + ", ".join(users)
+                desc = _OPTIMIZER_DOCS[f.name]
+                if f.name != "name":
+                    desc += " Used by: " + ", ".join(users) + "."
             lines.append(f"| `{key}` | {_type_name(tp)} | `{_default_repr(f)}` | {desc} |")
 
     walk(TrainConfig, "")
