@@ -306,7 +306,7 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "kl_clip": "KL-clipping bound of the update (null disables).",
     "factor_dtype": "dtype of the factors (null: float32 for half-precision params, else theirs).",
     "inverse_dtype": "dtype of the inverses (null: the factor dtype).",
-    "layer_settings": "mapping fnmatch pattern on module name -> ``{key: value}`` or ``skip``; keys: "
+    "layer_settings": "fnmatch pattern on module name -> ``{key: value}`` or ``skip``; keys: "
     + ", ".join(KFAC_LAYER_KEYS)
     + "; ``skip`` trains the layer with momentum SGD.",
     "distributed_strategy": "``replicate`` (all ranks hold all inverses) or ``shard``.",
