@@ -60,7 +60,7 @@ from kfac_tn.tn._common import (
     scatter_patches,
     spatial_ndim,
 )
-from kfac_tn.tn.einsum import contract
+from kfac_tn.tn.einsum import contract, contraction_path
 from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory
@@ -247,44 +247,68 @@ def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
 # --------------------------------------------------------------------------------------------
 # implementation choice
 # --------------------------------------------------------------------------------------------
-def choose_impl(kind: str, spec: ConvSpec, channels: int, dtype: torch.dtype, device) -> str:
+def choose_impl(
+    kind: str, spec: ConvSpec, batch_size: int, channels: int, dtype: torch.dtype, device
+) -> str:
     """Pick the implementation ``impl='auto'`` uses for a factor, from shapes alone (cached).
 
-    Cost model (from measurements on a 2-core CPU, one thread, batch 32; see
-    ``python -m kfac_tn.benchmarks.tn``): ``'tn_simplified'`` for both factors.
+    Cost model (calibrated on a 2-core CPU, one thread, batch 32; see
+    ``python -m kfac_tn.benchmarks.tn``):
 
-    * KFAC-reduce never materialises the unfolded input: strided views are summed and general
-      dimensions contracted with ``Π̄``, which costs about one pass over the input (10-100x
-      faster than unfold + mean on 3x3 / 7x7 layers, and no auxiliary memory).
-    * KFAC-expand must materialise the columns either way; the strided patch view is copied
-      once, straight into the matmul layout ``[G, (c k…), (n o…)]``, where the standard way
-      copies twice (im2col, then the rearrangement).  Measured 1.0-5x faster than
-      ``F.unfold`` + rearrange + matmul (the GEMM dominates on wide layers, where both tie).
+    * KFAC-reduce: ``'tn_simplified'``.  It never materialises the unfolded input: 1×1
+      dimensions are summed on strided views, all others contracted with the 0/1 band matrix
+      ``Π̄`` — about one pass over the input (10-40x faster than unfold + mean on 3×3 / 7×7
+      layers, and no auxiliary memory).
+    * KFAC-expand: ``'tn_simplified'`` copies the strided patch view once, straight into the
+      matmul layout ``[G, (c k…), (n o…)]`` (the standard way copies twice: im2col, then the
+      rearrangement) and costs one GEMM of ``2·G·D²·N·O`` FLOPs.  The plain network can be
+      cheaper when correlating the input *before* applying Π saves work (stride-1 layers with
+      long kernels on small inputs, e.g. InceptionV3's 7×1 / 1×7): its opt_einsum ``dp`` path
+      is chosen when it needs under half the FLOPs and its largest intermediate is at most
+      twice the unfolded input.
 
     Args:
         kind: ``'expand'`` or ``'reduce'``.
         spec: The layer's spec.
-        channels: Input channels.
+        batch_size: ``N``.
+        channels: Input channels ``C_in``.
         dtype: Input dtype.
         device: Input device.
 
     Returns:
-        One of ``'tn_simplified'``, ``'standard'``.
+        ``'tn'`` or ``'tn_simplified'``.
+
+    Raises:
+        ValueError: If ``kind`` is not ``'expand'`` or ``'reduce'``.
     """
-    return _choose(kind, spec, channels, dtype, torch.device(device).type)
+    return _choose(kind, spec, batch_size, channels, dtype, torch.device(device).type)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(kind: str, spec: ConvSpec, channels: int, dtype: torch.dtype, device_type: str) -> str:
+def _choose(
+    kind: str, spec: ConvSpec, batch: int, channels: int, dtype: torch.dtype, device_type: str
+) -> str:
     if kind not in ("expand", "reduce"):
         raise ValueError(f"Invalid kind: {kind!r} (allowed: 'expand', 'reduce')")
+    if kind == "reduce":
+        return "tn_simplified"
+    spatial = spec.out_spatial if spec.transpose else spec.in_spatial
+    positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
+    expr = routine_expression("kfac_expand_factor", spec, ((batch, channels, *spatial),))
+    info = contraction_path(expr.equation, [shape for _, shape in expr.operands])
+    d = channels // spec.groups * prod(spec.kernel_size)
+    simplified_flops = 2 * spec.groups * d * d * batch * positions
+    unfolded = batch * channels * prod(spec.kernel_size) * positions
+    cheaper = float(info.opt_cost) < 0.5 * simplified_flops
+    if cheaper and info.largest_intermediate <= 2 * unfolded:
+        return "tn"
     return "tn_simplified"
 
 
 def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
     check_impl(impl)
     if impl == "auto":
-        return _choose(kind, spec, x.shape[1], x.dtype, x.device.type)
+        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type)
     return impl
 
 
