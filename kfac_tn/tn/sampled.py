@@ -21,8 +21,8 @@ Two axes are supported:
   pairs of the matrix product behind the VJP, shared across the batch and the channels.
   With ``spatial_mode="dims"`` every spatial dimension is sampled independently, with
   per-dimension probability ``keep_prob ** (1/N)`` so that the expected kept fraction is
-  ``keep_prob`` as well; the kept sub-grid then keeps the tensor-network structure, and the
-  contraction is the exact weight VJP with shortened ``i`` legs.
+  ``keep_prob`` as well; the kept sub-grid keeps the tensor-network structure (the exact
+  weight VJP with shortened ``i`` legs), evaluated like the per-position case.
 * ``axis="channel"``: sample the input channels (as in randomized autodiff, Oktay et al.
   2021). The ``c_in`` leg is *not* contracted in the weight VJP, so the estimate is the exact
   gradient rescaled by ``1/p`` for kept channels and zero for dropped ones.
@@ -296,24 +296,39 @@ def _zero_slot_layout(v: Tensor) -> Tensor:
     return v_t
 
 
-def _vjp_position(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> Tensor:
+def _vjp_positions(x_kept: Tensor, positions: Tensor, v: Tensor, spec: ConvSpec) -> Tensor:
     """Weight VJP from kept spatial positions: ``[G, C_out/G, C_in/G, ΠK]`` (unscaled).
 
-    Contracts ``x_kept[n, g, c_in, j]`` with the gathered index patterns
-    ``Π^{(d)}[k_d, o_d, a_d(j)]`` and ``v``. As every ``Π^{(d)}[k_d, :, a]`` is one-hot (or
-    zero), contracting the gathered patterns with ``v`` is a gather of ``v``:
-    ``v_kept[c_out, k, j, n] = v[n, c_out, o(k, j)]`` (zero where the tap hits padding), laid
-    out so that the remaining contraction over ``(j, n)`` is one batched matrix product.
+    Contracts ``x_kept[n, g, c_in, j]`` (``j`` over the kept positions ``a(j)``) with the
+    gathered index patterns ``Π^{(d)}[k_d, o_d, a_d(j)]`` and ``v``. As every
+    ``Π^{(d)}[k_d, :, a]`` is one-hot (or zero), contracting the gathered patterns with ``v``
+    is a gather of ``v``: ``v_kept[c_out, k, j, n] = v[n, c_out, o(k, j)]`` (zero where the
+    tap hits padding), laid out so that the remaining contraction over ``(j, n)`` is one
+    batched matrix product.
+
+    Args:
+        x_kept: Kept input entries ``[N, C_in, M]``.
+        positions: Their flat (row-major) spatial positions ``[M]``.
+        v: Output gradient ``[N, C_out, *out_spatial]``.
+        spec: Convolution geometry.
     """
     n, c_in, m = x_kept.shape
     c_out = v.shape[1]
     g = spec.groups
-    flat_o = _tap_table(spec, sample.indices[0])
+    flat_o = _tap_table(spec, positions)
     k_total = flat_o.shape[0]
     v_kept = _zero_slot_layout(v).index_select(1, flat_o.flatten())  # [C_out, ΠK·M, N]
     x_t = x_kept.view(n, g, c_in // g, m).permute(1, 3, 0, 2).reshape(g, m * n, c_in // g)
     out = torch.bmm(v_kept.view(g, (c_out // g) * k_total, m * n), x_t)
     return out.view(g, c_out // g, k_total, c_in // g).transpose(2, 3)
+
+
+def _grid_positions(indices: tuple[Tensor, ...], spatial: Sequence[int]) -> Tensor:
+    """Flat row-major positions of the sub-grid ``indices[0] × indices[1] × ...``: ``[ΠM_d]``."""
+    flat = indices[0]
+    for idx, size in zip(indices[1:], spatial[1:]):
+        flat = (flat.unsqueeze(-1) * size + idx).flatten()
+    return flat
 
 
 def position_contribution_norms(
@@ -373,27 +388,6 @@ def position_contribution_norms(
         )
         norms.append(terms.pow(2).flatten(1).sum(1))
     return torch.cat(norms).view(spatial)
-
-
-def _vjp_dims(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> Tensor:
-    """Weight VJP on the kept sub-grid: the TN with each ``i_d`` leg cut to its kept slice."""
-    n, c_in = x_kept.shape[:2]
-    c_out = v.shape[1]
-    g, nd = spec.groups, spec.ndim
-    patterns = [
-        cached_index_pattern(dim, x_kept.dtype, x_kept.device).index_select(2, idx)
-        for dim, idx in zip(spec.dims, sample.indices)
-    ]
-    i, o, k = (_spatial_names(p, nd) for p in ("i", "o", "k"))
-    pats = ", ".join(f"k{d} o{d} i{d}" for d in range(nd))
-    equation = f"n g c_in {i}, {pats}, n g c_out {o} -> g c_out c_in {k}"
-    out = contract(
-        equation,
-        x_kept.view(n, g, c_in // g, *x_kept.shape[2:]),
-        *patterns,
-        v.view(n, g, c_out // g, *v.shape[2:]),
-    )
-    return out.flatten(3)
 
 
 def _vjp_channel(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> Tensor:
@@ -473,9 +467,10 @@ def kept_conv_weight_vjp(
     elif x_kept.numel() == 0:
         out = x_kept.new_zeros(groups, c_out // groups, c_in // groups, math.prod(spec.kernel_size))
     elif sample.mode == "position":
-        out = _vjp_position(x_kept, sample, v, spec)
-    else:
-        out = _vjp_dims(x_kept, sample, v, spec)
+        out = _vjp_positions(x_kept, sample.indices[0], v, spec)
+    else:  # the kept sub-grid, flattened row-major like its positions
+        positions = _grid_positions(sample.indices, spec.in_spatial)
+        out = _vjp_positions(x_kept.flatten(2), positions, v, spec)
     out = out.reshape(c_out, c_in // groups, *spec.kernel_size)
     return out * sample.scale if sample.scale != 1.0 else out
 
