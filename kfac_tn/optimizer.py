@@ -39,7 +39,8 @@ your ``backward()``). ``"mc"`` and ``"type2"`` need gradients of a *different* l
 on ``model`` sees its output ``f`` and, right there, runs ``mc_samples`` (``"mc"``: labels sampled
 from the model's predictive distribution) or ``C`` (``"type2"``: columns of the loss-Hessian square
 root, ``C`` = number of outputs per sample) extra backward passes from ``f`` to the layer outputs
-with ``torch.autograd.grad(..., retain_graph=True)`` (parameter gradients are not touched). The
+with ``torch.autograd.grad(..., retain_graph=True)`` (parameter gradients are not touched; tensor
+and module backward hooks that *other* code placed on the same layers do see these passes). The
 loop stays unchanged; the model's output must be the tensor your loss consumes (``[N, C]`` logits
 for cross-entropy). The statistics are committed when your own ``backward()`` reaches the output.
 
@@ -296,6 +297,7 @@ class KFAC(torch.optim.Optimizer):
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.blocks: list[KroneckerBlock] = self._make_blocks(model)
         self._entries_per_sample: int | None = None
+        self._hooks_removed = False
         self._attach()
 
     def _attach(self) -> None:
@@ -307,6 +309,8 @@ class KFAC(torch.optim.Optimizer):
         self._pending_forward: list[tuple[KroneckerBlock, Tensor, Tensor, int]] = []
         self._refresh_capture_settings()
         self._hooks = HookSet()
+        if self._hooks_removed:
+            return
         for block in self.blocks:
             self._hooks.add_layer(
                 block.module, active=self._capture_active, on_forward=self._on_layer_forward
@@ -480,6 +484,7 @@ class KFAC(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Remove all capture hooks; afterwards every parameter gets the momentum-SGD update."""
         self._hooks.remove()
+        self._hooks_removed = True
         for block in self.blocks:
             block.clear_statistics()
 
@@ -549,7 +554,7 @@ class KFAC(torch.optim.Optimizer):
 
         layer_hp = self._all_layer_hp()
         blocks = [b for b in self.blocks if all(p.grad is not None for p in b.params)]
-        if len(self._hooks) == 0:
+        if self._hooks_removed:
             blocks = []
 
         # 1. factors: finish the distributed averaging, then fold the batch statistics into the EMA
@@ -646,7 +651,12 @@ class KFAC(torch.optim.Optimizer):
                 if "inverse" not in state or state.get("inverse_kind") != hp.inversion.value:
                     state["inverse"] = _empty_inverse(block, hp)
                     state["inverse_kind"] = hp.inversion.value
-                comm.broadcast(block.name, state["inverse"])
+                # Cholesky inverses are symmetric matrices: only upper triangles travel
+                comm.broadcast(
+                    block.name,
+                    state["inverse"],
+                    symmetric=hp.inversion is linalg.Inversion.CHOLESKY,
+                )
         if comm is not None and due and self.distributed_strategy is DistributedStrategy.REPLICATE:
             comm.wait_broadcasts()
 
