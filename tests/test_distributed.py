@@ -22,6 +22,7 @@ from kfac_tn.distributed import (
     STRATEGIES,
     assign_by_cost,
     get_communicator,
+    init_process_group_from_env,
     packed_size,
 )
 from kfac_tn.optimizer import KFAC
@@ -42,6 +43,23 @@ def test_get_communicator_without_init_returns_none():
 def test_get_communicator_invalid_strategy_raises():
     with pytest.raises(ValueError, match="strategy.*'bogus'.*replicate, shard"):
         get_communicator(strategy="bogus")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(backend="mpi"), "backend: 'mpi'.*auto, gloo, nccl"),
+        (dict(timeout_s=0.0), "timeout_s: 0.0"),
+        (dict(), r"Missing environment variables \['RANK', 'WORLD_SIZE'\].*torchrun"),
+    ],
+    ids=["backend", "timeout", "no-torchrun-env"],
+)
+def test_init_process_group_from_env_invalid(monkeypatch, kwargs, match):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=match):
+        init_process_group_from_env(**kwargs)
+    assert not torch.distributed.is_initialized()
 
 
 PACKED_CASES = [
