@@ -180,7 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kfac_tn.train import DistributedRunError
 
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    # positional overrides may follow options (`train --epochs 3 seed=1`); argparse leaves them over
+    stray = [a for a in extra if a.startswith("-") or ns.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        ns.args = [*ns.args, *extra]
     console = logging.StreamHandler()
     level = getattr(logging, ns.log_level)
     if os.environ.get("RANK", "0") != "0":  # torchrun workers other than rank 0: warnings only

@@ -92,6 +92,11 @@ BAD_CLI = [
     ("bad_override", ["train", "=3"], "is not of the form dotted.key=value"),
     ("compare_not_a_run", ["compare", "."], "has no metrics.jsonl"),
     ("threads", ["train", "--threads", "0"], "--threads: 0 is out of range"),
+    (
+        "override_after_option",
+        ["train", "--epochs", "2", "optimizer.kfac_approx=x"],
+        "'x' is not one of",
+    ),
 ]
 
 
@@ -119,9 +124,8 @@ def test_train_resume_and_compare(tmp_path, capsys):
     assert main(["train", *common, "--epochs", "2", "--run-name", "a", "--stop-after", "1"]) == 0
     assert "run " in capsys.readouterr().out
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 1
-    assert (
-        main(["train", "--resume", str(tmp_path / "a"), "--quiet"]) == 0
-    )  # config from the run dir
+    # config from the run dir; overrides may also follow options
+    assert main(["train", "--resume", str(tmp_path / "a"), "--quiet", "data.num_workers=0"]) == 0
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(["train", "--resume", str(tmp_path / "a"), "optimizer.lr=0.3"]) == 2
     assert "optimizer.lr: checkpoint has 0.05, config has 0.3" in capsys.readouterr().err
