@@ -71,8 +71,12 @@ def test_conv_transpose(case: Case, impl: str, generator):
     assert_close(actual, expected)
 
 
+# the dense Toeplitz matrix is large: simplification branches only (real layers: see test_conv)
+SMALL = [c for c in CONV if not c.id.startswith(("resnet", "3c3d", "allcnnc", "inception"))]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CONV, ids=ids(CONV))
+@pytest.mark.parametrize("case", SMALL, ids=ids(SMALL))
 def test_kernel_unfold(case: Case, impl: str, generator):
     """conv(x)[n, g].flatten() == T[g] @ x[n, g].flatten() for every sample and group."""
     x = randn(*case.x_shape, generator=generator)

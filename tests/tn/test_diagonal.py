@@ -65,8 +65,11 @@ def test_ggn_diagonal(case: Case, impl: str, generator):
     assert_close(actual, expected)
 
 
+PULLBACK = [c for c in SUBSET if c.id not in {"resnet18_stem_7x7s2p3", "4d", "2d_depthwise"}]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", SUBSET, ids=ids(SUBSET))
+@pytest.mark.parametrize("case", PULLBACK, ids=ids(PULLBACK))
 def test_hessian_diagonal_is_exact_diagonal_of_pullback(case: Case, impl: str, generator):
     """diag(J^T diag(h) J) for J the dense Jacobian w.r.t. the weight and w.r.t. the input.
 
