@@ -1,7 +1,7 @@
 """Benchmark a full training step: KFAC vs SGD and Adam (and curvlinops / BackPACK if installed).
 
 Run ``python -m kfac_tn.benchmarks.step [--models 3c3d resnet18] [--batch-size 128] [--steps 20]
-[--device cpu|cuda] [--quick] [--out DIR]``.
+[--device cpu|cuda] [--threads T] [--inversion eigen|cholesky] [--quick] [--out DIR]``.
 
 A step is: forward, backward (with KFAC's capture hooks: input factors in the forward hooks,
 gradient factors in the output-gradient hooks), then ``optimizer.step()`` (factor EMA every step,
@@ -16,8 +16,8 @@ further step (CUDA: ``max_memory_allocated``; CPU: the profiler's allocator even
 Comparison rows (when the packages import): ``curvlinops`` builds a ``KFACLinearOperator`` on the
 batch every step (its own forward and backward), ``backpack`` runs the backward under its
 ``KFAC`` extension (one MC sample); both then use the same damped eigen inversion every 10 steps,
-preconditioning and momentum-SGD update as ours, so the rows differ only in how factors are
-computed.
+preconditioning, KL clipping and momentum-SGD update as ours, so the rows differ only in how
+factors are computed.
 
 Results go to stdout as a table and, with ``--out DIR``, to ``DIR/results.json`` (one row per
 model × optimizer: model, optimizer, kfac_approx, batch_size, device, threads, time_s{phase},
@@ -115,6 +115,11 @@ class _PeerKFAC:
                 directions[w] = out[:, : w[0].numel()].reshape(w.shape)
                 if b is not None and out.shape[1] > w[0].numel():
                     directions[b] = out[:, -1]
+            # KL clipping as in kfac_tn.KFAC (kl_clip 1e-3), so both runs stay finite
+            if directions:
+                vg = sum((d * p.grad).sum() for p, d in directions.items()) * self.lr**2
+                nu = (1e-3 / vg.abs().clamp_min(1e-30)).sqrt().clamp(max=1.0)
+                directions = {p: d * nu for p, d in directions.items()}
             for p in self.model.parameters():
                 if p.grad is None:
                     continue
@@ -191,7 +196,13 @@ def _timed_steps(
 
 
 def bench_optimizer(
-    name: str, model_name: str, approx: str | None, batch_size: int, steps: int, device: str
+    name: str,
+    model_name: str,
+    approx: str | None,
+    batch_size: int,
+    steps: int,
+    device: str,
+    inversion: str = "eigen",
 ) -> dict:
     """Time ``steps`` training steps of one optimizer on one model.
 
@@ -208,7 +219,13 @@ def bench_optimizer(
     elif name == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     elif name == "kfac":
-        opt = KFAC(model, lr=0.01, kfac_approx=approx, inverse_update_period=INVERSE_PERIOD)
+        opt = KFAC(
+            model,
+            lr=0.01,
+            kfac_approx=approx,
+            inversion=inversion,
+            inverse_update_period=INVERSE_PERIOD,
+        )
     elif name == "curvlinops":
         peer = _PeerKFAC(model, _curvlinops_factory(model, approx))
     elif name == "backpack":
@@ -249,6 +266,7 @@ def bench_optimizer(
         "model": model_name,
         "optimizer": name,
         "kfac_approx": approx,
+        "inversion": inversion if name == "kfac" else None,
         "batch_size": batch_size,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -266,7 +284,14 @@ def _available(module: str) -> bool:
     return True
 
 
-def run(models, batch_size: int, steps: int, device: str, peers: bool = True) -> list[dict]:
+def run(
+    models,
+    batch_size: int,
+    steps: int,
+    device: str,
+    peers: bool = True,
+    inversion: str = "eigen",
+) -> list[dict]:
     """Run all optimizers on all models; adds ``ratio_to_sgd`` to every row."""
     rows = []
     for model_name in models:
@@ -278,7 +303,9 @@ def run(models, batch_size: int, steps: int, device: str, peers: bool = True) ->
         model_rows = []
         for name, approx in configs:
             try:
-                row = bench_optimizer(name, model_name, approx, batch_size, steps, device)
+                row = bench_optimizer(
+                    name, model_name, approx, batch_size, steps, device, inversion
+                )
             except Exception as err:  # a peer library failing must not stop the benchmark
                 if name in ("curvlinops", "backpack"):
                     logger.warning("%s on %s failed: %s", name, model_name, err)
@@ -298,8 +325,9 @@ def run(models, batch_size: int, steps: int, device: str, peers: bool = True) ->
 def format_table(rows: list[dict]) -> str:
     """Human-readable summary of the result rows."""
     lines = [
+        f"threads={rows[0]['threads'] if rows else '-'}",
         f"{'model':9} {'optimizer':11} {'approx':7} {'fwd':>8} {'bwd':>8} {'step':>8} "
-        f"{'total':>8} {'x SGD':>6} {'peak MiB':>9}"
+        f"{'total':>8} {'x SGD':>6} {'peak MiB':>9}",
     ]
     for r in rows:
         t = r["time_s"]
@@ -320,6 +348,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-peers", action="store_true", help="skip curvlinops/BackPACK rows")
+    parser.add_argument("--inversion", default="eigen", choices=("eigen", "cholesky"))
     parser.add_argument("--quick", action="store_true", help="3c3d only, 10 steps, no peers")
     parser.add_argument("--out", type=Path, default=None, help="write DIR/results.json")
     args = parser.parse_args(argv)
@@ -333,7 +362,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models, steps, peers = args.models, args.steps, not args.no_peers
     if args.quick:
         models, steps, peers = ["3c3d"], 10, False
-    rows = run(models, args.batch_size, steps, args.device, peers)
+    rows = run(models, args.batch_size, steps, args.device, peers, args.inversion)
     print(format_table(rows))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
