@@ -244,3 +244,60 @@ def test_ddp_under_torchrun(tmp_path):
         rows[0]["test_acc"] * 101, abs=1e-9
     )  # over all 101
     assert (tmp_path / "ddp" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_dead_peer_gives_clear_error(tmp_path):
+    """Rank 1 is killed mid-run: rank 0 must exit (status 1) with a clear error, not hang."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "kfac_tn",
+            "train",
+            "distributed=ddp",
+            "dist_timeout_s=60",
+            "epochs=50",
+            "optimizer.name=sgd",
+            "--out",
+            str(tmp_path),
+            "--run-name",
+            "r",
+            "--quiet",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    try:
+        _, err = procs[0].communicate(timeout=180)
+    finally:
+        procs[0].kill()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "distributed training aborted" in err
