@@ -113,7 +113,26 @@ def make_spec(
     For ``transpose=True`` ``spatial`` is the spatial size of the transposed convolution's
     input (the associated convolution's output).
     """
-    args = (hashable(tuple(spatial)), hashable(kernel_size), hashable(stride), hashable(padding))
+    key = (
+        tuple(spatial),
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transpose,
+        output_padding,
+    )
+    try:  # fast path: ints / tuples / strings are hashable as given
+        return _spec_from_key(key)
+    except TypeError:  # lists (unhashable): normalise to tuples first
+        return _spec_from_key(tuple(hashable(v) for v in key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_from_key(key: tuple) -> ConvSpec:
+    spatial, kernel_size, stride, padding, dilation, groups, transpose, output_padding = key
+    args = (hashable(spatial), hashable(kernel_size), hashable(stride), hashable(padding))
     if transpose:
         return _conv_transpose_spec(*args, hashable(output_padding), hashable(dilation), groups)
     op = hashable(output_padding)
