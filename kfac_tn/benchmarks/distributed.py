@@ -46,6 +46,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 METHODS = ("sgd", "kfac-replicate", "kfac-shard")
+_MODULE = "kfac_tn.benchmarks.distributed"  # workers run this module in worker mode
 
 
 # ---------------------------------------------------------------- worker side
@@ -194,12 +195,7 @@ def _run_config(
         ]  # fmt: skip
         procs = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    __name__.replace("__main__", "kfac_tn.benchmarks.distributed"),
-                ]
-                + ["--worker-rank", str(rank), *common],
+                [sys.executable, "-m", _MODULE, "--worker-rank", str(rank), *common],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
