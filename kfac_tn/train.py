@@ -4,7 +4,8 @@ Per run directory (``out_dir/run_name``, rank 0 only):
 
 - ``config.yaml`` -- the resolved config (every key, defaults included),
 - ``metrics.jsonl`` -- one JSON row per epoch: ``epoch, train_loss, train_acc, test_loss,
-  test_acc, wall_clock_s, lr, images_per_s`` (accuracies are ``null`` for reconstruction),
+  test_acc, wall_clock_s, lr, images_per_s, max_memory_mib`` (accuracies are ``null`` for
+  reconstruction; peak CUDA memory of the epoch on this rank, ``null`` on CPU),
 - ``checkpoint.pt`` -- model, optimizer (all KFAC state), scheduler, GradScaler, RNG states, epoch,
   metrics so far; written atomically every ``checkpoint_period`` epochs and at the end,
 - ``curves.png`` -- loss/accuracy curves, ``train.log`` -- the log.
@@ -57,6 +58,7 @@ from kfac_tn.config import (
     save_config,
 )
 from kfac_tn.data import build_datasets, build_loaders
+from kfac_tn.distributed import consolidated_state_dict
 from kfac_tn.models import build_model, is_reconstruction
 
 __all__ = [
@@ -520,6 +522,8 @@ def _loop(
     show_bar = ctx.is_main and not cfg.quiet and sys.stderr.isatty()
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         train_stats = _train_epoch(
             cfg,
@@ -550,6 +554,9 @@ def _loop(
             "wall_clock_s": elapsed,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": train_stats["images"] / max(train_time, 1e-9),
+            "max_memory_mib": (
+                torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            ),
         }
         rows.append(row)
         logger.info(
@@ -563,18 +570,22 @@ def _loop(
             row["images_per_s"],
             elapsed,
         )
+        last = epoch + 1 == end_epoch
+        period = cfg.checkpoint_period
+        save_now = last or (period > 0 and (epoch + 1) % period == 0)
+        # collective (all ranks): under distributed_strategy "shard" the owners send their
+        # inverses to rank 0 so that the checkpoint resumes exactly (kfac_tn.distributed)
+        opt_state = consolidated_state_dict(optimizer) if save_now else None
         if ctx.is_main:
             with open(run_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            last = epoch + 1 == end_epoch
-            period = cfg.checkpoint_period
-            if last or (period > 0 and (epoch + 1) % period == 0):
+            if save_now:
                 save_checkpoint(
                     {
                         "epoch": epoch + 1,
                         "config": config_to_dict(cfg),
                         "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": opt_state,
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                         "rng": capture_rng_state(),
