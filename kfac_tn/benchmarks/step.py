@@ -6,12 +6,14 @@ Run ``python -m kfac_tn.benchmarks.step [--models 3c3d resnet18] [--batch-size 1
 A step is: forward, backward (with KFAC's capture hooks: input factors in the forward hooks,
 gradient factors in the output-gradient hooks), then ``optimizer.step()`` (factor EMA every step,
 inverses every 10 steps, preconditioning, KL clipping, momentum update). Each step is timed phase
-by phase with device synchronisation; after one warm-up step the ``--steps`` timed steps contain
-``steps / 10`` inverse updates, so the mean step time amortises the inversion exactly as in
-training. Reported phases (seconds, mean over the timed steps): ``forward``, ``backward``,
-``step`` (amortised), ``step_inverse`` / ``step_no_inverse`` (KFAC: steps with / without an
-inverse update) and ``total``. ``peak_mem_bytes`` is the peak torch allocation during one
-further step (CUDA: ``max_memory_allocated``; CPU: the profiler's allocator events).
+by phase with device synchronisation, and the optimizers' steps are interleaved (step ``i`` of
+every optimizer back to back) so that load changes on a shared machine hit all of them alike. After
+one warm-up step the ``--steps`` timed steps contain ``steps / 10`` inverse updates, so the mean
+step time amortises the inversion exactly as in training. Reported phases (seconds, mean over the
+timed steps): ``forward``, ``backward``, ``step`` (amortised), ``step_inverse`` /
+``step_no_inverse`` (KFAC: steps with / without an inverse update) and ``total``.
+``peak_mem_bytes`` is the peak torch allocation during one further step (CUDA:
+``max_memory_allocated``; CPU: the profiler's allocator events).
 
 Comparison rows (when the packages import): ``curvlinops`` builds a ``KFACLinearOperator`` on the
 batch every step (its own forward and backward), ``backpack`` runs the backward under its
@@ -168,7 +170,11 @@ def _backpack_factory(model: nn.Module):
     import backpack
     from backpack.extensions import KFAC as BackpackKFAC
 
-    model = backpack.extend(model)
+    if hasattr(model, "features") and hasattr(model, "classifier"):  # 3c3d: BackPACK needs a
+        model = nn.Sequential(*model.features, *model.classifier)  # Sequential (same parameters)
+        model = backpack.extend(model)
+    else:  # the converter would build a new module graph; not comparable step for step
+        raise ValueError("the BackPACK row supports the sequential 3c3d model only")
     loss_fn = backpack.extend(nn.CrossEntropyLoss())
     supported = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
@@ -186,29 +192,63 @@ def _backpack_factory(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- timing
-def _timed_steps(
-    step_fn: Callable[[int], dict[str, float]], steps: int
-) -> tuple[dict[str, float], list[dict[str, float]]]:
-    step_fn(-1)  # warm-up (first factors, first inverse, plan caches)
-    records = [step_fn(i) for i in range(steps)]
-    phases = {k: statistics.fmean(r[k] for r in records) for k in records[0]}
-    return phases, records
+class _Runner:
+    """One optimizer on its own copy of the model: ``step()`` runs and times one training step."""
+
+    def __init__(
+        self,
+        name: str,
+        model_name: str,
+        approx: str | None,
+        batch_size: int,
+        device: str,
+        inversion: str = "eigen",
+    ) -> None:
+        self.meta = {
+            "model": model_name,
+            "optimizer": name,
+            "kfac_approx": approx,
+            "inversion": inversion if name == "kfac" else None,
+            "batch_size": batch_size,
+            "device": str(device),
+        }
+        self.records: list[dict[str, float]] = []
+        self.one_step = _make_step(name, model_name, approx, batch_size, device, inversion)
+
+    def step(self) -> None:
+        self.records.append(self.one_step())
+
+    def row(self, device: str) -> dict:
+        """Mean phase times over the recorded steps, plus peak memory of one more step."""
+        records = self.records
+        phases = {k: statistics.fmean(r[k] for r in records) for k in records[0]}
+        if self.meta["optimizer"] == "kfac":
+            # the warm-up step was the first inverse step; timed step i has counter i + 1
+            inverse = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD == 0]
+            other = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD != 0]
+            if inverse:
+                phases["step_inverse"] = statistics.fmean(inverse)
+            if other:
+                phases["step_no_inverse"] = statistics.fmean(other)
+        memory = measure_memory(self.one_step, device)
+        return {
+            **self.meta,
+            "threads": torch.get_num_threads(),
+            "steps": len(records),
+            "time_s": phases,
+            "peak_mem_bytes": memory.peak_bytes,
+        }
 
 
-def bench_optimizer(
+def _make_step(
     name: str,
     model_name: str,
     approx: str | None,
     batch_size: int,
-    steps: int,
     device: str,
-    inversion: str = "eigen",
-) -> dict:
-    """Time ``steps`` training steps of one optimizer on one model.
-
-    Returns:
-        A result row (see the module docstring).
-    """
+    inversion: str,
+) -> Callable[[], dict[str, float]]:
+    """Build model, batch and optimizer; return a function that times one training step."""
     torch.manual_seed(0)
     model = build(model_name).to(device)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
@@ -233,7 +273,7 @@ def bench_optimizer(
     else:
         raise ValueError(f"Invalid optimizer: {name!r}")
 
-    def one_step(i: int) -> dict[str, float]:
+    def one_step() -> dict[str, float]:
         synchronize(device)
         t0 = time.perf_counter()
         if peer is not None:  # the peers' factor computation includes forward and backward
@@ -253,27 +293,7 @@ def bench_optimizer(
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0}
 
-    phases, records = _timed_steps(one_step, steps)
-    if name == "kfac":
-        inverse = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD == 0]
-        other = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD != 0]
-        if inverse:
-            phases["step_inverse"] = statistics.fmean(inverse)
-        if other:
-            phases["step_no_inverse"] = statistics.fmean(other)
-    memory = measure_memory(lambda: one_step(0), device)
-    return {
-        "model": model_name,
-        "optimizer": name,
-        "kfac_approx": approx,
-        "inversion": inversion if name == "kfac" else None,
-        "batch_size": batch_size,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "steps": steps,
-        "time_s": phases,
-        "peak_mem_bytes": memory.peak_bytes,
-    }
+    return one_step
 
 
 def _available(module: str) -> bool:
@@ -300,20 +320,31 @@ def run(
             configs += [("curvlinops", "reduce"), ("curvlinops", "expand")]
         if peers and _available("backpack"):
             configs += [("backpack", "expand")]
-        model_rows = []
+        runners = []
         for name, approx in configs:
             try:
-                row = bench_optimizer(
-                    name, model_name, approx, batch_size, steps, device, inversion
-                )
+                runner = _Runner(name, model_name, approx, batch_size, device, inversion)
+                runner.one_step()  # warm-up: first factors, first inverse, plan caches
             except Exception as err:  # a peer library failing must not stop the benchmark
                 if name in ("curvlinops", "backpack"):
                     logger.warning("%s on %s failed: %s", name, model_name, err)
                     continue
                 raise
-            model_rows.append(row)
+            runners.append(runner)
+        # interleaved: step i of every optimizer runs back to back, so load drifts on a shared
+        # machine hit all of them alike
+        for i in range(steps):
+            for runner in runners:
+                runner.step()
+            logger.info("%s: step %d/%d", model_name, i + 1, steps)
+        model_rows = [runner.row(device) for runner in runners]
+        for row in model_rows:
             logger.info(
-                "%s %s %s: %.4f s/step", model_name, name, approx or "", row["time_s"]["total"]
+                "%s %s %s: %.4f s/step",
+                model_name,
+                row["optimizer"],
+                row["kfac_approx"] or "",
+                row["time_s"]["total"],
             )
         sgd = next(r["time_s"]["total"] for r in model_rows if r["optimizer"] == "sgd")
         for row in model_rows:
