@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Overlay runs: test accuracy (test loss for reconstruction) and training loss "
         "against epoch and against wall-clock time, in one PNG.",
     )
+    cmp_.add_argument(
+        "--target",
+        type=float,
+        metavar="ACC",
+        help="also report the first epoch (and wall-clock) at which each run reaches this test "
+        "accuracy, e.g. 0.97",
+    )
     cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     cmp_.add_argument(
         "--out", default="compare.png", metavar="FILE.png", help="output PNG (default compare.png)"
@@ -150,9 +157,11 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
-    from kfac_tn.plots import compare_runs
+    from kfac_tn.plots import compare_runs, summarize_runs
 
+    summary = summarize_runs(ns.run_dirs, ns.target)
     out = compare_runs(ns.run_dirs, ns.out)
+    print(summary)
     print(f"wrote {out}")
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["compare_runs", "load_run", "plot_run"]
+__all__ = ["compare_runs", "load_run", "plot_run", "summarize_runs"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +125,40 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
             ax.legend(fontsize=8)
     fig.suptitle(label)
     return _save(fig, out)
+
+
+def summarize_runs(run_dirs: Sequence[str | Path], target: float | None = None) -> str:
+    """Plain-text table per run: epochs, best test accuracy, first epoch reaching ``target``.
+
+    Args:
+        run_dirs: run directories.
+        target: test-accuracy threshold in ``(0, 1]`` (``None``: no target columns).
+
+    Returns:
+        The table (one header line, one line per run). Reconstruction runs show their best test
+        loss instead of an accuracy.
+
+    Raises:
+        ValueError: if ``target`` is outside ``(0, 1]`` or a directory is not a run.
+    """
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"target: {target!r} is out of range; allowed: (0, 1]")
+    header = f"{'run':<28} {'epochs':>6} {'best test acc':>13}"
+    if target is not None:
+        header += f" {'epoch >= ' + format(target, '.4g'):>14} {'wall-clock [s]':>14}"
+    lines = [header]
+    for run_dir in run_dirs:
+        label, rows = load_run(run_dir)
+        accs = [r.get("test_acc") for r in rows]
+        if any(a is None for a in accs):
+            best = f"loss {min(r['test_loss'] for r in rows):.4g}"
+        else:
+            best = f"{max(accs):.4f}"
+        line = f"{label:<28} {len(rows):>6} {best:>13}"
+        if target is not None:
+            hit = next((r for r in rows if (r.get("test_acc") or 0.0) >= target), None)
+            reached = "-" if hit is None else str(hit["epoch"])
+            wall = "-" if hit is None else f"{hit['wall_clock_s']:.1f}"
+            line += f" {reached:>14} {wall:>14}"
+        lines.append(line)
+    return "\n".join(lines)

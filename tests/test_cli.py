@@ -135,6 +135,19 @@ def test_train_resume_and_compare(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG
 
 
+def test_compare_summary_table(tmp_path, capsys):
+    a = fake_run(tmp_path / "kfac", [0.9, 0.97, 0.99], [1.0, 0.3, 0.1])
+    b = fake_run(tmp_path / "sgd", [0.5, 0.9, 0.95], [2.0, 0.5, 0.2])
+    assert (
+        main(["compare", str(a), str(b), "--target", "0.97", "--out", str(tmp_path / "c.png")]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["kfac", "3", "0.9900", "2", "4.0"]
+    assert lines[2].split() == ["sgd", "3", "0.9500", "-", "-"]
+    assert main(["compare", str(a), "--target", "97"]) == 2
+    assert "target: 97.0 is out of range" in capsys.readouterr().err
+
+
 def test_compare_reconstruction_runs(tmp_path):
     a = fake_run(tmp_path / "a", [0] * 3, [1.0, 0.5, 0.2], recon=True)
     b = fake_run(tmp_path / "b", [0] * 2, [1.0, 0.4], recon=True)
