@@ -212,9 +212,9 @@ def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
         spec, shapes = prepare_grad_factor(g, groups)
         return evaluate(routine_expression("grad_expand_factor", spec, shapes), spec, {"g": g})
     gv = g.reshape(n, groups, c // groups, -1)
-    if impl == "tn_simplified":
-        return contract("n g c o, n g d o -> g c d", gv, gv)
     flat = gv.permute(1, 2, 0, 3).reshape(groups, c // groups, -1)  # [G, C/G, N·O]
+    if impl == "tn_simplified":  # merged legs (o…) and (n o), block-triangular Gram
+        return symmetric_gram(flat)
     return torch.bmm(flat, flat.transpose(1, 2))
 
 
@@ -238,8 +238,6 @@ def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
         spec, shapes = prepare_grad_factor(g, groups)
         return evaluate(routine_expression("grad_reduce_factor", spec, shapes), spec, {"g": g})
     s = g.reshape(n, groups, c // groups, -1).sum(-1)  # [N, G, C/G]
-    if impl == "tn_simplified":
-        return contract("n g c, n g d -> g c d", s, s)
     st = s.permute(1, 0, 2)  # [G, N, C/G]
     return torch.bmm(st.transpose(1, 2), st)
 
