@@ -37,20 +37,22 @@ def _batch():
 def test_exact_grads_and_saved_bytes_match_autograd():
     net, (x, y) = _net(), _batch()
     net(x)  # materialise the lazy layer
-    grads, saved = conv_weight_grads_and_saved_bytes(net, x, y)
+    grads, saved, network = conv_weight_grads_and_saved_bytes(net, x, y)
     convs = [net[0], net[2]]
     expected = torch.autograd.grad(F.cross_entropy(net(x), y), [c.weight for c in convs])
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # torch's convolutions save their full inputs: x and the ReLU output
     assert saved == (x.numel() + net[:2](x).numel()) * 8
+    assert network > saved  # plus what the ReLU, the linear layer and the loss save
 
 
 def test_saved_bytes_of_sampled_convs_are_the_kept_slices():
     net, (x, y) = _net(), _batch()
     net(x)
+    _, _, exact_network = conv_weight_grads_and_saved_bytes(net, x, y)
     convert_sampled(net, 0.5, "spatial", generator=torch.Generator().manual_seed(3))
-    _, saved = conv_weight_grads_and_saved_bytes(net, x, y)
+    _, saved, network = conv_weight_grads_and_saved_bytes(net, x, y)
     gen = torch.Generator().manual_seed(3)  # replay the two draws, in forward order
     s1 = draw_sample(x.shape, 0.5, generator=gen)
     s2 = draw_sample(net[:2](x).shape, 0.5, generator=gen)
@@ -59,6 +61,9 @@ def test_saved_bytes_of_sampled_convs_are_the_kept_slices():
         for s in (s1, s2)
     )
     assert saved == pytest.approx(expected)
+    # network level: x is no longer saved, the ReLU output (input of conv 2) still is, and the
+    # kept slices come on top
+    assert network == exact_network - x.numel() * 8 + saved
 
 
 def test_gradient_error_channel_half_is_exactly_one_and_keep_all_is_zero():
