@@ -8,6 +8,9 @@ For every process count ``W`` and method (``sgd``: DDP + SGD with momentum; ``kf
 ``--warmup`` untimed and ``--steps`` timed steps and reports, per step:
 
 * ``step_ms``: wall time of a step (forward, backward, optimizer), the slowest rank's mean;
+* ``wait_ms``: host time per step spent in the communicator's ``wait_factors`` /
+  ``wait_broadcasts`` (slowest rank), i.e. KFAC communication not hidden behind computation
+  (meaningful on CPU/gloo; with NCCL a wait only orders CUDA streams);
 * ``ddp_B``: payload bytes of DDP's gradient all-reduce (counted by a DDP communication hook);
 * ``factors_B`` / ``inverses_B`` / ``gradients_B``: payload bytes of KFAC's collectives
   (:attr:`kfac_tn.distributed.Communicator.bytes_communicated`), averaged over the timed steps
@@ -71,6 +74,23 @@ def _ddp_counting_hook(counter: dict[str, int]):
     return hook
 
 
+def _time_waits(comm: Any, waited: dict[str, float]) -> None:
+    """Accumulate the host time spent in the communicator's waits into ``waited["s"]``.
+
+    This is the communication KFAC did *not* overlap with computation (on CPU/gloo; with NCCL the
+    waits only enqueue stream dependencies, so the figure is not meaningful there).
+    """
+    for name in ("wait_factors", "wait_broadcasts"):
+        original = getattr(comm, name)
+
+        def timed(original=original) -> None:
+            start = time.perf_counter()
+            original()
+            waited["s"] += time.perf_counter() - start
+
+        setattr(comm, name, timed)
+
+
 def _factor_and_inverse_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Upper-triangle bytes of all factors and bytes of all held inverses, from the state."""
     from kfac_tn.distributed import packed_size
@@ -117,6 +137,7 @@ def _worker(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch_per_worker, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch_per_worker,), generator=gen).to(device)
     comm = None
+    waited = {"s": 0.0}
     if args.method == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     else:
@@ -135,6 +156,7 @@ def _worker(args: argparse.Namespace) -> None:
         comm = getattr(opt, "_comm", None)
         if comm is None:
             raise RuntimeError("KFAC created no communicator although torch.distributed is up")
+        _time_waits(comm, waited)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -148,15 +170,17 @@ def _worker(args: argparse.Namespace) -> None:
     dist.barrier()
     kfac_before = dict(comm.bytes_communicated) if comm is not None else {}
     ddp_before = ddp_counter["bytes"]
+    waited["s"] = 0.0
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     _synchronize(device)
     elapsed = time.perf_counter() - start
-    slowest = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    slowest = torch.tensor([elapsed, waited["s"]], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     result: dict[str, Any] = {
-        "step_ms": 1e3 * float(slowest) / args.steps,
+        "step_ms": 1e3 * float(slowest[0]) / args.steps,
+        "wait_ms": 1e3 * float(slowest[1]) / args.steps,
         "ddp_B": (ddp_counter["bytes"] - ddp_before) / args.steps,
         "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
@@ -244,7 +268,8 @@ def _format_bytes(b: float) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'W':>2} {'method':<15} {'step_ms':>9} {'vs_sgd':>7} {'ddp_B':>9} {'factors_B':>10} "
+        f"{'W':>2} {'method':<15} {'step_ms':>9} {'vs_sgd':>7} {'wait_ms':>8} {'ddp_B':>9} "
+        f"{'factors_B':>10} "
         f"{'inverses_B':>10} {'grads_B':>9} {'bound_B':>9} {'ok':>3}"
     )
     lines = [head, "-" * len(head)]
@@ -253,6 +278,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         sent = [_format_bytes(r.get(k, 0)) for k in ("factors_B", "inverses_B", "gradients_B")]
         lines.append(
             f"{r['W']:>2} {r['method']:<15} {r['step_ms']:>9.1f} {vs_sgd:>7.2f} "
+            f"{r.get('wait_ms', 0.0):>8.1f} "
             f"{_format_bytes(r['ddp_B']):>9} {sent[0]:>10} {sent[1]:>10} {sent[2]:>9} "
             f"{_format_bytes(r.get('bound_B', 0)):>9} {r.get('ok', ''):>3}"
         )

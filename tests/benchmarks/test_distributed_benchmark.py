@@ -35,6 +35,7 @@ def test_table_lists_every_row():
             "method": "kfac-shard",
             "step_ms": 25.0,
             "vs_sgd": 2.5,
+            "wait_ms": 3.5,
             "ddp_B": 2**20,
             "factors_B": 3 * 2**20,
             "gradients_B": 2**20,
@@ -45,7 +46,7 @@ def test_table_lists_every_row():
     lines = bench._table(rows).splitlines()
     assert len(lines) == 4
     assert lines[3].split() == [
-        "1", "kfac-shard", "25.0", "2.50", "1.00M", "3.00M", "0", "1.00M", "4.00M", "yes"
+        "1", "kfac-shard", "25.0", "2.50", "3.5", "1.00M", "3.00M", "0", "1.00M", "4.00M", "yes"
     ]  # fmt: skip
 
 
@@ -63,6 +64,7 @@ def test_quick_run_one_and_two_processes(tmp_path):
     assert {(r["W"], r["method"]) for r in rows} == {(w, m) for w in (1, 2) for m in bench.METHODS}
     for r in rows:
         assert r["step_ms"] > 0 and r["ddp_B"] == r["grad_bytes"]  # DDP sends every gradient
+        assert 0 <= r["wait_ms"] < r["step_ms"]
         if r["method"] != "sgd":
             assert r["ok"] == "yes"
             if r["W"] == 1:  # nothing to average or share
