@@ -289,7 +289,7 @@ def _choose(
 ) -> str:
     if kind not in ("expand", "reduce"):
         raise ValueError(f"Invalid kind: {kind!r} (allowed: 'expand', 'reduce')")
-    if kind == "reduce":
+    if kind == "reduce" or spec.ndim > 4:  # N > 4: skip the (exponential) dp path search
         return "tn_simplified"
     spatial = spec.out_spatial if spec.transpose else spec.in_spatial
     positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
