@@ -365,3 +365,67 @@ def convert_sampled(
         setattr(model.get_submodule(parent_name), child, new)
     logger.debug("convert_sampled: %d convolution(s) use keep_prob=%s", replaced, keep_prob)
     return model
+
+
+class _MaskReLUFunction(torch.autograd.Function):
+    """ReLU that saves a boolean mask (1 byte per entry) instead of its output."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        y = torch.relu(x)
+        ctx.save_for_backward(y > 0)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (mask,) = ctx.saved_tensors
+        return grad * mask
+
+
+class MaskReLU(nn.ReLU):
+    """ReLU whose backward keeps a boolean mask instead of the output.
+
+    ``torch.relu`` saves its output for the backward pass. In front of a sampled convolution
+    that output is the convolution's input, so it stays alive in full and sampling frees
+    nothing. This ReLU stores one byte per entry instead (a quarter of float32), so that only
+    the mask and the convolution's kept slices remain. Forward values and gradients equal
+    ``nn.ReLU``'s (the derivative at 0 is 0, as in torch).
+
+    Raises:
+        ValueError: If constructed with ``inplace=True`` (not supported).
+    """
+
+    def __init__(self, inplace: bool = False) -> None:
+        if inplace:
+            raise ValueError("Invalid inplace: True (MaskReLU does not support inplace)")
+        super().__init__(inplace=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the ReLU to ``x`` (any shape)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MaskReLUFunction.apply(x)
+        return torch.relu(x)
+
+
+def convert_mask_relu(model: nn.Module, layers: str | Sequence[str] = "*") -> nn.Module:
+    """Replace ``nn.ReLU`` modules (matching fnmatch ``layers``) by :class:`MaskReLU` in place.
+
+    Args:
+        model: The model (modified in place; a bare ``nn.ReLU`` root is returned replaced).
+        layers: fnmatch pattern(s) on the qualified module names.
+
+    Returns:
+        The model.
+    """
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.ReLU or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        new = MaskReLU()
+        new.train(module.training)
+        if name == "":
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return model

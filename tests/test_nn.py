@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_tn
-from kfac_tn.nn import SampledConv1d, SampledConv2d, SampledConv3d, convert_sampled
+from kfac_tn.nn import (
+    MaskReLU,
+    SampledConv1d,
+    SampledConv2d,
+    SampledConv3d,
+    convert_mask_relu,
+    convert_sampled,
+)
 from kfac_tn.tn.sampled import draw_sample, sampled_conv_weight_vjp
 
 SAMPLED = {1: SampledConv1d, 2: SampledConv2d, 3: SampledConv3d}
@@ -348,3 +355,59 @@ def test_cuda_matches_cpu(axis: str, mode: str):
         grads.append([t.cpu() for t in (y, *torch.autograd.grad(y, [x, layer.weight], v))])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# --- mask ReLU ----------------------------------------------------------------------------
+
+
+def test_mask_relu_matches_relu_and_saves_a_bool_mask():
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    x[0, 0, :2] = 0.0  # the derivative at 0 is 0, as in torch
+    x.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = MaskReLU()(x)
+    y_ref = torch.relu(x)
+    assert torch.equal(y, y_ref)
+    v = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, x, v)[0], torch.autograd.grad(y_ref, x, v)[0])
+    assert [t.dtype for t in saved] == [torch.bool]
+    with pytest.raises(ValueError, match="Invalid inplace"):
+        MaskReLU(inplace=True)
+
+
+def test_mask_relu_with_sampled_convs_shrinks_network_memory():
+    """Standard ReLU keeps the next conv's input alive; MaskReLU + sampling frees most of it."""
+
+    def saved_bytes(model, x):
+        storages = {}
+
+        def pack(t):
+            if not isinstance(t, nn.Parameter):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum().backward()
+        return sum(storages.values())
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+        )
+
+    x = torch.randn(8, 3, 16, 16)
+    exact = saved_bytes(net(), x)
+    sampled = saved_bytes(convert_sampled(net(), 0.25), x)
+    both = convert_mask_relu(convert_sampled(net(), 0.25))
+    assert isinstance(both[1], MaskReLU)
+    masked = saved_bytes(both, x)
+    assert sampled > 0.9 * exact  # the ReLU output (conv 2's input) is still saved in full
+    assert masked < 0.6 * exact  # mask (1 B) + kept quarter (4 B) instead of 4 B per entry
+    assert isinstance(convert_mask_relu(nn.ReLU()), MaskReLU)
