@@ -24,13 +24,15 @@ on stdout. Run ``python -m kfac_tn.benchmarks.sampled_backprop [--quick] [--out 
 The x-axis counts the tensors saved *by the convolutions*. The table also reports the saving
 of the whole network (distinct storages of all saved tensors): in All-CNN-C a ReLU precedes
 most convolutions and saves its own output -- the next conv's input -- so that activation stays
-alive and the kept slices come on top; the network-level saving is then small or negative
-unless the activation function stores less (e.g. a boolean mask).
+alive and the kept slices come on top; the network-level saving is then negative. With
+:class:`~kfac_tn.nn.MaskReLU` (saves a boolean mask instead of its output; identical gradients)
+the saving becomes real; it is reported as a third memory column.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import logging
@@ -46,7 +48,7 @@ from torch import nn
 
 from kfac_tn.data import load_digits_tensors
 from kfac_tn.models import AllCNNC, DigitsCNN
-from kfac_tn.nn import convert_sampled
+from kfac_tn.nn import convert_mask_relu, convert_sampled
 from kfac_tn.tn.sampled import position_contribution_norms
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class ErrorPoint:
     rel_error_theory: float | None
     memory_saved: float
     network_memory_saved: float
+    network_memory_saved_mask_relu: float
     draws: int
     layer_rel_error_mean: list[float]
 
@@ -193,14 +196,24 @@ def gradient_error(
         data: Name -> ``(x, y)`` batch.
         keep_probs: Keep probabilities to test.
         series: Label -> ``(axis, spatial_mode)``.
-        draws: Independent draws per setting.
+        draws: Independent draws per setting (``>= 2``): the first runs ``model`` as is (for
+            the network-level memory with its own activations), the others a copy whose
+            ``nn.ReLU`` are :class:`~kfac_tn.nn.MaskReLU` (same gradients; network-level
+            memory with mask-saving ReLUs). All draws enter the error statistics.
         seed: Seed of the sampling generator.
 
     Returns:
         One :class:`ErrorPoint` per data set, series and ``keep_prob``.
+
+    Raises:
+        ValueError: If ``draws < 2``.
     """
+    if draws < 2:
+        raise ValueError(f"Invalid draws: {draws} (need >= 2)")
     model.train()
     gen = torch.Generator().manual_seed(seed)
+    convert_sampled(model, 1.0)
+    masked = convert_mask_relu(copy.deepcopy(model))
     points = []
     for name, (x, y) in data.items():
         convert_sampled(model, 1.0)
@@ -209,11 +222,13 @@ def gradient_error(
         position_terms = sum(position_error_terms(model, x, y))
         for label, (axis, mode) in series.items():
             for p in keep_probs:
-                convert_sampled(model, p, axis, spatial_mode=mode, generator=gen)
+                for m in (model, masked):
+                    convert_sampled(m, p, axis, spatial_mode=mode, generator=gen)
                 errors, saved, network = [], [], []
                 layer_errors = [0.0] * len(exact)
-                for _ in range(draws):
-                    est, nbytes, net_bytes = conv_weight_grads_and_saved_bytes(model, x, y)
+                for draw in range(draws):
+                    net = model if draw == 0 else masked
+                    est, nbytes, net_bytes = conv_weight_grads_and_saved_bytes(net, x, y)
                     errors.append(_relative_error(est, exact))
                     saved.append(nbytes)
                     network.append(net_bytes)
@@ -230,7 +245,8 @@ def gradient_error(
                 elif mode == "position":
                     theory = math.sqrt((1 - p) / p * position_terms / exact_sq)
                 memory_saved = 1.0 - sum(saved) / draws / exact_bytes
-                network_saved = 1.0 - sum(network) / draws / exact_network
+                network_saved = 1.0 - network[0] / exact_network
+                network_saved_mask = 1.0 - sum(network[1:]) / (draws - 1) / exact_network
                 points.append(
                     ErrorPoint(
                         name,
@@ -242,6 +258,7 @@ def gradient_error(
                         theory,
                         memory_saved,
                         network_saved,
+                        network_saved_mask,
                         draws,
                         layer_errors,
                     )
@@ -372,13 +389,14 @@ def _plot(points: list[ErrorPoint], training: dict, out: Path) -> None:
 def _table(points: list[ErrorPoint]) -> str:
     lines = [
         f"{'data':<10} {'series':<18} {'keep_prob':>9} {'conv mem saved':>14} "
-        f"{'net mem saved':>13} {'rel error':>17} {'rms':>7} {'theory':>7}",
+        f"{'net saved':>9} {'net saved (mask ReLU)':>21} {'rel error':>17} {'rms':>7} "
+        f"{'theory':>7}",
     ]
     for p in points:
         theory = f"{p.rel_error_theory:7.4f}" if p.rel_error_theory is not None else "      -"
         lines.append(
             f"{p.data:<10} {p.series:<18} {p.keep_prob:>9.2f} {p.memory_saved:>14.3f} "
-            f"{p.network_memory_saved:>13.3f} "
+            f"{p.network_memory_saved:>9.3f} {p.network_memory_saved_mask_relu:>21.3f} "
             f"{p.rel_error_mean:>8.4f} ± {p.rel_error_std:.4f} {p.rel_error_rms:7.4f} {theory}"
         )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from kfac_tn.benchmarks.sampled_backprop import (
     gradient_error,
     main,
 )
-from kfac_tn.nn import convert_sampled
+from kfac_tn.nn import MaskReLU, convert_sampled
 from kfac_tn.tn.sampled import draw_sample
 
 
@@ -83,6 +83,23 @@ def test_gradient_error_channel_half_is_exactly_one_and_keep_all_is_zero():
     assert by_key["channel", 0.5].rel_error_theory == pytest.approx(1.0)
     assert by_key["spatial", 1.0].rel_error_theory == 0.0
     assert len(by_key["spatial", 0.5].layer_rel_error_mean) == 2
+
+
+def test_gradient_error_needs_two_draws():
+    net, (x, y) = _net(), _batch()
+    with pytest.raises(ValueError, match="Invalid draws"):
+        gradient_error(net, {"toy": (x, y)}, [0.5], {"c": ("channel", "position")}, draws=1)
+
+
+def test_network_memory_with_mask_relu():
+    """Standard ReLUs keep conv inputs alive (negative saving); MaskReLU makes it positive."""
+    net, (x, y) = _net(), _batch()
+    net(x)
+    (point,) = gradient_error(
+        net, {"toy": (x, y)}, [0.25], {"spatial": ("spatial", "position")}, draws=2
+    )
+    assert point.network_memory_saved < 0.0 < point.network_memory_saved_mask_relu
+    assert all(type(m) is not MaskReLU for m in net.modules())  # the model itself is untouched
 
 
 def test_position_error_terms_give_the_exact_expected_error():
