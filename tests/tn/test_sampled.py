@@ -417,3 +417,42 @@ def test_cuda_matches_cpu(axis: str, mode: str):
             ).cpu()
         )  # fmt: skip
     assert_close(out[1], out[0], 1e-10, f"{axis}-{mode}")
+
+
+def _conv4d(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int):
+    """Reference 4-d convolution from 3-d ones: a sum over the taps of the last dimension."""
+    x = F.pad(x, (padding, padding))
+    size, kernel = x.shape[-1], w.shape[-1]
+    out = 1 + (size - dilation * (kernel - 1) - 1) // stride
+    return torch.stack(
+        [
+            sum(
+                F.conv3d(
+                    x[..., stride * o + dilation * k], w[..., k], None, stride, padding, dilation
+                )  # fmt: skip
+                for k in range(kernel)
+            )
+            for o in range(out)
+        ],
+        dim=-1,
+    )
+
+
+@pytest.mark.parametrize("axis,mode", MODES, ids=MODE_IDS)
+def test_four_dimensional_convolution(axis: str, mode: str):
+    """N = 4 (no torch reference kernel): keep_prob=1 equals autograd through a conv4d."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, 3, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(2, 3, 2, 2, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = _conv4d(x, w, stride=2, padding=1, dilation=1)
+    v = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (exact,) = torch.autograd.grad(y, w, v)
+    est = sampled_conv_weight_vjp(
+        x, v, (2, 2, 2, 3), 2, 1, keep_prob=1.0, axis=axis, spatial_mode=mode
+    )
+    assert_close(est, exact, 1e-12, f"4d-{axis}-{mode}")
+    est = sampled_conv_weight_vjp(
+        x, v, (2, 2, 2, 3), 2, 1, keep_prob=0.5, axis=axis, spatial_mode=mode,
+        generator=torch.Generator().manual_seed(4),
+    )  # fmt: skip
+    assert est.shape == exact.shape and torch.isfinite(est).all()
