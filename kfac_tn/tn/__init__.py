@@ -32,7 +32,14 @@ Routines::
     grad_expand_factor(g, groups=1), grad_reduce_factor(g, groups=1)      -> [G, C/G, C/G]
     ggn_diagonal(x, s, kernel_size, stride=1, padding=0, dilation=1, groups=1)
     hessian_diagonal(x, weight, h, stride=1, padding=0, dilation=1, groups=1)
-    symbolic(routine, *args, **kwargs) -> Expression (equation, operands, shape)
+    symbolic(routine, *args, simplify=False, **kwargs) -> Expression (equation, operands, shape)
+
+``symbolic`` shows the plain network of any call (``impl="tn"`` contracts exactly that) or,
+with ``simplify=True``, the simplified one (:mod:`kfac_tn.tn.simplify`: Π replaced by strided
+windows / ``Π̄`` / place / fold transforms, size-1 legs squeezed, parallel legs merged).
+Plans are cached per shapes and hyperparameters (spec, expressions, index patterns, opt_einsum
+paths, ``auto`` choices; all ``functools.lru_cache``), so a repeated call re-plans nothing.
+:func:`choose_impl` exposes the ``auto`` cost model of the KFAC factors.
 """
 
 from kfac_tn.tn.convolution import conv, conv_transpose, kernel_unfold
@@ -47,12 +54,14 @@ from kfac_tn.tn.kfac import (
     kfac_reduce_factor,
 )
 from kfac_tn.tn.patterns import index_pattern
+from kfac_tn.tn.sampled import sampled_conv_weight_vjp
 from kfac_tn.tn.spec import ConvSpec, DimCategory, DimSpec, conv_spec, conv_transpose_spec
 from kfac_tn.tn.unfolding import fold, unfold, unfold_transpose
 
 IMPLS = ("auto", "tn", "tn_simplified", "standard")
 
 __all__ = [
+    "sampled_conv_weight_vjp",
     "IMPLS",
     "ROUTINES",
     "ConvSpec",
