@@ -283,9 +283,10 @@ def run(
         ``(rows, failures)``. Each row has the keys of :data:`ROW_KEYS` (``peak_mem_bytes`` is
         the auxiliary memory, peak minus outputs; ``None`` without ``memory``) and ``label``,
         ``count`` (layers in the net with this configuration), ``min_time_s`` (fastest round),
-        ``out_bytes`` (memory the call's outputs hold), ``unfolded_bytes`` (size of the
-        unfolded input ``[N, C_in·ΠK, ΠO]`` in ``dtype``), ``rel_err`` (against the standard;
-        ``None`` for the standard itself or without ``check``), ``threads``.
+        ``out_bytes`` (memory the call's outputs hold), ``round_times_s`` (per-call time of
+        each timed round), ``unfolded_bytes`` (size of the unfolded input
+        ``[N, C_in·ΠK, ΠO]`` in ``dtype``), ``rel_err`` (against the standard; ``None`` for the
+        standard itself or without ``check``), ``threads``.
 
     Raises:
         ValueError: On an unknown routine or impl, or a non-positive batch size.
@@ -374,6 +375,7 @@ def run(
                         "label": layer.label,
                         "count": layer.count,
                         "min_time_s": timing.min_s,
+                        "round_times_s": list(timing.rounds),
                         "out_bytes": mem.retained_bytes if mem is not None else None,
                         "unfolded_bytes": layer.unfolded_numel(batch_size) * itemsize,
                         "rel_err": errors[impl],
@@ -393,8 +395,11 @@ def speedups(rows: Sequence[dict], stat: str = "median") -> list[dict]:
 
     Args:
         rows: Benchmark rows.
-        stat: ``median`` (``time_s``, the default) or ``min`` (``min_time_s``, the fastest
-            round: more robust on a machine shared with other jobs).
+        stat: ``median``: ratio of the median round times (``time_s``, the default);
+            ``min``: ratio of the fastest rounds (``min_time_s``); ``paired``: median over
+            rounds of the per-round ratio (rounds are interleaved, so round ``r`` of the
+            standard and of the impl ran seconds apart under similar load; the most robust
+            choice on a machine shared with other jobs).
 
     Returns:
         One dict per non-standard row: its keys plus ``speedup`` (standard time / time) and
@@ -414,14 +419,23 @@ def speedups(rows: Sequence[dict], stat: str = "median") -> list[dict]:
                 mem_ratio = r["peak_mem_bytes"] / base["peak_mem_bytes"]
             else:
                 mem_ratio = 1.0 if r["peak_mem_bytes"] == 0 else math.inf
-        out.append({**r, "speedup": base[key] / r[key], "mem_ratio": mem_ratio})
+        if key == "paired":
+            ratios = [b / t for b, t in zip(base["round_times_s"], r["round_times_s"])]
+            speedup = statistics.median(ratios)
+        else:
+            speedup = base[key] / r[key]
+        out.append({**r, "speedup": speedup, "mem_ratio": mem_ratio})
     return out
 
 
+STATS: tuple[str, ...] = ("median", "min", "paired")
+"""Timing statistics a speed-up can be computed from (see :func:`speedups`)."""
+
+
 def _stat_key(stat: str) -> str:
-    if stat not in ("median", "min"):
-        raise ValueError(f"Invalid stat: {stat!r} (allowed: 'median', 'min')")
-    return "time_s" if stat == "median" else "min_time_s"
+    if stat not in STATS:
+        raise ValueError(f"Invalid stat: {stat!r} (allowed: {', '.join(map(repr, STATS))})")
+    return {"median": "time_s", "min": "min_time_s", "paired": "paired"}[stat]
 
 
 def summary_table(rows: Sequence[dict], stat: str = "median") -> str:
@@ -773,7 +787,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--stat",
-        choices=["median", "min"],
+        choices=list(STATS),
         default="median",
         help="timing statistic for speed-ups, table, targets and plot (results.json has both)",
     )

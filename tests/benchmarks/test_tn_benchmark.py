@@ -272,6 +272,7 @@ def synthetic_rows(routine: str, entries) -> list[dict]:
                     "label": layer,
                     "count": 1,
                     "min_time_s": t,
+                    "round_times_s": [t],
                     "out_bytes": 0,
                     "unfolded_bytes": unfolded,
                     "rel_err": 0.0,
@@ -299,8 +300,11 @@ def test_speedups_with_min_statistic():
     rows = synthetic_rows("conv", [("a", "general", 4.0, 1.0, 1, 1, 1)])
     for row in rows:
         row["min_time_s"] = {"standard": 3.0, "auto": 2.0}[row["impl"]]
+        # per-round ratios 1, 3, 10: median 3 (the ratio of the rounds' medians is 4 / 1)
+        row["round_times_s"] = {"standard": [1.0, 6.0, 4.0], "auto": [1.0, 2.0, 0.4]}[row["impl"]]
     assert [r["speedup"] for r in bench.speedups(rows, "median")] == [4.0]
     assert [r["speedup"] for r in bench.speedups(rows, "min")] == [1.5]
+    assert [r["speedup"] for r in bench.speedups(rows, "paired")] == [3.0]
     with pytest.raises(ValueError, match="Invalid stat: 'mean'"):
         bench.speedups(rows, "mean")
 
