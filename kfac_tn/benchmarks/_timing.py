@@ -21,9 +21,8 @@ statistics, it runs the call under ``torch.profiler`` with ``profile_memory=True
 the allocation and free events of torch's CPU allocator in time order. This sees every tensor
 allocation made by torch kernels (including kernel-internal scratch tensors such as the padded
 copy inside ``im2col``), but not memory that libraries below torch allocate themselves (e.g. a
-BLAS library's private workspace) nor Python objects. Allocations are recorded where the
-profiler is active, i.e. on the calling thread; torch's intra-op worker threads normally only
-fill tensors the calling thread allocated.
+BLAS library's private workspace) nor Python objects. Per-thread scratch of intra-op parallel
+kernels is included (e.g. the weight VJP's peak grows slightly from 1 to 2 threads).
 """
 
 from __future__ import annotations
