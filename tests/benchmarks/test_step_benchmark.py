@@ -1,0 +1,49 @@
+"""The step benchmark runs end to end on a tiny batch and writes well-formed rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch import nn
+
+from kfac_tn.benchmarks import step
+
+
+def tiny(name: str) -> nn.Module:
+    """Stand-in for the benchmark models (the machinery is under test, not 3c3d's speed)."""
+    assert name == "3c3d"
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    )
+
+
+def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(step, "build", tiny)
+    rows = step.main(
+        "--models 3c3d --batch-size 2 --steps 2 --no-peers --inversion cholesky --out".split()
+        + [str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == rows
+    assert [(r["optimizer"], r["kfac_approx"]) for r in rows] == [
+        ("sgd", None),
+        ("adam", None),
+        ("kfac", "reduce"),
+        ("kfac", "expand"),
+    ]
+    for row in rows:
+        assert row["model"] == "3c3d" and row["batch_size"] == 2 and row["device"] == "cpu"
+        assert row["inversion"] == ("cholesky" if row["optimizer"] == "kfac" else None)
+        times = row["time_s"]
+        assert times["total"] == pytest.approx(times["forward"] + times["backward"] + times["step"])
+        assert row["peak_mem_bytes"] > 0
+    assert rows[0]["ratio_to_sgd"] == 1.0
+    kfac = rows[2]["time_s"]
+    assert "step_no_inverse" in kfac  # 2 timed steps after the warm-up: no inverse update
+    assert "x SGD" in capsys.readouterr().out
+
+
+def test_unknown_model_is_rejected():
+    with pytest.raises(ValueError, match="Invalid model: 'vgg'"):
+        step.build("vgg")
