@@ -396,3 +396,26 @@ def test_stats_counters():
         "failed_inversions": 0,
         "kfac_layers": 3,
     }
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc", "type2"])
+def test_statistics_are_committed_by_the_backward_pass(fisher_type):
+    """zero_grad between forward and backward keeps the step's statistics; no backward, none."""
+    a, b = small_cnn(), small_cnn()
+    opt_a, opt_b = (
+        KFAC(a, lr=0.05, fisher_type=fisher_type),
+        KFAC(b, lr=0.05, fisher_type=fisher_type),
+    )
+    x, y = batch(0)
+    torch.manual_seed(5)
+    opt_a.zero_grad()
+    F.cross_entropy(a(x), y).backward()
+    opt_a.step()
+    torch.manual_seed(5)
+    loss = F.cross_entropy(b(x), y)
+    opt_b.zero_grad()  # common loop order: forward, zero_grad, backward, step
+    loss.backward()
+    opt_b.step()
+    assert params_equal(a, b)
+    b(x)  # a forward pass without backward contributes nothing
+    assert not any(block.has_statistics for block in opt_b.blocks)
