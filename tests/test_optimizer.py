@@ -419,3 +419,44 @@ def test_statistics_are_committed_by_the_backward_pass(fisher_type):
     assert params_equal(a, b)
     b(x)  # a forward pass without backward contributes nothing
     assert not any(block.has_statistics for block in opt_b.blocks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc", "type2"])
+@pytest.mark.parametrize("inversion", ["eigen", "cholesky"])
+def test_cuda_matches_cpu(fisher_type, inversion):
+    cpu = small_cnn()
+    gpu = copy.deepcopy(cpu).cuda()
+    kw = dict(lr=0.05, fisher_type=fisher_type, inversion=inversion, inverse_update_period=2)
+    opt_cpu, opt_gpu = KFAC(cpu, **kw), KFAC(gpu, **kw)
+    for i in range(3):
+        x, y = batch(i)
+        for model, opt, dev in ((cpu, opt_cpu, "cpu"), (gpu, opt_gpu, "cuda")):
+            torch.manual_seed(i)  # MC labels: same seed, but the CPU and CUDA streams differ
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            opt.step()
+    if fisher_type == "mc":
+        assert all(torch.isfinite(p).all() for p in gpu.parameters())
+        assert opt_gpu.stats["skipped_factor_updates"] == 0
+        return
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        assert_close(q, p, rtol=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_autocast_and_grad_scaler():
+    model = small_cnn().float().cuda()
+    scaler = torch.amp.GradScaler("cuda")
+    opt = KFAC(model, lr=0.05, grad_scaler=scaler)
+    for i in range(3):
+        x, y = batch(i)
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x.float().cuda()), y.cuda())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    state = opt.state[model[0].weight]
+    assert state["A"].dtype == torch.float32 and torch.isfinite(state["G"]).all()
+    assert opt.stats["factor_updates"] == 9
