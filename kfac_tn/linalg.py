@@ -172,7 +172,10 @@ def compute_inverse(
                 "%s inversion gave non-finite values in %s", inversion.value, attempt_dtype
             )
             continue
-        return InverseResult([t.to(dtype) for t in out], fallback=i > 0)
+        # contiguous: eigh/cholesky_inverse return column-major matrices, and a rank that
+        # receives a broadcast inverse holds a contiguous copy; the same layout everywhere keeps
+        # data-parallel replicas bitwise identical (matmul round-off depends on the layout)
+        return InverseResult([t.to(dtype).contiguous() for t in out], fallback=i > 0)
     return InverseResult(None)
 
 

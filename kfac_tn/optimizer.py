@@ -673,7 +673,10 @@ class KFAC(torch.optim.Optimizer):
             grads = [p.grad for p in block.params]
             if shard:
                 if comm.owner(block.name) == comm.rank:
-                    out = self._precondition_block(block, state, grads, hp)
+                    # same memory layout as the receivers' buffers: reductions over these
+                    # tensors (KL clip) then round identically and replicas stay bitwise equal
+                    result = self._precondition_block(block, state, grads, hp)
+                    out = [torch.empty_like(g).copy_(d) for g, d in zip(grads, result)]
                 else:
                     out = [torch.empty_like(g) for g in grads]
                 comm.broadcast(block.name, out)
