@@ -491,6 +491,7 @@ class KFAC(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero gradients and discard statistics captured since the last step."""
         super().zero_grad(set_to_none)
+        self._pending_forward = []  # MC/type-2 forward passes whose model hook never ran
         for block in self.blocks:
             block.clear_statistics()
 
@@ -573,6 +574,7 @@ class KFAC(torch.optim.Optimizer):
                 state["factor_updates"] = state.get("factor_updates", 0) + 1
         for block in self.blocks:
             block.clear_statistics()
+        self._pending_forward = []
 
         # 2. inverses: every inverse_update_period steps (and as soon as first factors exist)
         due = [b for b in blocks if self._inverse_due(b, layer_hp[id(b)])]
