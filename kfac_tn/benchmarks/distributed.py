@@ -9,8 +9,9 @@ For every process count ``W`` and method (``sgd``: DDP + SGD with momentum; ``kf
 
 * ``step_ms``: wall time of a step (forward, backward, optimizer), the slowest rank's mean;
 * ``wait_ms``: host time per step spent in the communicator's ``wait_factors`` /
-  ``wait_broadcasts`` (slowest rank), i.e. KFAC communication not hidden behind computation
-  (meaningful on CPU/gloo; with NCCL a wait only orders CUDA streams);
+  ``wait_broadcasts`` (slowest rank): KFAC communication not hidden behind computation, plus
+  waiting for slower ranks (e.g. an owner still inverting its layers on an inverse step);
+  meaningful on CPU/gloo (with NCCL a wait only orders CUDA streams);
 * ``ddp_B``: payload bytes of DDP's gradient all-reduce (counted by a DDP communication hook);
 * ``factors_B`` / ``inverses_B`` / ``gradients_B``: payload bytes of KFAC's collectives
   (:attr:`kfac_tn.distributed.Communicator.bytes_communicated`), averaged over the timed steps
