@@ -165,7 +165,7 @@ def hessian_diagonal(
         e_w = routine_expression("hessian_diagonal_weight", spec, shapes)
         e_x = routine_expression("hessian_diagonal_input", spec, shapes)
         return (
-            evaluate(e_w, spec, {"x_squared": x2, "v": h}),
+            evaluate(e_w, spec, {"x_squared": x2, "h": h}),
             evaluate(e_x, spec, {"h": h, "weight_squared": w2}),
         )
     pads = tuple((d.pad_left, d.pad_right) for d in spec.dims)

@@ -283,7 +283,9 @@ def _ggn_diagonal(routine, spec, x_shape, s_shape):
 
 
 def _hessian_weight(routine, spec, x_shape, w_shape, h_shape):
-    return _weight_vjp(routine, spec, x_shape, h_shape, data="x_squared")
+    e = _weight_vjp(routine, spec, x_shape, h_shape, data="x_squared")
+    ops = (*e.operands[:-1], ("h", e.operands[-1][1]))
+    return Expression(routine, e.equation, ops, e.shape, e.result_shape)
 
 
 def _hessian_input(routine, spec, x_shape, w_shape, h_shape):

@@ -257,6 +257,8 @@ def evaluate_simplified(expr: Expression, tensors: dict[str, torch.Tensor]) -> t
     Builds each operand from its transform (strided window view, one-tap strided sum, ``Π̄``),
     contracts the simplified equation and applies the result transform (``fold`` / ``place``).
     The routines' ``impl="tn_simplified"`` paths run the same views with hand-fused kernels.
+    (Not for the ``hessian_diagonal_*`` expressions, whose operands are derived tensors: they
+    are the weight / input VJP networks with ``x⊙x`` / ``W⊙W``.)
 
     Args:
         expr: A simplified expression (see :func:`simplified_expression`).
@@ -346,7 +348,5 @@ def _data_shapes(expr: Expression, tensors: dict[str, torch.Tensor]):
         "grad_expand_factor": ("g",),
         "grad_reduce_factor": ("g",),
         "ggn_diagonal": ("x", "s"),
-        "hessian_diagonal_weight": ("x_squared", "weight", "v"),
-        "hessian_diagonal_input": ("x", "weight_squared", "h"),
     }[expr.routine]
     return [tuple(tensors[name].shape) for name in order]
