@@ -323,6 +323,23 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
             "owners": comm.owners,
         }
         opt.remove_hooks()
+        # distributed resume: every rank loads rank 0's checkpoint and continues
+        path = workdir / f"checkpoint-{name}.pt"
+        if rank == 0:
+            torch.save(checkpoint, path)
+        dist.barrier()
+        saved = torch.load(path, weights_only=False)
+        model = make_model()
+        model.load_state_dict(saved["model"])
+        ddp = DistributedDataParallel(model)
+        opt = KFAC(ddp, **KFAC_COMMON, **configs[name])
+        opt.load_state_dict(saved["optimizer"])
+        train_steps(ddp, opt, range(CHECKPOINT_AFTER, STEPS), rank, world_size)
+        out[name]["resumed_params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        out[name]["held_inverses"] = sorted(
+            b.name for b in opt.blocks if "inverse" in opt.state[b.weight]
+        )
+        opt.remove_hooks()
         print(f"rank {rank}: {name} took {time.monotonic() - start:.2f}s", flush=True)
     return out
 

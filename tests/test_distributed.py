@@ -341,6 +341,21 @@ def test_checkpoint_resumes_in_one_process(suite, name):
             assert "inverse" in plain[index]
 
 
+@pytest.mark.parametrize("name", KFAC_IDS)
+def test_checkpoint_resumes_distributed(suite, name):
+    """Rank 0's checkpoint loaded by every rank continues exactly like the uninterrupted run."""
+    _, results = suite
+    owners = results[0]["kfac"][name]["owners"]
+    for rank, res in enumerate(r["kfac"][name] for r in results):
+        assert _max_diff(res["resumed_params"], res["params"]) < 1e-12, f"rank {rank}"
+        # "shard": a rank keeps only its own layers' inverses, even after loading all of them
+        held = set(res["held_inverses"])
+        if name.startswith("shard"):
+            assert held == {k for k, r in owners.items() if r == rank}, f"rank {rank}"
+        else:
+            assert held == set(owners), f"rank {rank}"
+
+
 def _statistic_bytes() -> tuple[int, int, int, int]:
     """Per-step bytes implied by the model's blocks (independent of the communicator).
 
