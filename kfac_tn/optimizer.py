@@ -305,8 +305,10 @@ class KFAC(torch.optim.Optimizer):
         self._block_of_module = {id(b.module): b for b in self.blocks}
         self._comm = _get_communicator(self.distributed_strategy.value, self.bucket_cap_mb)
         self._assigned = False
-        # (block, layer output, input statistic, samples) of the running forward pass (MC/type-2)
-        self._pending_forward: list[tuple[KroneckerBlock, Tensor, Tensor, int]] = []
+        # (block, layer output, input statistic, samples, output version) of the running forward
+        # pass (MC/type-2), and the layer-output gradients collected during a sampled backward
+        self._pending_forward: list[tuple[KroneckerBlock, Tensor, Tensor, int, int]] = []
+        self._sampled_grads: dict[int, Tensor] | None = None
         self._refresh_capture_settings()
         self._hooks = HookSet()
         if self._hooks_removed:
@@ -321,7 +323,14 @@ class KFAC(torch.optim.Optimizer):
         # everything but the runtime parts, which __setstate__ rebuilds (deepcopy gets working
         # hooks on the copied model; hooks left on the copy by the original stay inert)
         state = self.__dict__.copy()
-        for key in ("_hooks", "_comm", "_block_of_module", "_capture_hp", "_pending_forward"):
+        for key in (
+            "_hooks",
+            "_comm",
+            "_block_of_module",
+            "_capture_hp",
+            "_pending_forward",
+            "_sampled_grads",
+        ):
             state.pop(key, None)
         return state
 
@@ -430,8 +439,15 @@ class KFAC(torch.optim.Optimizer):
             return None
         a_sum, n = block.input_statistic(x, output, hp.kfac_approx, hp.factor_dtype)
         if self.fisher_type is not FisherType.EMPIRICAL:
-            self._pending_forward.append((block, output, a_sum, n))
-            return None
+            index = len(self._pending_forward)
+            self._pending_forward.append((block, output, a_sum, n, output._version))
+
+            def on_sampled_grad(g: Tensor) -> None:
+                # used only when the output was later modified in place (see _on_model_output)
+                if self._sampled_grads is not None:
+                    self._sampled_grads[index] = g
+
+            return on_sampled_grad
         comm = self._comm
 
         def on_grad(g: Tensor) -> None:
@@ -449,23 +465,47 @@ class KFAC(torch.optim.Optimizer):
         pending, self._pending_forward = self._pending_forward, []
         if not pending or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        # Monte-Carlo / type-2 backward passes from the model output to the layer outputs
+        # Monte-Carlo / type-2 backward passes from the model output to the layer outputs. If a
+        # layer output was modified in place afterwards (ReLU(inplace=True)), differentiating
+        # w.r.t. it would give the gradient of the modified value; then differentiate w.r.t. the
+        # weights instead and read the layer-output gradients from the tensor hooks registered
+        # in the forward pass, which see the values the layers produced.
         outputs = [entry[1] for entry in pending]
+        modified = any(o._version != version for _, o, _, _, version in pending)
+        weights = [e[0].weight for e in pending if e[0].weight.requires_grad]
         stats: list[list[Tensor]] = [[] for _ in pending]
         with torch.enable_grad():
             for grad_output in output_gradients(
                 output, self.loss, self.fisher_type, self.mc_samples
             ):
-                grads = torch.autograd.grad(
-                    output, outputs, grad_outputs=grad_output, retain_graph=True, allow_unused=True
-                )
-                for i, ((block, _, _, _), g) in enumerate(zip(pending, grads)):
+                if modified:
+                    self._sampled_grads = {}
+                    try:
+                        torch.autograd.grad(
+                            output,
+                            weights,
+                            grad_outputs=grad_output,
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                        grads = [self._sampled_grads.get(i) for i in range(len(pending))]
+                    finally:
+                        self._sampled_grads = None
+                else:
+                    grads = torch.autograd.grad(
+                        output,
+                        outputs,
+                        grad_outputs=grad_output,
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                for i, ((block, *_), g) in enumerate(zip(pending, grads)):
                     if g is not None:
                         hp = self._capture_hp[id(block)]
                         stats[i].append(block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype))
         committed = [
             (block, a_sum, n, torch.stack(s).sum(0))
-            for (block, _, a_sum, n), s in zip(pending, stats)
+            for (block, _, a_sum, n, _), s in zip(pending, stats)
             if s
         ]
         comm = self._comm
@@ -680,6 +720,9 @@ class KFAC(torch.optim.Optimizer):
                     result = self._precondition_block(block, state, grads, hp)
                     out = [torch.empty_like(g).copy_(d) for g, d in zip(grads, result)]
                 else:
+                    # "shard": only the owner keeps an inverse (drops one loaded from a full
+                    # checkpoint, which would never be updated here)
+                    state.pop("inverse", None)
                     out = [torch.empty_like(g) for g in grads]
                 comm.broadcast(block.name, out)
             elif "inverse" in state:
