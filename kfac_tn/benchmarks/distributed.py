@@ -153,6 +153,7 @@ def _worker(args: argparse.Namespace) -> None:
             inverse_update_period=args.inverse_period,
             kfac_approx=args.approx,
             distributed_strategy=args.method.split("-", 1)[1],
+            bucket_cap_mb=args.bucket_cap_mb,
         )
         comm = getattr(opt, "_comm", None)
         if comm is None:
@@ -217,6 +218,7 @@ def _run_config(
             "--batch-per-worker", str(args.batch_per_worker), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--inverse-period", str(args.inverse_period),
             "--approx", args.approx, "--timeout", str(args.timeout),
+            "--bucket-cap-mb", str(args.bucket_cap_mb),
         ]  # fmt: skip
         procs = [
             subprocess.Popen(
@@ -326,6 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps")
     p.add_argument("--inverse-period", type=int, default=10)
     p.add_argument("--approx", choices=("expand", "reduce"), default="reduce")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="KFAC factor bucket size")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=0, help="threads per worker (0: cores // W)")
     p.add_argument("--timeout", type=float, default=120.0, help="collective timeout in s")
@@ -359,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     print(_table(rows))
     print(
         f"(3c3d, batch {args.batch_per_worker}/worker, {args.steps} timed steps, inverses every "
-        f"{args.inverse_period}, KFAC-{args.approx}, device {args.device}; bytes are per-step "
-        "payloads, M = MiB)"
+        f"{args.inverse_period}, KFAC-{args.approx}, buckets {args.bucket_cap_mb:g} MiB, device "
+        f"{args.device}; bytes are per-step payloads, M = MiB)"
     )
     bad = [f"W={r['W']} {r['method']}" for r in rows if r.get("ok") == "NO"]
     if bad:
