@@ -4,7 +4,7 @@ Split: 1200 training / 597 test images, fixed seeds. Both optimizers get the sam
 size 64, momentum 0.9 and lightly tuned learning rates (SGD: best of 0.05 / 0.1 / 0.2 = 0.2;
 KFAC: 0.1, damping 1e-2, defaults otherwise — with the default KL clip the step is nearly
 learning-rate independent). Measured on the 2-core CPU: after 1 epoch SGD 86.4 % vs KFAC 92.8 %
-test accuracy; the slow test runs 3 epochs over the learning-rate grids.
+test accuracy; after 3 epochs (the slow test, best of each grid) SGD 94.3 % vs KFAC 94.8 %.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def cnn() -> nn.Module:
     )
 
 
-def test_accuracy(make_opt, epochs: int, batch_size: int = 64) -> float:
+def accuracy_after(make_opt, epochs: int, batch_size: int = 64) -> float:
     x, y, train, test = digits()
     model = cnn()
     opt = make_opt(model)
@@ -54,12 +54,9 @@ def test_accuracy(make_opt, epochs: int, batch_size: int = 64) -> float:
         return (model(x[test]).argmax(1) == y[test]).float().mean().item()
 
 
-test_accuracy.__test__ = False  # a helper, not a test
-
-
 def test_kfac_beats_sgd_after_one_epoch():
-    sgd = test_accuracy(lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), 1)
-    kfac = test_accuracy(lambda m: KFAC(m, lr=0.1, damping=1e-2, momentum=0.9), 1)
+    sgd = accuracy_after(lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), 1)
+    kfac = accuracy_after(lambda m: KFAC(m, lr=0.1, damping=1e-2, momentum=0.9), 1)
     assert kfac > sgd + 0.02, (kfac, sgd)
     assert kfac > 0.9
 
@@ -67,11 +64,11 @@ def test_kfac_beats_sgd_after_one_epoch():
 @pytest.mark.slow
 def test_kfac_beats_tuned_sgd_after_three_epochs():
     sgd = max(
-        test_accuracy(lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), 3)
+        accuracy_after(lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), 3)
         for lr in (0.05, 0.1, 0.2)
     )
     kfac = max(
-        test_accuracy(lambda m, lr=lr: KFAC(m, lr=lr, damping=1e-2, momentum=0.9), 3)
+        accuracy_after(lambda m, lr=lr: KFAC(m, lr=lr, damping=1e-2, momentum=0.9), 3)
         for lr in (0.05, 0.1, 0.3)
     )
     assert kfac > sgd, (kfac, sgd)
