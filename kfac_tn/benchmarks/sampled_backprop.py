@@ -366,7 +366,7 @@ def _plot(points: list[ErrorPoint], training: dict, out: Path) -> None:
         ax.set_ylabel("relative weight-gradient error")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "error_vs_memory.png", dpi=120)
     plt.close(fig)
