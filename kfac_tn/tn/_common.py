@@ -143,6 +143,29 @@ def _spec_from_key(key: tuple) -> ConvSpec:
     return _conv_spec(*args, hashable(dilation), groups)
 
 
+class ShapeOnly:
+    """Stand-in for a tensor when only its shape is known (plans, :func:`symbolic`)."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+        self.ndim = len(self.shape)
+
+
+def cached_call(builder, *key):
+    """Call an ``lru_cache``-d plan ``builder(*key)``, normalising unhashable (list) arguments.
+
+    The common case (ints, tuples, strings, ``torch.Size``) hashes as given, so a repeated
+    call costs one dictionary lookup.
+    """
+    try:
+        return builder(*key)
+    except TypeError:
+        normalised = tuple(hashable(k) for k in key)
+        if normalised == key:
+            raise
+        return builder(*normalised)
+
+
 def names(prefix: str, n: int, suffix: str = "") -> list[str]:
     """Readable einsum leg names ``[prefix0suffix, prefix1suffix, ...]``."""
     return [f"{prefix}{j}{suffix}" for j in range(n)]

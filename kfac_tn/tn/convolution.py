@@ -18,16 +18,19 @@ network otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from kfac_tn.tn._common import (
+    ShapeOnly,
+    cached_call,
     check_groups,
     check_impl,
     fold_patches,
     make_spec,
     names,
-    pad,
     patch_view,
     prod,
     spatial_ndim,
@@ -157,18 +160,49 @@ def conv(
     Raises:
         ValueError: On invalid shapes, hyperparameters or ``impl``.
     """
+    plan = cached_call(_conv_plan, x.shape, weight.shape, stride, padding, dilation, groups, impl)
+    return plan(x, weight, bias)
+
+
+@functools.lru_cache(maxsize=4096)
+def _conv_plan(x_shape, w_shape, stride, padding, dilation, groups, impl):
+    """Validate once per shapes / hyperparameters and return ``(x, weight, bias) -> y``."""
     check_impl(impl)
-    spec, shapes = prepare_conv(x, weight, bias, stride, padding, dilation, groups)
+    x, w = ShapeOnly(x_shape), ShapeOnly(w_shape)
+    spec, shapes = prepare_conv(x, w, None, stride, padding, dilation, groups)
+    nd = spec.ndim
     if impl == "auto":
-        impl = "standard" if spec.ndim <= 3 else "tn_simplified"
-    if impl == "standard" and spec.ndim <= 3:
-        return _torch_conv(x, weight, spec, bias)
+        impl = "standard" if nd <= 3 else "tn_simplified"
+    if impl == "standard" and nd <= 3:
+        return functools.partial(_torch_conv_call, _torch_conv_args(spec))
     if impl == "tn":
         expr = routine_expression("conv", spec, shapes)
-        y = evaluate(expr, spec, {"x": x, "weight": weight})
-    else:
-        y = conv_simplified(x, weight, spec)
-    return y if bias is None else y.add_(bias.view(1, -1, *([1] * spec.ndim)))
+        return lambda x, w, b: _add_bias(evaluate(expr, spec, {"x": x, "weight": w}), b, nd)
+    return lambda x, w, b: _add_bias(conv_simplified(x, w, spec), b, nd)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, nd: int) -> torch.Tensor:
+    return y if bias is None else y.add_(bias.view(1, -1, *([1] * nd)))
+
+
+def _torch_conv_args(spec: ConvSpec) -> tuple:
+    """``(conv function, pad list or None, stride, padding, dilation, groups)`` for torch."""
+    dims = spec.dims
+    symmetric = all(d.pad_left == d.pad_right for d in dims)
+    pads = None
+    if not symmetric:
+        pads = [p for d in reversed(dims) for p in (d.pad_left, d.pad_right)]
+    padding = tuple(d.pad_left for d in dims) if symmetric else 0
+    stride = tuple(d.stride for d in dims)
+    dilation = tuple(d.dilation for d in dims)
+    return _CONV[spec.ndim], pads, stride, padding, dilation, spec.groups
+
+
+def _torch_conv_call(args: tuple, x, weight, bias=None):
+    fn, pads, stride, padding, dilation, groups = args
+    if pads is not None:
+        x = F.pad(x, pads)
+    return fn(x, weight, bias, stride, padding, dilation, groups)
 
 
 def conv_transpose(
@@ -279,20 +313,7 @@ def _torch_conv(
     x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Torch's convolution kernel (asymmetric padding applied explicitly)."""
-    dims = spec.dims
-    if all(d.pad_left == d.pad_right for d in dims):
-        padding = tuple(d.pad_left for d in dims)
-    else:
-        x, padding = pad(x, dims), 0
-    return _CONV[spec.ndim](
-        x,
-        weight,
-        bias,
-        tuple(d.stride for d in dims),
-        padding,
-        tuple(d.dilation for d in dims),
-        spec.groups,
-    )
+    return _torch_conv_call(_torch_conv_args(spec), x, weight, bias)
 
 
 def conv_simplified(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:

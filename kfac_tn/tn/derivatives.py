@@ -15,9 +15,13 @@ torch's kernels where they exist, the simplified network for N > 3.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kfac_tn.tn._common import (
+    ShapeOnly,
+    cached_call,
     check_groups,
     check_impl,
     fold_patches,
@@ -105,10 +109,9 @@ def conv_input_vjp(
     Raises:
         ValueError: On invalid shapes, hyperparameters or ``impl``.
     """
-    check_impl(impl)
-    spec, shapes = prepare_input_vjp(v, weight, input_size, stride, padding, dilation, groups)
-    if impl == "auto":
-        impl = "standard" if spec.ndim <= 3 else "tn_simplified"
+    spec, shapes, impl = cached_call(
+        _input_vjp_plan, v.shape, weight.shape, input_size, stride, padding, dilation, groups, impl
+    )
     if impl == "tn":
         expr = routine_expression("conv_input_vjp", spec, shapes)
         return evaluate(expr, spec, {"v": v, "weight": weight})
@@ -146,15 +149,45 @@ def conv_weight_vjp(
     Raises:
         ValueError: On invalid shapes, hyperparameters or ``impl``.
     """
-    check_impl(impl)
-    spec, shapes = prepare_weight_vjp(x, v, kernel_size, stride, padding, dilation, groups)
-    if impl == "auto":
-        impl = "standard" if spec.ndim <= 3 else "tn_simplified"
+    spec, shapes, impl = cached_call(
+        _weight_vjp_plan, x.shape, v.shape, kernel_size, stride, padding, dilation, groups, impl
+    )
     if impl == "tn":
         return evaluate(routine_expression("conv_weight_vjp", spec, shapes), spec, {"x": x, "v": v})
     if impl == "standard" and spec.ndim <= 3:
         return _backward(v, x, None, spec, input_mask=False)
     return weight_vjp_simplified(x, v, spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _input_vjp_plan(v_shape, w_shape, input_size, stride, padding, dilation, groups, impl):
+    """Validate once per shapes / hyperparameters: ``(spec, shapes, resolved impl)``."""
+    check_impl(impl)
+    v, w = ShapeOnly(v_shape), ShapeOnly(w_shape)
+    spec, shapes = prepare_input_vjp(v, w, input_size, stride, padding, dilation, groups)
+    return (
+        spec,
+        shapes,
+        ("standard" if spec.ndim <= 3 else "tn_simplified") if impl == "auto" else impl,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _weight_vjp_plan(x_shape, v_shape, kernel_size, stride, padding, dilation, groups, impl):
+    """Validate once per shapes / hyperparameters: ``(spec, shapes, resolved impl)``."""
+    check_impl(impl)
+    x, v = ShapeOnly(x_shape), ShapeOnly(v_shape)
+    spec, shapes = prepare_weight_vjp(x, v, kernel_size, stride, padding, dilation, groups)
+    return (
+        spec,
+        shapes,
+        ("standard" if spec.ndim <= 3 else "tn_simplified") if impl == "auto" else impl,
+    )
+
+
+def _auto(spec: ConvSpec) -> str:
+    """Torch's own kernel where it exists (N <= 3), the simplified network otherwise."""
+    return "standard" if spec.ndim <= 3 else "tn_simplified"
 
 
 def conv_input_jvp(
@@ -238,29 +271,26 @@ def weight_vjp_simplified(x: torch.Tensor, v: torch.Tensor, spec: ConvSpec) -> t
 
 def _backward(v, x, weight, spec: ConvSpec, *, input_mask: bool) -> torch.Tensor:
     """Torch's own ``aten.convolution_backward`` for one of the two gradients."""
-    dims = spec.dims
-    symmetric = all(d.pad_left == d.pad_right for d in dims)
-    padded = [d.in_size + d.pad_left + d.pad_right for d in dims]
+    symmetric, padded, stride, padding, dilation, zeros = _backward_args(spec)
     if input_mask:
         c_in = weight.shape[1] * spec.groups
         shape = (v.shape[0], c_in, *(spec.in_spatial if symmetric else padded))
-        x = v.new_empty(()).expand(shape)
+        x = v.new_empty(()).expand(shape)  # only its shape is read (as in torch.nn.grad)
     else:
         if not symmetric:
-            x = pad(x, dims)
-        c_in = x.shape[1]
-        shape = (v.shape[1], c_in // spec.groups, *spec.kernel_size)
+            x = pad(x, spec.dims)
+        shape = (v.shape[1], x.shape[1] // spec.groups, *spec.kernel_size)
         weight = v.new_empty(()).expand(shape)
     grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
         v,
         x,
         weight,
         None,
-        [d.stride for d in dims],
-        [d.pad_left for d in dims] if symmetric else [0] * spec.ndim,
-        [d.dilation for d in dims],
+        stride,
+        padding,
+        dilation,
         False,
-        [0] * spec.ndim,
+        zeros,
         spec.groups,
         [input_mask, not input_mask, False],
     )
@@ -268,5 +298,21 @@ def _backward(v, x, weight, spec: ConvSpec, *, input_mask: bool) -> torch.Tensor
         return grad_w
     if symmetric:
         return grad_in
-    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in dims)
+    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in spec.dims)
     return grad_in[(Ellipsis, *crop)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_args(spec: ConvSpec):
+    dims = spec.dims
+    symmetric = all(d.pad_left == d.pad_right for d in dims)
+    padded = tuple(d.in_size + d.pad_left + d.pad_right for d in dims)
+    padding = [d.pad_left for d in dims] if symmetric else [0] * spec.ndim
+    return (
+        symmetric,
+        padded,
+        [d.stride for d in dims],
+        padding,
+        [d.dilation for d in dims],
+        [0] * spec.ndim,
+    )

@@ -561,19 +561,24 @@ def standard_unfold(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
         view = patch_view(x, spec)  # [N, C, *O, *K]
         perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
         return view.permute(perm).reshape(n, c * kk, -1)
-    dims = spec.dims
-    if all(d.pad_left == d.pad_right for d in dims):
-        padding = tuple(d.pad_left for d in dims)
-    else:
-        x, padding = pad(x, dims), (0,) * nd
-    stride = tuple(d.stride for d in dims)
-    dilation = tuple(d.dilation for d in dims)
+    symmetric, padding, stride, dilation = _torch_args(spec)
+    if not symmetric:
+        x = pad(x, spec.dims)
     if nd == 2:
         return F.unfold(x, spec.kernel_size, dilation=dilation, padding=padding, stride=stride)
     weight = _one_hot_kernel(c, spec.kernel_size, x.dtype, x.device)
     conv = F.conv1d if nd == 1 else F.conv3d
     out = conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=c)
     return out.reshape(n, c * kk, -1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _torch_args(spec: ConvSpec):
+    """``(symmetric, padding, stride, dilation)`` tuples for torch (padding 0 if asymmetric)."""
+    dims = spec.dims
+    symmetric = all(d.pad_left == d.pad_right for d in dims)
+    padding = tuple(d.pad_left for d in dims) if symmetric else (0,) * spec.ndim
+    return symmetric, padding, tuple(d.stride for d in dims), tuple(d.dilation for d in dims)
 
 
 def standard_unfold_transpose(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:

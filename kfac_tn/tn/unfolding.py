@@ -15,10 +15,14 @@ own 2-d kernels, the simplified network otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from kfac_tn.tn._common import (
+    ShapeOnly,
+    cached_call,
     check_impl,
     fold_patches,
     make_spec,
@@ -102,15 +106,24 @@ def unfold(
     Raises:
         ValueError: On invalid shapes, hyperparameters or ``impl``.
     """
-    check_impl(impl)
-    spec, shapes = prepare_unfold(x, kernel_size, dilation, padding, stride)
-    if impl == "auto":
-        impl = "standard" if spec.ndim == 2 else "tn_simplified"
+    spec, shapes, impl = cached_call(
+        _unfold_plan, x.shape, kernel_size, dilation, padding, stride, impl
+    )
     if impl == "tn":
         return evaluate(routine_expression("unfold", spec, shapes), spec, {"x": x})
     if impl == "standard":
         return standard_unfold(x, spec)
     return unfold_simplified(x, spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unfold_plan(x_shape, kernel_size, dilation, padding, stride, impl):
+    """Validate once per shapes / hyperparameters: ``(spec, shapes, resolved impl)``."""
+    check_impl(impl)
+    spec, shapes = prepare_unfold(ShapeOnly(x_shape), kernel_size, dilation, padding, stride)
+    if impl == "auto":
+        impl = "standard" if spec.ndim == 2 else "tn_simplified"
+    return spec, shapes, impl
 
 
 def unfold_simplified(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
