@@ -159,3 +159,25 @@ def test_every_routine_validates_impl(routine):
         call(impl)
     with pytest.raises(ValueError, match="Invalid impl: 'fast'"):
         call("fast")
+
+
+def test_routine_plans_are_cached(generator):
+    """conv / unfold / VJPs validate once per shapes and hyperparameters (lists allowed)."""
+    from kfac_tn.tn.convolution import _conv_plan
+    from kfac_tn.tn.derivatives import _input_vjp_plan, _weight_vjp_plan
+    from kfac_tn.tn.unfolding import _unfold_plan
+
+    x, w = randn(2, 3, 6, 6, generator=generator), randn(4, 3, 3, 3, generator=generator)
+    v = randn(2, 4, 3, 3, generator=generator)
+    calls = [
+        (_conv_plan, lambda: tn.conv(x, w, stride=[2, 2], padding=1)),
+        (_unfold_plan, lambda: tn.unfold(x, 3, padding=1, stride=2)),
+        (_input_vjp_plan, lambda: tn.conv_input_vjp(v, w, x.shape, stride=2, padding=1)),
+        (_weight_vjp_plan, lambda: tn.conv_weight_vjp(x, v, 3, stride=2, padding=1)),
+    ]
+    for plan, call in calls:
+        call()
+        before = plan.cache_info()
+        call()
+        after = plan.cache_info()
+        assert after.misses == before.misses and after.hits == before.hits + 1, plan.__name__
