@@ -45,7 +45,7 @@ from kfac_tn.benchmarks._timing import measure_memory, synchronize
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("3c3d", "resnet18")
+MODELS = ("3c3d", "resnet18", "resnet50")
 INVERSE_PERIOD = 10
 
 
@@ -53,8 +53,8 @@ def build(name: str) -> nn.Module:
     """Benchmark model for CIFAR-10-shaped inputs (3×32×32, 10 classes).
 
     Args:
-        name: ``"3c3d"`` (DeepOBS) or ``"resnet18"`` (torchvision, CIFAR stem: 3×3 stride-1 first
-            convolution, no max-pool).
+        name: ``"3c3d"`` (DeepOBS), ``"resnet18"`` or ``"resnet50"`` (torchvision, CIFAR stem:
+            3×3 stride-1 first convolution, no max-pool).
 
     Returns:
         The model (float32, CPU).
@@ -66,10 +66,10 @@ def build(name: str) -> nn.Module:
         from kfac_tn.models import Net3c3d
 
         return Net3c3d(3, 32, 10)
-    if name == "resnet18":
-        from torchvision.models import resnet18
+    if name in ("resnet18", "resnet50"):
+        import torchvision.models
 
-        model = resnet18(num_classes=10)
+        model = getattr(torchvision.models, name)(num_classes=10)
         model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
         return model
