@@ -331,6 +331,8 @@ def test_targets_pass_and_fail_as_specified():
     assert t["kfac_expand_factor: every layer speed-up >= 0.95"].passed
     assert t["kfac_expand_factor: aux. memory < standard on dense and down layers"].passed
     assert t["conv: every layer speed-up >= 0.95"].passed is None  # not measured
+    diag = t["(diagnostic) kfac_reduce_factor: aux. memory <= 10% of the unfolded input (>= 1 MiB)"]
+    assert not diag.passed and "n:a 2.50" in diag.detail  # 5 MiB aux on a 2 MiB unfolded input
 
     reduce_bad = [
         ("a", "general", 2.0, 1.0, 100, 11, 2 * MIB),  # memory ratio 0.11 > 0.10
