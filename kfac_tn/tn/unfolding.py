@@ -122,7 +122,9 @@ def _unfold_plan(x_shape, kernel_size, dilation, padding, stride, impl):
     check_impl(impl)
     spec, shapes = prepare_unfold(ShapeOnly(x_shape), kernel_size, dilation, padding, stride)
     if impl == "auto":
-        impl = "standard" if spec.ndim == 2 else "tn_simplified"
+        # One copy of the strided patch view beats F.unfold's im2col kernel on CPU (1.2-2.3x,
+        # 1 thread, batch 32) and on an H100 (3-12x) for every benchmark layer measured.
+        impl = "tn_simplified"
     return spec, shapes, impl
 
 
