@@ -186,9 +186,10 @@ def kfac_reduce_factor(
     else:
         summed = summed_transpose_patches(x, spec) if transpose else summed_patches(x, spec)
         ubar = summed.reshape(n, groups, -1) / positions
-    ubar_t = ubar.permute(1, 2, 0)  # [G, D, N]
-    a = torch.bmm(ubar_t, ubar_t.transpose(1, 2)).div_(n)
-    return _augment(a, ubar.mean(0)) if bias else a
+    if bias:  # a ones entry per column yields [[A, mean], [mean^T, 1]] in the same GEMM
+        ubar = torch.cat([ubar, ubar.new_ones(*ubar.shape[:2], 1)], dim=2)  # [N, G, D+1]
+    ubar_t = ubar.permute(1, 2, 0)  # [G, D(+1), N]
+    return torch.bmm(ubar_t, ubar_t.transpose(1, 2)).div_(n)
 
 
 def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") -> torch.Tensor:
