@@ -150,12 +150,36 @@ class _SampledConvFunction(torch.autograd.Function):
 
 
 class _SampledConvMixin:
-    """Shared sampling logic of the ``SampledConvNd`` layers (mixed into ``nn.ConvNd``)."""
+    """Shared sampling logic of the ``SampledConvNd`` layers (mixed into ``nn.ConvNd``).
+
+    ``SampledConvNd`` takes the arguments of :class:`torch.nn.ConvNd`, plus (keyword-only):
+
+    Args:
+        keep_prob: Expected kept fraction of the input for the weight gradient, in ``(0, 1]``.
+        axis: ``"spatial"`` (sample input positions) or ``"channel"`` (input channels).
+        spatial_mode: ``"position"`` or ``"dims"`` (see :mod:`kfac_tn.tn.sampled`).
+        generator: Random generator for the draws (global host generator when ``None``).
+
+    Raises:
+        ValueError: On a bad ``keep_prob``, ``axis`` or ``spatial_mode``.
+    """
 
     keep_prob: float
     axis: str
     spatial_mode: str
     generator: torch.Generator | None
+
+    def __init__(
+        self,
+        *args: Any,
+        keep_prob: float,
+        axis: str = "spatial",
+        spatial_mode: str = "position",
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # the nn.ConvNd that follows in the MRO
+        self._init_sampling(keep_prob, axis, spatial_mode, generator)
 
     def _init_sampling(
         self,
@@ -214,85 +238,25 @@ class _SampledConvMixin:
 class SampledConv1d(_SampledConvMixin, nn.Conv1d):
     """1-d convolution whose weight gradient uses sampled backpropagation.
 
-    Same arguments as :class:`torch.nn.Conv1d`, plus (keyword-only):
-
-    Args:
-        keep_prob: Expected kept fraction of the input for the weight gradient, in ``(0, 1]``.
-        axis: ``"spatial"`` (sample input positions) or ``"channel"`` (input channels).
-        spatial_mode: ``"position"`` or ``"dims"`` (see :mod:`kfac_tn.tn.sampled`).
-        generator: Random generator for the draws (global host generator when ``None``).
-
-    Raises:
-        ValueError: On a bad ``keep_prob``, ``axis`` or ``spatial_mode``.
+    Same arguments as :class:`torch.nn.Conv1d`, plus the keyword-only ``keep_prob``, ``axis``,
+    ``spatial_mode`` and ``generator`` of :class:`_SampledConvMixin`.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        keep_prob: float,
-        axis: str = "spatial",
-        spatial_mode: str = "position",
-        generator: torch.Generator | None = None,
-        **kwargs: Any,
-    ) -> None:
-        nn.Conv1d.__init__(self, *args, **kwargs)
-        self._init_sampling(keep_prob, axis, spatial_mode, generator)
 
 
 class SampledConv2d(_SampledConvMixin, nn.Conv2d):
     """2-d convolution whose weight gradient uses sampled backpropagation.
 
-    Same arguments as :class:`torch.nn.Conv2d`, plus (keyword-only):
-
-    Args:
-        keep_prob: Expected kept fraction of the input for the weight gradient, in ``(0, 1]``.
-        axis: ``"spatial"`` (sample input positions) or ``"channel"`` (input channels).
-        spatial_mode: ``"position"`` or ``"dims"`` (see :mod:`kfac_tn.tn.sampled`).
-        generator: Random generator for the draws (global host generator when ``None``).
-
-    Raises:
-        ValueError: On a bad ``keep_prob``, ``axis`` or ``spatial_mode``.
+    Same arguments as :class:`torch.nn.Conv2d`, plus the keyword-only ``keep_prob``, ``axis``,
+    ``spatial_mode`` and ``generator`` of :class:`_SampledConvMixin`.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        keep_prob: float,
-        axis: str = "spatial",
-        spatial_mode: str = "position",
-        generator: torch.Generator | None = None,
-        **kwargs: Any,
-    ) -> None:
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        self._init_sampling(keep_prob, axis, spatial_mode, generator)
 
 
 class SampledConv3d(_SampledConvMixin, nn.Conv3d):
     """3-d convolution whose weight gradient uses sampled backpropagation.
 
-    Same arguments as :class:`torch.nn.Conv3d`, plus (keyword-only):
-
-    Args:
-        keep_prob: Expected kept fraction of the input for the weight gradient, in ``(0, 1]``.
-        axis: ``"spatial"`` (sample input positions) or ``"channel"`` (input channels).
-        spatial_mode: ``"position"`` or ``"dims"`` (see :mod:`kfac_tn.tn.sampled`).
-        generator: Random generator for the draws (global host generator when ``None``).
-
-    Raises:
-        ValueError: On a bad ``keep_prob``, ``axis`` or ``spatial_mode``.
+    Same arguments as :class:`torch.nn.Conv3d`, plus the keyword-only ``keep_prob``, ``axis``,
+    ``spatial_mode`` and ``generator`` of :class:`_SampledConvMixin`.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        keep_prob: float,
-        axis: str = "spatial",
-        spatial_mode: str = "position",
-        generator: torch.Generator | None = None,
-        **kwargs: Any,
-    ) -> None:
-        nn.Conv3d.__init__(self, *args, **kwargs)
-        self._init_sampling(keep_prob, axis, spatial_mode, generator)
 
 
 _SAMPLED = {nn.Conv1d: SampledConv1d, nn.Conv2d: SampledConv2d, nn.Conv3d: SampledConv3d}
