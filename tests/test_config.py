@@ -381,3 +381,25 @@ def test_saved_yaml_reloads(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert "damping" not in yaml.safe_load((tmp_path / "c.yaml").read_text())["optimizer"]
+
+
+# config.py keeps torch-free copies of the library's choice enums (validation before any import
+# of torch); their values must stay the library's.
+_ENUM_PAIRS = [
+    ("kfac_approx", "KfacApprox", "kfac_tn.blocks.base", "KFACApprox"),
+    ("fisher_type", "FisherType", "kfac_tn.losses", "FisherType"),
+    ("inversion", "Inversion", "kfac_tn.linalg", "Inversion"),
+    ("distributed_strategy", "DistStrategy", "kfac_tn.optimizer", "DistributedStrategy"),
+]
+
+
+@pytest.mark.parametrize("pair", _ENUM_PAIRS, ids=[p[0] for p in _ENUM_PAIRS])
+def test_config_choices_equal_library_enums(pair):
+    import importlib
+
+    from kfac_tn import config
+
+    _, config_name, module, library_name = pair
+    config_enum = getattr(config, config_name)
+    library_enum = getattr(importlib.import_module(module), library_name)
+    assert {e.value for e in config_enum} == {e.value for e in library_enum}
