@@ -39,7 +39,9 @@ with ``simplify=True``, the simplified one (:mod:`kfac_tn.tn.simplify`: Π repla
 windows / ``Π̄`` / place / fold transforms, size-1 legs squeezed, parallel legs merged).
 Plans are cached per shapes and hyperparameters (spec, expressions, index patterns, opt_einsum
 paths, ``auto`` choices; all ``functools.lru_cache``), so a repeated call re-plans nothing.
-:func:`choose_impl` exposes the ``auto`` cost model of the KFAC factors.
+:func:`choose_impl` exposes the ``auto`` cost model of the KFAC factors and
+:func:`expand_strategy` the simplified KFAC-expand strategy (one Gram GEMM, or the lag products
+of stride-1 convolutions, :mod:`kfac_tn.tn.lag`).
 """
 
 from kfac_tn.tn.convolution import conv, conv_transpose, kernel_unfold
@@ -48,6 +50,7 @@ from kfac_tn.tn.diagonal import ggn_diagonal, hessian_diagonal
 from kfac_tn.tn.expressions import ROUTINES, Expression, symbolic
 from kfac_tn.tn.kfac import (
     choose_impl,
+    expand_strategy,
     grad_expand_factor,
     grad_reduce_factor,
     kfac_expand_factor,
@@ -77,6 +80,7 @@ __all__ = [
     "conv_transpose_spec",
     "conv_weight_jvp",
     "conv_weight_vjp",
+    "expand_strategy",
     "fold",
     "ggn_diagonal",
     "grad_expand_factor",

@@ -35,7 +35,9 @@ Every function takes ``impl``:
   padded input (dense dimensions a reshape, down-sampling dimensions a strided slice); for
   KFAC-reduce each Π is summed over its private output leg first (``Π̄[k, i] = Σ_o Π``), and
   dense / down-sampling dimensions are summed on the strided view, so the unfolded input is
-  never materialised;
+  never materialised; for KFAC-expand of stride-1 convolutions on CPU the pair contraction
+  ``Σ_o Π Π`` is Toeplitz in ``k' - k`` and shared lag products replace the block products
+  where that is faster (:mod:`kfac_tn.tn.lag`, :func:`expand_strategy`);
 * ``"standard"``: unfold (``F.unfold``, or a one-hot convolution for N ≠ 2, as BackPACK does)
   followed by a matmul or a spatial mean (the curvlinops / BackPACK way);
 * ``"auto"`` (default): the faster of the above for the call's shapes (see :func:`choose_impl`).
@@ -62,11 +64,13 @@ from kfac_tn.tn._common import (
 )
 from kfac_tn.tn.einsum import contract, contraction_path
 from kfac_tn.tn.expressions import evaluate, routine_expression
+from kfac_tn.tn.lag import lag_cost, lag_expand_gram, lag_plan
 from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory
 
 __all__ = [
     "choose_impl",
+    "expand_strategy",
     "grad_expand_factor",
     "grad_reduce_factor",
     "kfac_expand_factor",
@@ -138,7 +142,10 @@ def kfac_expand_factor(
             a = _gram_expand(cols, symmetric=True).mul_(scale)
             mean = cols.mean(dim=(0, 3)) if bias else None
         else:
-            a = _view_expand(x, spec, groups).mul_(scale)
+            if expand_strategy(spec, n, c, x.device) == "lag":
+                a = lag_expand_gram(x, spec, groups).mul_(scale)
+            else:
+                a = _view_expand(x, spec, groups).mul_(scale)
             mean = summed_patches(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
     return _augment(a, mean) if bias else a
 
@@ -251,21 +258,28 @@ def choose_impl(
 ) -> str:
     """Pick the implementation ``impl='auto'`` uses for a factor, from shapes alone (cached).
 
-    Cost model (calibrated on a 2-core CPU, one thread, batch 32; see
+    Cost model (calibrated on a 2-core CPU, one thread; see
     ``python -m kfac_tn.benchmarks.tn``):
 
     * KFAC-reduce: ``'tn_simplified'``.  It never materialises the unfolded input: 1×1
       dimensions are summed on strided views, all others contracted with the 0/1 band matrix
       ``Π̄`` — about one pass over the input (10-40x faster than unfold + mean on 3×3 / 7×7
       layers, and no auxiliary memory).
-    * KFAC-expand: ``'tn_simplified'`` copies the strided patch view once, straight into the
-      matmul layout ``[G, (c k…), (n o…)]`` (the standard way copies twice: im2col, then the
-      rearrangement) and costs one GEMM of ``2·G·D²·N·O`` FLOPs.  The plain network can be
-      cheaper when correlating the input *before* applying Π saves work (stride-1 layers with
-      long kernels on small inputs, e.g. InceptionV3's 7×1 / 1×7): its opt_einsum ``dp`` path
-      is chosen when it needs under 70% of the simplified path's FLOPs (block-triangular Gram
-      for ``D >= 512``, see :func:`symmetric_gram`) and its largest intermediate is at most
-      twice the unfolded input.
+    * KFAC-expand: ``'tn_simplified'`` has two strategies (:func:`expand_strategy`): the single
+      GEMM copies the strided patch view once, straight into the matmul layout
+      ``[G, (c k…), (n o…)]`` (the standard way copies twice: im2col, then the rearrangement)
+      and costs ``2·G·D²·N·O`` FLOPs; on CPUs, stride-1 layers can instead contract lag
+      products (:mod:`kfac_tn.tn.lag`: the Π-pair contraction is Toeplitz, so ``(2K-1)^N``
+      shared lags replace ``K^{2N}`` block products; 2-5x faster on 3×3 / 5×5 layers with
+      ``C ≥ 8``).  The plain network can be cheaper when correlating the input *before*
+      applying Π saves work (long kernels on small inputs, on GPUs): its opt_einsum ``dp``
+      path is chosen when its estimated time (FLOPs at 70% of the GEMM rate, intermediates,
+      pairwise contractions) is below the simplified strategy's and its largest intermediate
+      is at most twice the unfolded input.
+
+    Estimated time ``= FLOPs·8.5e-12 s + elements moved·7.9e-10 s + GEMM calls·7.2e-5 s``
+    (least-squares fit over 25 layer shapes, one thread; it picks the faster strategy on all
+    of them).
 
     Args:
         kind: ``'expand'`` or ``'reduce'``.
@@ -284,6 +298,16 @@ def choose_impl(
     return _choose(kind, spec, batch_size, channels, dtype, torch.device(device).type)
 
 
+# expand cost model: seconds per FLOP, per element copied or accumulated, per GEMM call
+_SECONDS_PER_FLOP = 8.5e-12
+_SECONDS_PER_ELEMENT = 7.9e-10
+_SECONDS_PER_CALL = 7.2e-5
+
+
+def _seconds(flops: float, elements: float, calls: float) -> float:
+    return flops * _SECONDS_PER_FLOP + elements * _SECONDS_PER_ELEMENT + calls * _SECONDS_PER_CALL
+
+
 @functools.lru_cache(maxsize=4096)
 def _choose(
     kind: str, spec: ConvSpec, batch: int, channels: int, dtype: torch.dtype, device_type: str
@@ -293,18 +317,44 @@ def _choose(
     if kind == "reduce" or spec.ndim > 4:  # N > 4: skip the (exponential) dp path search
         return "tn_simplified"
     spatial = spec.out_spatial if spec.transpose else spec.in_spatial
-    positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
     expr = routine_expression("kfac_expand_factor", spec, ((batch, channels, *spatial),))
     info = contraction_path(expr.equation, [shape for _, shape in expr.operands])
-    d = channels // spec.groups * prod(spec.kernel_size)
-    blocks = 1 if d < 512 or device_type != "cpu" else (3 if d < 2048 else 4)  # symmetric_gram
-    simplified_flops = 2 * spec.groups * d * d * batch * positions * (blocks + 1) / (2 * blocks)
+    simplified = _simplified_seconds(spec, batch, channels, device_type)
+    positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
     unfolded = batch * channels * prod(spec.kernel_size) * positions
     # the plain network's pairwise einsums run at ~70% of the GEMM's FLOP rate (measured)
-    cheaper = float(info.opt_cost) < 0.7 * simplified_flops
+    plain = _seconds(float(info.opt_cost) / 0.7, sum(info.size_list), len(info.contraction_list))
+    cheaper = plain < min(simplified.values())
     if cheaper and info.largest_intermediate <= 2 * unfolded:
         return "tn"
     return "tn_simplified"
+
+
+def expand_strategy(spec: ConvSpec, batch_size: int, channels: int, device) -> str:
+    """Strategy of ``kfac_expand_factor(..., impl='tn_simplified')`` for these shapes (cached).
+
+    Returns:
+        ``'lag'`` (lag products, :mod:`kfac_tn.tn.lag`; stride-1 convolutions on CPU, where the
+        cost model estimates them faster) or ``'gemm'`` (one Gram GEMM of the patch view).
+    """
+    times = _simplified_seconds(spec, batch_size, channels, torch.device(device).type)
+    return min(times, key=times.__getitem__)
+
+
+@functools.lru_cache(maxsize=4096)
+def _simplified_seconds(
+    spec: ConvSpec, batch: int, channels: int, device_type: str
+) -> dict[str, float]:
+    """Estimated seconds of the simplified expand strategies that apply (``'gemm'`` always)."""
+    positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
+    d = channels // spec.groups * prod(spec.kernel_size)
+    blocks = 1 if d < 512 or device_type != "cpu" else (3 if d < 2048 else 4)  # symmetric_gram
+    flops = 2 * spec.groups * d * d * batch * positions * (blocks + 1) / (2 * blocks)
+    out = {"gemm": _seconds(flops, batch * channels * prod(spec.kernel_size) * positions, 1)}
+    plan = lag_plan(spec) if device_type == "cpu" else None  # lag: never measured on GPUs
+    if plan is not None:
+        out["lag"] = _seconds(**lag_cost(plan, batch, channels, spec.groups))
+    return out
 
 
 def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:

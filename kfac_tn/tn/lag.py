@@ -1,0 +1,271 @@
+r"""Lag (Toeplitz) simplification of the KFAC-expand Gram for stride-1 convolutions.
+
+For a stride-1 dimension the index pattern is a shifted identity, ``Π[k, o, i] = 1`` iff
+``i = o + D·k`` (padded coordinates), so the pair contraction that the KFAC-expand factor needs,
+
+.. math::
+    \sum_o Π[k, o, i]\, Π[k', o, i'] = [\,i' - i = D(k' - k)\,]\;[\,i \in W(k)\,],
+    \qquad W(k) = [D k, D k + O),
+
+depends on ``(k, k')`` only through the *lag* ``m = k' - k`` and the window ``W(k)``.  Hence
+
+.. math::
+    A_{k, k+m} = \sum_n \sum_{i \in W(k)} x_{n,i}\, x_{n,i+Dm}^\top ,
+
+and the ``K^{2N}`` block products of the unfolded-input Gram collapse to ``(2K-1)^N`` lag
+products that are *shared* between all ``k``.  The windows are unions of *segments* (per
+dimension, the intervals between the window edges ``{D k, D k + O}``): the middle segment
+``[D(K-1), O)`` lies in every window, the ``K-1`` segments of length ``D`` on each side in some.
+Every *cell* (product of one segment per dimension) is contracted once for every lag it needs
+(one GEMM over ``(n, i ∈ cell)``, the lag-shifted copies as columns), and ``A_{k,k+m}`` is the
+sum of its cells.  Symmetry ``A_{k',k} = A_{k,k'}^\top`` halves the lags: only lags whose first
+non-zero entry is positive are contracted (``N`` rectangles of lags per cell), the rest are
+transposed copies, so the result is exactly symmetric.
+
+On a 3×3 'same' convolution the lag products cost ``~13·(O+2)^2`` channel-Gram units instead of
+``~54·O^2`` for the (block-triangular) unfolded Gram, a 2.2-4.7x speed-up on CPU for
+``C ≥ 8`` (``python -m kfac_tn.benchmarks.tn``).  Cells that lie completely in the zero
+padding are skipped.  :func:`lag_cost` estimates the time, so that callers pick the faster of
+this and the single GEMM per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from kfac_tn.tn._common import pad, prod
+from kfac_tn.tn.spec import ConvSpec, DimSpec
+
+__all__ = ["LagPlan", "lag_cost", "lag_expand_gram", "lag_plan"]
+
+# Elements of one lag-shifted operand chunk: small enough to stay in cache while the GEMM reads
+# it (2^20 floats measured best among 2^18 ... 2^22 on a 2-core CPU).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment ``[start, stop)`` (padded coordinates) of one spatial dimension.
+
+    Attributes:
+        start: First padded position.
+        stop: One past the last padded position.
+        k_first: First kernel index whose window contains the segment.
+        k_last: Last kernel index whose window contains the segment.
+    """
+
+    start: int
+    stop: int
+    k_first: int
+    k_last: int
+
+
+@dataclass(frozen=True)
+class LagTask:
+    """One GEMM: a cell against a rectangle of lags.
+
+    Attributes:
+        start: Padded start of the cell per dimension.
+        length: Cell length per dimension.
+        lag_lo: Smallest lag per dimension.
+        lag_count: Number of lags per dimension.
+        dst: Rows ``k·K^N + k'`` of the ``[(k, k'), ...]`` accumulator that receive a lag.
+        src: Flat lag index (within the rectangle) each ``dst`` row takes.
+    """
+
+    start: tuple[int, ...]
+    length: tuple[int, ...]
+    lag_lo: tuple[int, ...]
+    lag_count: tuple[int, ...]
+    dst: tuple[int, ...]
+    src: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LagPlan:
+    """Cells, lag rectangles and scatter indices of :func:`lag_expand_gram` for one spec.
+
+    Attributes:
+        spec: The convolution's spec.
+        tasks: One entry per (cell, lag rectangle).
+    """
+
+    spec: ConvSpec
+    tasks: tuple[LagTask, ...]
+
+    @property
+    def calls(self) -> int:
+        """Number of GEMMs (one per task)."""
+        return len(self.tasks)
+
+    def units(self) -> int:
+        """Channel-Gram units ``Σ |cell|·|lags|`` (FLOPs ``= 2·G·C_g²·N·units``)."""
+        return sum(prod(t.length) * prod(t.lag_count) for t in self.tasks)
+
+    def contributions(self) -> int:
+        """Accumulated ``C_g×C_g`` blocks ``Σ |dst|``."""
+        return sum(len(t.dst) for t in self.tasks)
+
+
+def segments(dim: DimSpec) -> tuple[Segment, ...]:
+    """Segments of one stride-1 dimension, without those that lie completely in the padding."""
+    d, k, o = dim.dilation, dim.kernel, dim.out_size
+    edges = sorted({d * j for j in range(k)} | {d * j + o for j in range(k)})
+    data = (dim.pad_left, dim.pad_left + dim.in_size)
+    out = []
+    for start, stop in zip(edges[:-1], edges[1:]):
+        if stop <= data[0] or start >= data[1]:
+            continue  # only zeros
+        ks = [j for j in range(k) if d * j <= start and stop <= d * j + o]
+        if ks:  # positions outside every window (O < D) are never read
+            out.append(Segment(start, stop, ks[0], ks[-1]))
+    return tuple(out)
+
+
+def _half_rectangles(lo: list[int], hi: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Split ``{m : lo <= m <= hi}`` ∩ {m = 0 or first non-zero m_j > 0} into rectangles."""
+    n = len(lo)
+    out = []
+    for t in range(n):
+        if any(not lo[j] <= 0 <= hi[j] for j in range(t)):
+            break
+        first = max(lo[t], 1 if t < n - 1 else 0)
+        r_lo = [0] * t + [first] + lo[t + 1 :]
+        r_hi = [0] * t + hi[t:]
+        if all(a <= b for a, b in zip(r_lo, r_hi)):
+            out.append((r_lo, r_hi))
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def lag_plan(spec: ConvSpec) -> LagPlan | None:
+    """Return the plan for ``spec``, or ``None`` where the lag structure does not apply.
+
+    It applies to convolutions (not transposed) with stride 1 in every dimension; padding and
+    dilation are arbitrary.
+    """
+    if spec.transpose or any(d.stride != 1 for d in spec.dims):
+        return None
+    kernel = spec.kernel_size
+    kn = prod(kernel)
+    tasks = []
+    for cell in itertools.product(*(segments(d) for d in spec.dims)):
+        lo = [-s.k_last for s in cell]
+        hi = [k - 1 - s.k_first for s, k in zip(cell, kernel)]
+        for r_lo, r_hi in _half_rectangles(lo, hi):
+            count = tuple(b - a + 1 for a, b in zip(r_lo, r_hi))
+            dst, src = [], []
+            for flat_m, m in enumerate(
+                itertools.product(*(range(a, b + 1) for a, b in zip(r_lo, r_hi)))
+            ):
+                for k in itertools.product(*(range(s.k_first, s.k_last + 1) for s in cell)):
+                    k2 = tuple(a + b for a, b in zip(k, m))
+                    if all(0 <= v < kk for v, kk in zip(k2, kernel)):
+                        dst.append(_flat(k, kernel) * kn + _flat(k2, kernel))
+                        src.append(flat_m)
+            tasks.append(
+                LagTask(
+                    start=tuple(s.start for s in cell),
+                    length=tuple(s.stop - s.start for s in cell),
+                    lag_lo=tuple(r_lo),
+                    lag_count=count,
+                    dst=tuple(dst),
+                    src=tuple(src),
+                )
+            )
+    return LagPlan(spec, tuple(tasks))
+
+
+def _flat(index, sizes) -> int:
+    out = 0
+    for i, s in zip(index, sizes):
+        out = out * s + i
+    return out
+
+
+def lag_cost(plan: LagPlan, batch: int, channels: int, groups: int) -> dict[str, float]:
+    """FLOPs, bytes moved (in elements) and GEMM calls of :func:`lag_expand_gram`.
+
+    Returns:
+        ``{'flops', 'elements', 'calls'}``: GEMM FLOPs; elements copied or accumulated (the
+        cell and lag-shifted operands, the scattered blocks, and three passes over the result);
+        number of GEMM calls.
+    """
+    cg = channels // groups
+    d = cg * prod(plan.spec.kernel_size)
+    units = plan.units()
+    cells = sum(prod(t.length) for t in plan.tasks)
+    elements = (
+        batch * channels * (units + cells)
+        + 2 * plan.contributions() * groups * cg * cg
+        + 3 * groups * d * d
+    )
+    return {
+        "flops": 2.0 * groups * cg * cg * batch * units,
+        "elements": float(elements),
+        "calls": float(plan.calls),
+    }
+
+
+def lag_expand_gram(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tensor:
+    """``Σ_{n,o} u_{n,o} u_{n,o}^T`` per group (no scaling) via lag products.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        spec: Spec of a stride-1 convolution on ``x`` (see :func:`lag_plan`).
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``[G, C_in/G·ΠK, C_in/G·ΠK]`` (rows ordered ``(c, k_1, ..., k_N)``), exactly symmetric.
+
+    Raises:
+        ValueError: If the lag structure does not apply to ``spec``.
+    """
+    plan = lag_plan(spec)
+    if plan is None:
+        raise ValueError(f"Invalid spec for lag_expand_gram: {spec} (needs stride 1, no transpose)")
+    n, c = x.shape[:2]
+    cg, nd = c // groups, spec.ndim
+    kn = prod(spec.kernel_size)
+    # [N, *P, C]: a cell of one sample is a block of contiguous channel vectors, and the lag
+    # shifts of the last dimension are adjacent in memory (cheap copies).
+    xt = pad(x, spec.dims).movedim(1, -1).contiguous()
+    n_stride, sp_stride = xt.stride()[0], xt.stride()[1 : 1 + nd]
+    lag_stride = tuple(d.dilation * s for d, s in zip(spec.dims, sp_stride))
+    acc = x.new_zeros(kn * kn, groups * cg * cg)  # rows (k, k'), entries (g, c, c')
+    for task in plan.tasks:
+        cell = prod(task.length)
+        lags = prod(task.lag_count)
+        base = sum(a * s for a, s in zip(task.start, sp_stride))
+        left = xt.as_strided((groups, n, *task.length, cg), (cg, n_stride, *sp_stride, 1), base)
+        left = left.reshape(groups, n * cell, cg)
+        offset = base + sum(m * s for m, s in zip(task.lag_lo, lag_stride))
+        right = xt.as_strided(
+            (groups, n, *task.length, *task.lag_count, cg),
+            (cg, n_stride, *sp_stride, *lag_stride, 1),
+            offset,
+        )
+        # chunks over the batch keep the lag-shifted copy in cache and bound its memory
+        per_sample = groups * cell * lags * cg
+        chunk = max(1, min(n, _CHUNK_ELEMENTS // per_sample))
+        buf = x.new_empty(groups, chunk * cell, lags * cg)
+        out = None
+        for n0 in range(0, n, chunk):
+            n1 = min(n, n0 + chunk)
+            b = buf[:, : (n1 - n0) * cell]
+            b.view(groups, n1 - n0, *task.length, *task.lag_count, cg).copy_(right[:, n0:n1])
+            lc = left[:, n0 * cell : n1 * cell].mT
+            out = torch.bmm(lc, b) if out is None else out.baddbmm_(lc, b)
+        blocks = out.view(groups, cg, lags, cg).permute(2, 0, 1, 3).reshape(lags, -1)
+        src = torch.tensor(task.src, device=x.device)
+        dst = torch.tensor(task.dst, device=x.device)
+        acc.index_add_(0, dst, blocks.index_select(0, src))
+    # lags with a negative first non-zero entry: transposed copies; lag 0 appears twice
+    half = acc.view(kn, kn, groups, cg, cg)
+    full = half + half.permute(1, 0, 2, 4, 3)
+    full.diagonal(dim1=0, dim2=1).mul_(0.5)
+    return full.permute(2, 3, 0, 4, 1).reshape(groups, cg * kn, cg * kn)
