@@ -199,8 +199,9 @@ def precondition(
     m = M.to(dtype)
     if inversion is Inversion.EIGEN:
         evals_a, evecs_a, evals_g, evecs_g = inverse
-        rotated = evecs_g.transpose(-2, -1) @ m @ evecs_a
-        rotated = rotated / (evals_g[:, :, None] * evals_a[:, None, :] + damping)
+        rotated = evecs_g.transpose(-2, -1) @ m @ evecs_a  # a fresh tensor: divide in place
+        denominator = evals_g[:, :, None] * evals_a[:, None, :]
+        rotated.div_(denominator.add_(damping))
         out = evecs_g @ rotated @ evecs_a.transpose(-2, -1)
     else:
         a_inv, g_inv = inverse

@@ -437,10 +437,10 @@ class KFAC(torch.optim.Optimizer):
         hp = self._capture_hp[id(block)]
         if not output.requires_grad:
             return None
-        a_sum, n = block.input_statistic(x, output, hp.kfac_approx, hp.factor_dtype)
+        a_mean, n = block.input_statistic(x, output, hp.kfac_approx, hp.factor_dtype)
         if self.fisher_type is not FisherType.EMPIRICAL:
             index = len(self._pending_forward)
-            self._pending_forward.append((block, output, a_sum, n, output._version))
+            self._pending_forward.append((block, output, a_mean, n, output._version))
 
             def on_sampled_grad(g: Tensor) -> None:
                 # used only when the output was later modified in place (see _on_model_output)
@@ -453,9 +453,9 @@ class KFAC(torch.optim.Optimizer):
         def on_grad(g: Tensor) -> None:
             g_sum = block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype)
             if comm is not None:
-                comm.all_reduce_factor(a_sum)
+                comm.all_reduce_factor(a_mean)
                 comm.all_reduce_factor(g_sum)
-            block.add_statistics(a_sum, n, g_sum)
+            block.add_statistics(a_mean, n, g_sum)
 
         return on_grad
 
@@ -504,19 +504,19 @@ class KFAC(torch.optim.Optimizer):
                         hp = self._capture_hp[id(block)]
                         stats[i].append(block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype))
         committed = [
-            (block, a_sum, n, torch.stack(s).sum(0))
-            for (block, _, a_sum, n, _), s in zip(pending, stats)
+            (block, a_mean, n, torch.stack(s).sum(0))
+            for (block, _, a_mean, n, _), s in zip(pending, stats)
             if s
         ]
         comm = self._comm
 
         def commit(_: Tensor) -> None:
             # the user's backward reached the model output: this forward pass counts
-            for block, a_sum, n, g_sum in committed:
+            for block, a_mean, n, g_sum in committed:
                 if comm is not None:
-                    comm.all_reduce_factor(a_sum)
+                    comm.all_reduce_factor(a_mean)
                     comm.all_reduce_factor(g_sum)
-                block.add_statistics(a_sum, n, g_sum)
+                block.add_statistics(a_mean, n, g_sum)
 
         output.register_hook(lambda grad: commit(grad))
 
@@ -742,8 +742,11 @@ class KFAC(torch.optim.Optimizer):
         if "inverse" not in state:
             return [g.clone() for g in grads]
         out = block.precondition(state, grads, damping=hp.damping)
-        # factors never saw a finite batch: plain gradient (device-side choice, no sync)
+        # factors never saw a finite batch: plain gradient (a device-side choice, no sync; a CPU
+        # flag is read directly, which saves the select pass)
         valid = state["factors_valid"]
+        if valid.device.type == "cpu":
+            return out if bool(valid) else [g.clone() for g in grads]
         return [torch.where(valid, d, g) for d, g in zip(out, grads)]
 
     def _kl_clip_factors(

@@ -115,7 +115,7 @@ def test_block_ema_and_non_finite_statistics_are_skipped():
     block, state = _block_with_state()
     gen = torch.Generator().manual_seed(4)
     a1, g1 = psd(1, 4, gen), psd(1, 2, gen)
-    block.add_statistics(2 * a1, 2, g1)  # sum form over 2 samples
+    block.add_statistics(a1.clone(), 2, g1)  # mean form over 2 samples
     block.update_factors(state, decay=0.9, grad_scale=3.0)
     assert_close(state["A"], a1)
     assert_close(state["G"], 3.0 * g1)
@@ -130,3 +130,15 @@ def test_block_ema_and_non_finite_statistics_are_skipped():
     assert torch.equal(state["A"], before[0]) and torch.equal(state["G"], before[1])
     assert int(state["skipped_factor_updates"]) == 1
     assert not block.has_statistics
+
+
+def test_block_accumulated_passes_weighted_by_samples():
+    """Two passes before one update: input means weighted by sample counts, gradients summed."""
+    block, state = _block_with_state()
+    gen = torch.Generator().manual_seed(5)
+    a1, a2, g1, g2 = psd(1, 4, gen), psd(1, 4, gen), psd(1, 2, gen), psd(1, 2, gen)
+    block.add_statistics(a1.clone(), 3, g1.clone())
+    block.add_statistics(a2.clone(), 1, g2.clone())
+    block.update_factors(state, decay=0.9, grad_scale=0.5)
+    assert_close(state["A"], (3 * a1 + a2) / 4)
+    assert_close(state["G"], 0.5 * (g1 + g2))

@@ -467,3 +467,22 @@ def test_cuda_bf16_autocast_and_grad_scaler():
     state = opt.state[model[0].weight]
     assert state["A"].dtype == torch.float32 and torch.isfinite(state["G"]).all()
     assert opt.stats["factor_updates"] == 9
+
+
+def test_layer_whose_factors_never_saw_a_finite_batch_gets_the_plain_gradient():
+    """``factors_valid`` False (only non-finite statistics so far): momentum-free SGD direction."""
+    model = small_cnn().double()
+    opt = KFAC(model, lr=0.1, momentum=0.0, kl_clip=None)
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    conv = model[0]
+    opt.state[conv.weight]["factors_valid"] = torch.tensor(False)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    # keep the invalid flag through this step's factor update: no statistics for this layer
+    opt.blocks[0].clear_statistics()
+    before, grad = conv.weight.detach().clone(), conv.weight.grad.clone()
+    opt.step()
+    assert_close(conv.weight.detach(), before - 0.1 * grad)

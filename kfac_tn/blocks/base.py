@@ -22,8 +22,9 @@ gradient), so a damping value means the same for every batch size. The backpropa
 are :math:`g = r \hat g`, so the empirical Fisher uses :math:`G = \frac{1}{r}\sum g g^\top`;
 Monte-Carlo and type-2 backward passes produce :math:`\hat g` directly. Statistics of several
 forward/backward
-passes before one optimizer step (gradient accumulation) are summed, and ``N`` counts all their
-samples, so accumulation over micro-batches equals one large batch.
+passes before one optimizer step (gradient accumulation) are combined as one batch (input
+factors: the per-pass means weighted by their sample counts; gradient statistics: summed, ``N``
+counting all samples), so accumulation over micro-batches equals one large batch.
 
 Subclasses implement only the layer-specific parts (:meth:`KroneckerBlock._input_factor`,
 :meth:`KroneckerBlock._grad_factor`, :meth:`KroneckerBlock._to_matrix`,
@@ -103,6 +104,14 @@ def _total(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
+def _weighted_mean(parts: list[Tensor], counts: list[int]) -> Tensor:
+    """``Σ_i n_i·A_i / Σ_i n_i`` of per-pass means ``A_i`` (no copy for the usual single part)."""
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(counts)
+    return torch.stack([a * (n / total) for a, n in zip(parts, counts)]).sum(0)
+
+
 class KroneckerBlock(ABC):
     """Curvature block of one layer: factors ``A [groups, d_A, d_A]``, ``G [groups, d_G, d_G]``.
 
@@ -121,7 +130,8 @@ class KroneckerBlock(ABC):
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module = module
         self.name = name
-        self._a_parts: list[Tensor] = []
+        self._a_parts: list[Tensor] = []  # per-pass means A_i
+        self._a_counts: list[int] = []  # their sample counts n_i
         self._g_parts: list[Tensor] = []
         self._samples = 0
 
@@ -193,7 +203,7 @@ class KroneckerBlock(ABC):
     def input_statistic(
         self, x: Tensor, output: Tensor, approx: KFACApprox, dtype: torch.dtype
     ) -> tuple[Tensor, int]:
-        """Input statistic of one forward pass in *sum* form (``N·A``), and ``N``.
+        """Input statistic of one forward pass in *mean* form (``A``), and ``N``.
 
         Args:
             x: Layer input.
@@ -203,28 +213,30 @@ class KroneckerBlock(ABC):
                 give float32 factors by default).
 
         Returns:
-            ``(N·A [groups, d_A, d_A], N)``.
+            ``(A [groups, d_A, d_A], N)``; ``A`` is a fresh tensor (it may be updated in place).
         """
         with torch.autocast(x.device.type, enabled=False):  # factors in ``dtype``, not bf16
-            a, n = self._input_factor(x.detach().to(dtype), output, approx)
-            return a * n, n
+            return self._input_factor(x.detach().to(dtype), output, approx)
 
     def grad_statistic(self, g: Tensor, approx: KFACApprox, dtype: torch.dtype) -> Tensor:
         """Unnormalised output-gradient statistic of one backward pass ``[groups, d_G, d_G]``."""
         with torch.autocast(g.device.type, enabled=False):
             return self._grad_factor(g.detach().to(dtype), approx)
 
-    def add_statistics(self, a_sum: Tensor | None, n: int, g_sum: Tensor) -> None:
+    def add_statistics(self, a_mean: Tensor | None, n: int, g_sum: Tensor) -> None:
         """Queue the statistics of one forward/backward pair until the next factor update.
 
         Args:
-            a_sum: Input statistic in sum form (``None`` if an earlier backward of the same forward
-                already added it, e.g. a second Monte-Carlo sample).
-            n: Number of samples it covers (0 with ``a_sum=None``).
+            a_mean: Input statistic in mean form (``None`` if an earlier backward of the same
+                forward already added it, e.g. a second Monte-Carlo sample).
+            n: Number of samples it covers (0 with ``a_mean=None``).
             g_sum: Unnormalised output-gradient statistic.
+
+        The block takes the tensors over: the next factor update may overwrite them in place.
         """
-        if a_sum is not None:
-            self._a_parts.append(a_sum)
+        if a_mean is not None:
+            self._a_parts.append(a_mean)
+            self._a_counts.append(n)
             self._samples += n
         self._g_parts.append(g_sum)
 
@@ -239,7 +251,7 @@ class KroneckerBlock(ABC):
 
     def clear_statistics(self) -> None:
         """Drop captured statistics (after a factor update, or a skipped / aborted step)."""
-        self._a_parts, self._g_parts, self._samples = [], [], 0
+        self._a_parts, self._a_counts, self._g_parts, self._samples = [], [], [], 0
 
     # ------------------------------------------------------------------ template: factors
     def update_factors(self, state: dict, *, decay: float, grad_scale: float) -> None:
@@ -249,7 +261,8 @@ class KroneckerBlock(ABC):
         update initialises the factors. ``grad_scale`` turns the captured gradient sum into ``G``
         (see the module docstring: :math:`1/r` for the empirical Fisher, ``r / samples`` for MC).
         A batch statistic with a non-finite entry leaves both factors unchanged and increments
-        ``state["skipped_factor_updates"]``; the check runs on the device (no host sync).
+        ``state["skipped_factor_updates"]``; on accelerators the check runs on the device (no
+        host sync).
 
         Args:
             state: The optimizer state of the layer weight.
@@ -258,8 +271,11 @@ class KroneckerBlock(ABC):
         """
         if not self.has_statistics:
             return
-        a_new = _total(self._a_parts) / self._samples
-        g_new = _total(self._g_parts) * grad_scale
+        # the batch statistics are fresh tensors (queued by the hooks): updated in place below
+        a_new = _weighted_mean(self._a_parts, self._a_counts)
+        g_new = _total(self._g_parts)
+        if grad_scale != 1.0:
+            g_new = g_new * grad_scale
         self.clear_statistics()
         # one reduction per factor: a sum is finite iff every entry is (for non-overflowing sums)
         finite = torch.isfinite(a_new.sum() + g_new.sum())
@@ -273,8 +289,17 @@ class KroneckerBlock(ABC):
         a_old, g_old = state["A"], state["G"]
         # weight of the new batch: 1 - β, or 1 while no finite batch has been seen yet
         weight = 1.0 - decay * state["factors_valid"].to(a_old.dtype)  # device-side, no copy
-        a_old.lerp_(torch.where(finite, a_new.to(a_old.dtype), a_old), weight)
-        g_old.lerp_(torch.where(finite, g_new.to(g_old.dtype), g_old), weight)
+        # a non-finite batch statistic is replaced by the old factor (an EMA no-op), in place
+        # in the (fresh) batch buffer: no factor-sized temporaries
+        a_new, g_new = a_new.to(a_old.dtype), g_new.to(g_old.dtype)
+        if a_old.device.type == "cpu":
+            # reading a CPU flag is no device synchronisation: skip the select pass instead
+            if bool(finite):
+                a_old.lerp_(a_new, weight)
+                g_old.lerp_(g_new, weight)
+        else:
+            a_old.lerp_(torch.where(finite, a_new, a_old, out=a_new), weight)
+            g_old.lerp_(torch.where(finite, g_new, g_old, out=g_new), weight)
         state["factors_valid"] = state["factors_valid"] | finite
         state["skipped_factor_updates"] = state["skipped_factor_updates"] + (~finite).to(
             torch.int64

@@ -130,7 +130,7 @@ def kfac_expand_factor(
     scale = 1.0 / (n * positions)
     if impl == "standard":
         u = _standard_columns(x, spec)  # [N, G, D, L]
-        a = _gram_expand(u, symmetric=False).mul_(scale)
+        a = _gram_expand(u, symmetric=False, alpha=scale)
         mean = u.mean(dim=(0, 3)) if bias else None
     elif impl == "tn":
         expr = routine_expression("kfac_expand_factor", spec, (tuple(x.shape),))
@@ -139,14 +139,19 @@ def kfac_expand_factor(
     else:
         if transpose:
             cols = scatter_patches(x, spec).reshape(n, groups, cg * prod(spec.kernel_size), -1)
-            a = _gram_expand(cols, symmetric=True).mul_(scale)
+            a = _gram_expand(cols, symmetric=True, alpha=scale)
             mean = cols.mean(dim=(0, 3)) if bias else None
         else:
-            if expand_strategy(spec, n, c, x.device) == "lag":
-                a = lag_expand_gram(x, spec, groups).mul_(scale)
-            else:
-                a = _view_expand(x, spec, groups).mul_(scale)
             mean = summed_patches(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
+            if expand_strategy(spec, n, c, x.device) == "lag":
+                if not bias:
+                    return lag_expand_gram(x, spec, groups, scale=scale)
+                # the Gram is written straight into the augmented factor (no copy)
+                d = cg * prod(spec.kernel_size)
+                out = x.new_empty(groups, d + 1, d + 1)
+                lag_expand_gram(x, spec, groups, scale=scale, out=out[:, :d, :d])
+                return _fill_bias(out, mean)
+            a = _view_expand(x, spec, groups, scale)
     return _augment(a, mean) if bias else a
 
 
@@ -219,8 +224,15 @@ def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     if impl == "tn":
         spec, shapes = prepare_grad_factor(g, groups)
         return evaluate(routine_expression("grad_expand_factor", spec, shapes), spec, {"g": g})
-    gv = g.reshape(n, groups, c // groups, -1)
-    flat = gv.permute(1, 2, 0, 3).reshape(groups, c // groups, -1)  # [G, C/G, N·O]
+    cg = c // groups
+    gv = g.reshape(n, groups, cg, -1)
+    if impl == "tn_simplified" and gv.shape[-1] >= cg:
+        # at least as many positions as channels: one GEMM per sample on g's own layout, then
+        # the (smaller) per-sample results summed: no copy of g (1.2-2x faster on CPU)
+        per_sample = gv.reshape(n * groups, cg, -1)
+        out = torch.bmm(per_sample, per_sample.transpose(1, 2)).view(n, groups, cg, cg).sum(0)
+        return (out + out.transpose(1, 2)).mul_(0.5)  # exactly symmetric
+    flat = gv.permute(1, 2, 0, 3).reshape(groups, cg, -1)  # [G, C/G, N·O]
     if impl == "tn_simplified":  # merged legs (o…) and (n o), block-triangular Gram
         return symmetric_gram(flat)
     return torch.bmm(flat, flat.transpose(1, 2))
@@ -434,38 +446,52 @@ def _augment(a: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     g, d, _ = a.shape
     out = a.new_empty(g, d + 1, d + 1)
     out[:, :d, :d] = a
+    return _fill_bias(out, mean)
+
+
+def _fill_bias(out: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Write the bias row/column ``m`` and corner ``1`` of ``out: [G, D+1, D+1]``; return it."""
+    d = out.shape[-1] - 1
     out[:, :d, d] = mean
     out[:, d, :d] = mean
     out[:, d, d] = 1.0
     return out
 
 
-def _gram_expand(cols: torch.Tensor, *, symmetric: bool) -> torch.Tensor:
-    """``Σ_{n,l} u u^T`` per group from columns ``[N, G, D, L]`` -> ``[G, D, D]``.
+def _gram_expand(cols: torch.Tensor, *, symmetric: bool, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha · Σ_{n,l} u u^T`` per group from columns ``[N, G, D, L]`` -> ``[G, D, D]``.
 
-    ``symmetric=False`` is the standard way (one batched matmul); ``True`` uses
-    :func:`symmetric_gram`.
+    ``symmetric=False`` is the standard way (one batched matmul, then the scaling); ``True``
+    uses :func:`symmetric_gram`.
     """
     g, d = cols.shape[1], cols.shape[2]
     flat = cols.permute(1, 2, 0, 3).reshape(g, d, -1)  # [G, D, N·L]
-    return symmetric_gram(flat) if symmetric else torch.bmm(flat, flat.transpose(1, 2))
+    if symmetric:
+        return symmetric_gram(flat, alpha)
+    return torch.bmm(flat, flat.transpose(1, 2)).mul_(alpha)
 
 
-def symmetric_gram(flat: torch.Tensor) -> torch.Tensor:
-    """``flat @ flat^T`` per batch, ``[G, D, L] -> [G, D, D]``, exactly symmetric.
+def symmetric_gram(flat: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha · flat @ flat^T`` per batch, ``[G, D, L] -> [G, D, D]``, exactly symmetric.
 
     For ``D >= 512`` only the upper block triangle is multiplied (3 or 4 row blocks; the lower
     blocks are transposed copies), which saves 1/3 to 3/8 of the FLOPs (measured 1.2-1.6x on
     CPU for D = 576 ... 4608); smaller factors, and all factors on GPUs, use one batched matmul.
+    ``alpha`` rides on the GEMMs (no extra pass over the result).
     """
     g, d, _ = flat.shape
+    zero = flat.new_zeros(())
+
+    def gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(zero, left, right.transpose(1, 2), beta=0, alpha=alpha)
+
     if flat.device.type != "cpu":
         # On GPUs one large GEMM beats several block GEMMs plus transposed writes (H100: the
         # block version lost up to 1.8x on D >= 512 layers); mirror the upper triangle.
-        full = torch.bmm(flat, flat.transpose(1, 2))
+        full = gram(flat, flat)
         return full.triu() + full.triu(1).transpose(1, 2)
     if d < 512:
-        return torch.bmm(flat, flat.transpose(1, 2))
+        return gram(flat, flat)
     blocks = 3 if d < 2048 else 4
     edges = [round(b * d / blocks) for b in range(blocks + 1)]
     out = flat.new_empty(g, d, d)
@@ -473,15 +499,15 @@ def symmetric_gram(flat: torch.Tensor) -> torch.Tensor:
         rows = slice(edges[b], edges[b + 1])
         for c in range(b, blocks):
             cols = slice(edges[c], edges[c + 1])
-            block = torch.bmm(flat[:, rows], flat[:, cols].transpose(1, 2))
+            block = gram(flat[:, rows], flat[:, cols])
             out[:, rows, cols] = block
             if c != b:
                 out[:, cols, rows] = block.transpose(1, 2)
     return out
 
 
-def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tensor:
-    """``Σ_{n,o} u u^T`` per group via the strided patch view (no Π), ``[G, D, D]``.
+def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int, scale: float) -> torch.Tensor:
+    """``scale · Σ_{n,o} u u^T`` per group via the strided patch view (no Π), ``[G, D, D]``.
 
     The view is copied once, straight into the ``[G, (c k…), (n o…)]`` layout of the matmul
     (the standard way copies twice: im2col, then the rearrangement).
@@ -491,7 +517,7 @@ def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tensor:
     view = patch_view(x.reshape(n, groups, cg, *x.shape[2:]), spec)  # [N, G, Cg, *O, *K]
     perm = (1, 2, *range(3 + nd, 3 + 2 * nd), 0, *range(3, 3 + nd))  # [G, Cg, *K, N, *O]
     flat = view.permute(perm).reshape(groups, cg * prod(spec.kernel_size), -1)
-    return symmetric_gram(flat)
+    return symmetric_gram(flat, scale)
 
 
 def summed_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:

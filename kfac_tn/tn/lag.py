@@ -211,19 +211,31 @@ def lag_cost(plan: LagPlan, batch: int, channels: int, groups: int) -> dict[str,
     }
 
 
-def lag_expand_gram(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tensor:
-    """``Σ_{n,o} u_{n,o} u_{n,o}^T`` per group (no scaling) via lag products.
+def lag_expand_gram(
+    x: torch.Tensor,
+    spec: ConvSpec,
+    groups: int,
+    *,
+    scale: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale · Σ_{n,o} u_{n,o} u_{n,o}^T`` per group via lag products.
 
     Args:
         x: Input ``[N, C_in, *I]``.
         spec: Spec of a stride-1 convolution on ``x`` (see :func:`lag_plan`).
         groups: Channel groups ``G``.
+        scale: Factor applied to the result (on the small lag blocks, not the result).
+        out: Optional ``[G, D, D]`` destination, any strides (e.g. the top-left block of a
+            bias-augmented factor).
 
     Returns:
-        ``[G, C_in/G·ΠK, C_in/G·ΠK]`` (rows ordered ``(c, k_1, ..., k_N)``), exactly symmetric.
+        ``[G, D, D]`` with ``D = C_in/G·ΠK`` (rows ordered ``(c, k_1, ..., k_N)``), exactly
+        symmetric; ``out`` if given.
 
     Raises:
-        ValueError: If the lag structure does not apply to ``spec``.
+        ValueError: If the lag structure does not apply to ``spec``, or ``out`` has the wrong
+            shape.
     """
     plan = lag_plan(spec)
     if plan is None:
@@ -253,19 +265,33 @@ def lag_expand_gram(x: torch.Tensor, spec: ConvSpec, groups: int) -> torch.Tenso
         per_sample = groups * cell * lags * cg
         chunk = max(1, min(n, _CHUNK_ELEMENTS // per_sample))
         buf = x.new_empty(groups, chunk * cell, lags * cg)
-        out = None
+        prods = None
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
             b = buf[:, : (n1 - n0) * cell]
             b.view(groups, n1 - n0, *task.length, *task.lag_count, cg).copy_(right[:, n0:n1])
             lc = left[:, n0 * cell : n1 * cell].mT
-            out = torch.bmm(lc, b) if out is None else out.baddbmm_(lc, b)
-        blocks = out.view(groups, cg, lags, cg).permute(2, 0, 1, 3).reshape(lags, -1)
+            prods = torch.bmm(lc, b) if prods is None else prods.baddbmm_(lc, b)
+        blocks = prods.view(groups, cg, lags, cg).permute(2, 0, 1, 3).reshape(lags, -1)
         src = torch.tensor(task.src, device=x.device)
         dst = torch.tensor(task.dst, device=x.device)
-        acc.index_add_(0, dst, blocks.index_select(0, src))
-    # lags with a negative first non-zero entry: transposed copies; lag 0 appears twice
+        acc.index_add_(0, dst, blocks.index_select(0, src), alpha=scale)
+    d = cg * kn
+    if out is None:
+        out = x.new_empty(groups, d, d)
+    elif tuple(out.shape) != (groups, d, d):
+        raise ValueError(f"Invalid out: shape {tuple(out.shape)} (expected {(groups, d, d)})")
+    # out[g, (c, k), (c', k')] as [G, C_g, K^N, C_g, K^N]
+    s_g, s_row, s_col = out.stride()
+    view = out.as_strided(
+        (groups, cg, kn, cg, kn), (s_g, s_row * kn, s_row, s_col * kn, s_col), out.storage_offset()
+    )
+    # lags with a negative first non-zero entry are transposed copies: A[k, k'] = half[k, k'] +
+    # half[k', k]^T (one of the two is zero); lag 0 (k = k') appears twice, so it is halved.
+    # Summing in the accumulator's layout first, then one permuted copy, is 1-6x faster than
+    # adding two permuted views straight into ``out`` (measured for C_g = 64 ... 512).
     half = acc.view(kn, kn, groups, cg, cg)
     full = half + half.permute(1, 0, 2, 4, 3)
     full.diagonal(dim1=0, dim2=1).mul_(0.5)
-    return full.permute(2, 3, 0, 4, 1).reshape(groups, cg * kn, cg * kn)
+    view.copy_(full.permute(2, 3, 0, 4, 1))
+    return out

@@ -117,3 +117,17 @@ def test_lag_low_precision_close_to_float64(generator):
     actual = lag_expand_gram(x.float(), spec, 1)
     assert actual.dtype == torch.float32
     assert_close(actual.double(), expected, rtol=1e-5)
+
+
+def test_scale_and_strided_out(generator):
+    """``scale`` and a strided ``out`` (the top-left block of a bias-augmented buffer)."""
+    x = randn(3, 4, 7, 6, generator=generator)
+    spec = make_spec((7, 6), 3, padding=1, groups=2)
+    expected = 0.25 * lag_expand_gram(x, spec, 2)
+    buf = torch.full((2, 19, 19), float("nan"), dtype=torch.float64)
+    returned = lag_expand_gram(x, spec, 2, scale=0.25, out=buf[:, :18, :18])
+    assert returned.data_ptr() == buf.data_ptr()
+    assert_close(buf[:, :18, :18], expected)
+    assert torch.isnan(buf[:, 18]).all() and torch.isnan(buf[:, :18, 18]).all()  # untouched
+    with pytest.raises(ValueError, match="Invalid out"):
+        lag_expand_gram(x, spec, 2, out=torch.empty(2, 18, 17, dtype=torch.float64))
