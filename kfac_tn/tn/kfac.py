@@ -289,9 +289,10 @@ def choose_impl(
       pairwise contractions) is below the simplified strategy's and its largest intermediate
       is at most twice the unfolded input.
 
-    Estimated time ``= FLOPs·8.5e-12 s + elements moved·7.9e-10 s + GEMM calls·7.2e-5 s``
-    (least-squares fit over 25 layer shapes, one thread; it picks the faster strategy on all
-    of them).
+    Estimated time ``= FLOPs·8.5e-12 s + elements moved·8.9e-10 s + GEMM calls·7.6e-5 s``
+    (relative least-squares fit over 25 layer shapes at batch 32-128, one thread:
+    ``python -m kfac_tn.benchmarks.expand_strategies``; it picks the faster strategy wherever
+    the two differ by more than the run-to-run noise).
 
     Args:
         kind: ``'expand'`` or ``'reduce'``.
@@ -312,8 +313,8 @@ def choose_impl(
 
 # expand cost model: seconds per FLOP, per element copied or accumulated, per GEMM call
 _SECONDS_PER_FLOP = 8.5e-12
-_SECONDS_PER_ELEMENT = 7.9e-10
-_SECONDS_PER_CALL = 7.2e-5
+_SECONDS_PER_ELEMENT = 8.9e-10
+_SECONDS_PER_CALL = 7.6e-5
 
 
 def _seconds(flops: float, elements: float, calls: float) -> float:

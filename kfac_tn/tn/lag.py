@@ -42,9 +42,9 @@ from kfac_tn.tn.spec import ConvSpec, DimSpec
 
 __all__ = ["LagPlan", "lag_cost", "lag_expand_gram", "lag_plan"]
 
-# Elements of one lag-shifted operand chunk: small enough to stay in cache while the GEMM reads
-# it (2^20 floats measured best among 2^18 ... 2^22 on a 2-core CPU).
-_CHUNK_ELEMENTS = 1 << 20
+# Elements of one lag-shifted operand chunk: small enough to stay in cache while the GEMMs read
+# it (2^19 floats measured best among 2^18 ... 2^22 on the 2-core CPU, 1 and 2 threads).
+_CHUNK_ELEMENTS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -198,11 +198,14 @@ def lag_cost(plan: LagPlan, batch: int, channels: int, groups: int) -> dict[str,
     cg = channels // groups
     d = cg * prod(plan.spec.kernel_size)
     units = plan.units()
-    cells = sum(prod(t.length) for t in plan.tasks)
+    dil1 = plan.spec.dims[0].dilation
+    copied = sum(  # the cell and its lag-shifted operand (first-dimension lags are offsets)
+        prod(t.length)
+        + (t.length[0] + dil1 * (t.lag_count[0] - 1)) * prod(t.length[1:]) * prod(t.lag_count[1:])
+        for t in plan.tasks
+    )
     elements = (
-        batch * channels * (units + cells)
-        + 2 * plan.contributions() * groups * cg * cg
-        + 3 * groups * d * d
+        batch * channels * copied + 2 * plan.contributions() * groups * cg * cg + 3 * groups * d * d
     )
     return {
         "flops": 2.0 * groups * cg * cg * batch * units,
@@ -250,29 +253,48 @@ def lag_expand_gram(
     lag_stride = tuple(d.dilation * s for d, s in zip(spec.dims, sp_stride))
     acc = x.new_zeros(kn * kn, groups * cg * cg)  # rows (k, k'), entries (g, c, c')
     for task in plan.tasks:
-        cell = prod(task.length)
         lags = prod(task.lag_count)
         base = sum(a * s for a, s in zip(task.start, sp_stride))
-        left = xt.as_strided((groups, n, *task.length, cg), (cg, n_stride, *sp_stride, 1), base)
-        left = left.reshape(groups, n * cell, cg)
         offset = base + sum(m * s for m, s in zip(task.lag_lo, lag_stride))
+        # The lags of the first spatial dimension are row offsets: with the rows ordered
+        # (i_1, n, i_2, ...), the operand of lag m_1 is a contiguous row block of one copy that
+        # spans the cell extended by D_1·(r_1 - 1) positions; only the other lags are copied.
+        len1, rest = task.length[0], task.length[1:]
+        r1, rest_lags = task.lag_count[0], task.lag_count[1:]
+        dil1 = spec.dims[0].dilation
+        ext1 = len1 + dil1 * (r1 - 1)
+        cell_rest, lags_rest = prod(rest), prod(rest_lags)
+        left = xt.as_strided(
+            (groups, len1, n, *rest, cg), (cg, sp_stride[0], n_stride, *sp_stride[1:], 1), base
+        )
         right = xt.as_strided(
-            (groups, n, *task.length, *task.lag_count, cg),
-            (cg, n_stride, *sp_stride, *lag_stride, 1),
+            (groups, ext1, n, *rest, *rest_lags, cg),
+            (cg, sp_stride[0], n_stride, *sp_stride[1:], *lag_stride[1:], 1),
             offset,
         )
-        # chunks over the batch keep the lag-shifted copy in cache and bound its memory
-        per_sample = groups * cell * lags * cg
+        # chunks over the batch keep the copies in cache and bound their memory
+        per_sample = groups * ext1 * cell_rest * lags_rest * cg
         chunk = max(1, min(n, _CHUNK_ELEMENTS // per_sample))
-        buf = x.new_empty(groups, chunk * cell, lags * cg)
-        prods = None
+        lbuf = x.new_empty(groups, len1, chunk, *rest, cg)
+        rbuf = x.new_empty(groups, ext1, chunk, *rest, *rest_lags, cg)
+        prods = x.new_zeros(r1, groups, cg, lags_rest * cg)
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
-            b = buf[:, : (n1 - n0) * cell]
-            b.view(groups, n1 - n0, *task.length, *task.lag_count, cg).copy_(right[:, n0:n1])
-            lc = left[:, n0 * cell : n1 * cell].mT
-            prods = torch.bmm(lc, b) if prods is None else prods.baddbmm_(lc, b)
-        blocks = prods.view(groups, cg, lags, cg).permute(2, 0, 1, 3).reshape(lags, -1)
+            lb, rb = lbuf, rbuf
+            if n1 - n0 < chunk:  # last, short chunk: buffers of its size
+                lb = x.new_empty(groups, len1, n1 - n0, *rest, cg)
+                rb = x.new_empty(groups, ext1, n1 - n0, *rest, *rest_lags, cg)
+            lb.copy_(left[:, :, n0:n1])
+            rb.copy_(right[:, :, n0:n1])
+            lc = lb.reshape(groups, -1, cg).mT
+            rows = len1 * (n1 - n0) * cell_rest
+            rflat = rb.reshape(groups, ext1 * (n1 - n0) * cell_rest, lags_rest * cg)
+            step = (n1 - n0) * cell_rest  # rows per position of the first dimension
+            for j in range(r1):
+                r0 = dil1 * j * step
+                prods[j].baddbmm_(lc, rflat[:, r0 : r0 + rows])
+        prods = prods.view(r1, groups, cg, lags_rest, cg).permute(0, 3, 1, 2, 4)
+        blocks = prods.reshape(lags, -1)
         src = torch.tensor(task.src, device=x.device)
         dst = torch.tensor(task.dst, device=x.device)
         acc.index_add_(0, dst, blocks.index_select(0, src), alpha=scale)
