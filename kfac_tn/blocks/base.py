@@ -109,6 +109,8 @@ def _weighted_mean(parts: list[Tensor], counts: list[int]) -> Tensor:
     if len(parts) == 1:
         return parts[0]
     total = sum(counts)
+    if total == 0:  # only empty passes: no statistic (non-finite, so the update is skipped)
+        return torch.full_like(parts[0], float("nan"))
     return torch.stack([a * (n / total) for a, n in zip(parts, counts)]).sum(0)
 
 

@@ -284,10 +284,11 @@ def choose_impl(
       products (:mod:`kfac_tn.tn.lag`: the Π-pair contraction is Toeplitz, so ``(2K-1)^N``
       shared lags replace ``K^{2N}`` block products; 2-5x faster on 3×3 / 5×5 layers with
       ``C ≥ 8``).  The plain network can be cheaper when correlating the input *before*
-      applying Π saves work (long kernels on small inputs, on GPUs): its opt_einsum ``dp``
-      path is chosen when its estimated time (FLOPs at 70% of the GEMM rate, intermediates,
-      pairwise contractions) is below the simplified strategy's and its largest intermediate
-      is at most twice the unfolded input.
+      applying Π saves work (long kernels on small inputs, e.g. InceptionV3's 7×1 on GPUs):
+      its opt_einsum ``dp`` path is chosen when its largest intermediate is at most twice the
+      unfolded input and, on CPUs, its estimated time (FLOPs at 70% of the GEMM rate,
+      intermediates, pairwise contractions) is below the simplified strategy's; on GPUs, when
+      it needs under 70% of the single GEMM's FLOPs.
 
     Estimated time ``= FLOPs·8.5e-12 s + elements moved·8.9e-10 s + GEMM calls·7.6e-5 s``
     (relative least-squares fit over 25 layer shapes at batch 32-128, one thread:
@@ -332,12 +333,18 @@ def _choose(
     spatial = spec.out_spatial if spec.transpose else spec.in_spatial
     expr = routine_expression("kfac_expand_factor", spec, ((batch, channels, *spatial),))
     info = contraction_path(expr.equation, [shape for _, shape in expr.operands])
-    simplified = _simplified_seconds(spec, batch, channels, device_type)
     positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
     unfolded = batch * channels * prod(spec.kernel_size) * positions
     # the plain network's pairwise einsums run at ~70% of the GEMM's FLOP rate (measured)
-    plain = _seconds(float(info.opt_cost) / 0.7, sum(info.size_list), len(info.contraction_list))
-    cheaper = plain < min(simplified.values())
+    if device_type == "cpu":  # time model: the simplified strategies include lag products
+        simplified = _simplified_seconds(spec, batch, channels, device_type)
+        plain = _seconds(
+            float(info.opt_cost) / 0.7, sum(info.size_list), len(info.contraction_list)
+        )
+        cheaper = plain < min(simplified.values())
+    else:  # accelerators: FLOPs only, as measured on the H100
+        d = channels // spec.groups * prod(spec.kernel_size)
+        cheaper = float(info.opt_cost) < 0.7 * 2 * spec.groups * d * d * batch * positions
     if cheaper and info.largest_intermediate <= 2 * unfolded:
         return "tn"
     return "tn_simplified"
