@@ -17,15 +17,17 @@ products that are *shared* between all ``k``.  The windows are unions of *segmen
 dimension, the intervals between the window edges ``{D k, D k + O}``): the middle segment
 ``[D(K-1), O)`` lies in every window, the ``K-1`` segments of length ``D`` on each side in some.
 Every *cell* (product of one segment per dimension) is contracted once for every lag it needs
-(one GEMM over ``(n, i ∈ cell)``, the lag-shifted copies as columns), and ``A_{k,k+m}`` is the
-sum of its cells.  Symmetry ``A_{k',k} = A_{k,k'}^\top`` halves the lags: only lags whose first
-non-zero entry is positive are contracted (``N`` rectangles of lags per cell), the rest are
-transposed copies, so the result is exactly symmetric.
+(GEMMs over ``(n, i ∈ cell)``; the lags of the first dimension are row offsets into one copy
+of the cell's neighbourhood, those of the other dimensions lag-shifted copies as columns), and
+``A_{k,k+m}`` is the sum of its cells.  Symmetry ``A_{k',k} = A_{k,k'}^\top`` halves the lags:
+only lags whose first non-zero entry is positive are contracted (``N`` rectangles of lags per
+cell), the rest are transposed copies, so the result is exactly symmetric.
 
 On a 3×3 'same' convolution the lag products cost ``~13·(O+2)^2`` channel-Gram units instead of
-``~54·O^2`` for the (block-triangular) unfolded Gram, a 2.2-4.7x speed-up on CPU for
-``C ≥ 8`` (``python -m kfac_tn.benchmarks.tn``).  Cells that lie completely in the zero
-padding are skipped.  :func:`lag_cost` estimates the time, so that callers pick the faster of
+``~54·O^2`` for the (block-triangular) unfolded Gram: 2.2-3.3x faster on CPU for 16-128
+channels on 16×16 and 32×32 maps, 3.6-5.4x on 5×5 layers, less on small maps
+(``python -m kfac_tn.benchmarks.expand_strategies``).  Cells that lie completely in the zero
+padding are skipped.  :func:`lag_cost` estimates the cost, so that callers pick the faster of
 this and the single GEMM per shape.
 """
 
@@ -66,7 +68,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class LagTask:
-    """One GEMM: a cell against a rectangle of lags.
+    """One task: a cell against a rectangle of lags (a GEMM per first-dimension lag).
 
     Attributes:
         start: Padded start of the cell per dimension.
@@ -99,7 +101,7 @@ class LagPlan:
 
     @property
     def calls(self) -> int:
-        """Number of GEMMs (one per task)."""
+        """Number of tasks (cell × lag rectangle), each a few GEMMs and copies."""
         return len(self.tasks)
 
     def units(self) -> int:
@@ -188,12 +190,12 @@ def _flat(index, sizes) -> int:
 
 
 def lag_cost(plan: LagPlan, batch: int, channels: int, groups: int) -> dict[str, float]:
-    """FLOPs, bytes moved (in elements) and GEMM calls of :func:`lag_expand_gram`.
+    """FLOPs, elements moved and tasks of :func:`lag_expand_gram` (inputs of the cost model).
 
     Returns:
         ``{'flops', 'elements', 'calls'}``: GEMM FLOPs; elements copied or accumulated (the
         cell and lag-shifted operands, the scattered blocks, and three passes over the result);
-        number of GEMM calls.
+        number of tasks (cell × lag rectangle), which carries the per-call overhead.
     """
     cg = channels // groups
     d = cg * prod(plan.spec.kernel_size)
