@@ -24,7 +24,7 @@ from block_reference import (
 from conftest import assert_close
 from torch import nn
 
-from kfac_tn import KFAC
+from kfac_tn import KFAC, tn
 from kfac_tn.blocks import (
     ConvBlock,
     ConvTransposeBlock,
@@ -92,6 +92,8 @@ CASES = [
         lambda: nn.ConvTranspose3d(4, 2, 2, stride=2, groups=2, bias=False),
         (2, 4, 2, 3, 2),
     ),
+    # large enough for the lag products of the expand factor (kfac_tn.tn.lag) on CPU
+    Case("conv2d_lag_products", lambda: nn.Conv2d(16, 1, 3, padding=1), (32, 16, 16, 16)),
 ]
 IDS = [c.name for c in CASES]
 
@@ -204,3 +206,9 @@ def test_register_block_for_a_subclass():
         from kfac_tn.blocks import base
 
         del base._REGISTRY[MyLinear]
+
+
+def test_lag_case_uses_lag_products():
+    """The ``conv2d_lag_products`` case above exercises the lag path (not the single GEMM)."""
+    spec = tn.conv_spec((16, 16), 3, padding=1)
+    assert tn.expand_strategy(spec, 32, 16, "cpu") == "lag"
