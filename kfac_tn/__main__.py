@@ -1,7 +1,5 @@
 """``python -m kfac_tn`` = the ``kfac-tn`` command."""
 
-import sys
+from kfac_tn.cli import console_main
 
-from kfac_tn.cli import main
-
-sys.exit(main())
+console_main()

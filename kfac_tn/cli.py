@@ -178,8 +178,28 @@ def _cmd_reference(ns: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_DISTRIBUTED_FAILURE = 1
+
+
+def console_main() -> None:
+    """Console entry point (``kfac-tn``, ``python -m kfac_tn``): exits with :func:`main`'s status.
+
+    After a failed distributed run the process leaves with ``os._exit``: a process group whose
+    peer died can keep C++ (gloo) threads alive that abort the interpreter's shutdown
+    ("terminate called without an active exception", status -6 instead of 1). The error is
+    reported and every log flushed before.
+    """
+    status = main()
+    if status == EXIT_DISTRIBUTED_FAILURE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kfac-tn`` console script; returns the exit status.
+    """Entry point of the ``kfac-tn`` commands; returns the exit status.
 
     Exit status: 0 on success, 2 on an invalid config/arguments/checkpoint, 1 on a failed
     distributed run.
@@ -215,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DistributedRunError as exc:
         print(f"kfac-tn {ns.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_DISTRIBUTED_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

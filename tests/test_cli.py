@@ -314,3 +314,27 @@ def test_dead_peer_gives_clear_error(tmp_path):
         procs[0].kill()
     assert procs[0].returncode == 1, err[-3000:]
     assert "distributed training aborted" in err
+
+
+@pytest.mark.parametrize("status", [0, 2, 1], ids=["ok", "config_error", "distributed_failure"])
+def test_console_main_exit_status(status, monkeypatch):
+    """A failed distributed run leaves via os._exit (no interpreter shutdown), others sys.exit."""
+    from kfac_tn import cli
+
+    class HardExit(Exception):
+        pass
+
+    def fake_exit(code):
+        raise HardExit(code)
+
+    monkeypatch.setattr(cli, "main", lambda: status)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)  # keep pytest's handlers
+    if status == cli.EXIT_DISTRIBUTED_FAILURE:
+        with pytest.raises(HardExit) as info:
+            cli.console_main()
+        assert info.value.args == (1,)
+    else:
+        with pytest.raises(SystemExit) as info:
+            cli.console_main()
+        assert info.value.code == status
