@@ -37,6 +37,15 @@ def assert_close(
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models on a shared 2-core CPU: no OpenMP spin)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def generator() -> torch.Generator:
     """A seeded CPU generator for reproducible float64 test tensors."""
     return torch.Generator().manual_seed(0)

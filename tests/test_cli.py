@@ -6,19 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kfac_tn.cli import build_parser, main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def fake_run(path: Path, accs, losses, recon=False) -> Path:

@@ -47,6 +47,22 @@ def our_factors(model, x, y, **kwargs):
     return {b.name: (opt.state[b.weight]["A"], opt.state[b.weight]["G"]) for b in opt.blocks}
 
 
+def curvlinops_factors(curvlinops, model, x, y, **kwargs):
+    """curvlinops' ``KFACLinearOperator`` on one batch, Kronecker factors computed."""
+    op = curvlinops.KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        [(x, y)],
+        separate_weight_and_bias=False,
+        num_data=x.shape[0],
+        check_deterministic=False,
+        **kwargs,
+    )
+    op.compute_kronecker_factors()
+    return op
+
+
 def cnn2d():
     torch.manual_seed(0)
     return nn.Sequential(
@@ -83,18 +99,14 @@ def test_factors_equal_curvlinops(fisher, approx):
     model = cnn2d()
     x, y = data2d()
     ours = our_factors(model, x, y, fisher_type=fisher, kfac_approx=approx)
-    op = curvlinops.KFACLinearOperator(
+    op = curvlinops_factors(
+        curvlinops,
         model,
-        nn.CrossEntropyLoss(),
-        [p for p in model.parameters()],
-        [(x, y)],
+        x,
+        y,
         fisher_type={"type2": "type-2"}.get(fisher, fisher),
         kfac_approx=approx,
-        separate_weight_and_bias=False,
-        num_data=N,
-        check_deterministic=False,
     )
-    op.compute_kronecker_factors()
     for name in ("0", "3"):
         A, G = ours[name]
         assert_close(A[0], op._input_covariances[name], rtol=1e-10)
@@ -107,18 +119,7 @@ def test_mc_factors_match_curvlinops_in_expectation():
     x, y = data2d(MC_BATCH)
     samples = MC_SAMPLES
     ours = our_factors(model, x, y, fisher_type="mc", mc_samples=samples)
-    op = curvlinops.KFACLinearOperator(
-        model,
-        nn.CrossEntropyLoss(),
-        list(model.parameters()),
-        [(x, y)],
-        fisher_type="mc",
-        mc_samples=samples,
-        separate_weight_and_bias=False,
-        num_data=MC_BATCH,
-        check_deterministic=False,
-    )
-    op.compute_kronecker_factors()
+    op = curvlinops_factors(curvlinops, model, x, y, fisher_type="mc", mc_samples=samples)
     for name in ("0", "3"):
         A, G = ours[name]
         theirs = op._gradient_covariances[name]

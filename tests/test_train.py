@@ -35,13 +35,7 @@ TINY_DIGITS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread avoids OpenMP spin overhead."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def tiny(tmp_path: Path, *extra: str) -> list[str]:

@@ -165,11 +165,7 @@ def _input_vjp_plan(v_shape, w_shape, input_size, stride, padding, dilation, gro
     check_impl(impl)
     v, w = ShapeOnly(v_shape), ShapeOnly(w_shape)
     spec, shapes = prepare_input_vjp(v, w, input_size, stride, padding, dilation, groups)
-    return (
-        spec,
-        shapes,
-        ("standard" if spec.ndim <= 3 else "tn_simplified") if impl == "auto" else impl,
-    )
+    return spec, shapes, _auto(spec) if impl == "auto" else impl
 
 
 @functools.lru_cache(maxsize=4096)
@@ -178,11 +174,7 @@ def _weight_vjp_plan(x_shape, v_shape, kernel_size, stride, padding, dilation, g
     check_impl(impl)
     x, v = ShapeOnly(x_shape), ShapeOnly(v_shape)
     spec, shapes = prepare_weight_vjp(x, v, kernel_size, stride, padding, dilation, groups)
-    return (
-        spec,
-        shapes,
-        ("standard" if spec.ndim <= 3 else "tn_simplified") if impl == "auto" else impl,
-    )
+    return spec, shapes, _auto(spec) if impl == "auto" else impl
 
 
 def _auto(spec: ConvSpec) -> str:

@@ -174,17 +174,20 @@ def _conv_transpose(routine, spec, x_shape, w_shape):
     return Expression(routine, eq, ops, shape, (n, c_out, *spec.in_spatial))
 
 
-def _unfold(routine, spec, x_shape):
+def _unfold(routine, spec, x_shape, *, transpose=False):
+    """Unfold ``[N, C, *I] -> [N, C, *K, *O]``; ``transpose``: ``[N, C, *O] -> [N, C, *K, *I]``."""
     nd = spec.ndim
     n, c = x_shape[:2]
     i, o, k = names("i", nd), names("o", nd), names("k", nd)
-    terms, pis = _pis(spec)
-    eq = f"{join('n c', i)}, {', '.join(terms)} -> {join('n c', k, o)}"
-    ops = (("x", (n, c, *spec.in_spatial)), *pis)
-    shape = (n, c, *spec.kernel_size, *spec.out_spatial)
-    return Expression(
-        routine, eq, ops, shape, (n, c * prod(spec.kernel_size), prod(spec.out_spatial))
+    src, dst = (o, i) if transpose else (i, o)
+    src_size, dst_size = (
+        (spec.out_spatial, spec.in_spatial) if transpose else (spec.in_spatial, spec.out_spatial)
     )
+    terms, pis = _pis(spec)
+    eq = f"{join('n c', src)}, {', '.join(terms)} -> {join('n c', k, dst)}"
+    ops = (("x", (n, c, *src_size)), *pis)
+    shape = (n, c, *spec.kernel_size, *dst_size)
+    return Expression(routine, eq, ops, shape, (n, c * prod(spec.kernel_size), prod(dst_size)))
 
 
 def _fold(routine, spec, cols_shape):
@@ -197,19 +200,6 @@ def _fold(routine, spec, cols_shape):
     ops = (("cols", (n, c, *spec.kernel_size, *spec.out_spatial)), *pis)
     shape = (n, c, *spec.in_spatial)
     return Expression(routine, eq, ops, shape, shape)
-
-
-def _unfold_transpose(routine, spec, x_shape):
-    nd = spec.ndim
-    n, c = x_shape[:2]
-    i, o, k = names("i", nd), names("o", nd), names("k", nd)
-    terms, pis = _pis(spec)
-    eq = f"{join('n c', o)}, {', '.join(terms)} -> {join('n c', k, i)}"
-    ops = (("x", (n, c, *spec.out_spatial)), *pis)
-    shape = (n, c, *spec.kernel_size, *spec.in_spatial)
-    return Expression(
-        routine, eq, ops, shape, (n, c * prod(spec.kernel_size), prod(spec.in_spatial))
-    )
 
 
 def _kernel_unfold(routine, spec, w_shape):
@@ -338,7 +328,7 @@ _BUILDERS = {
     "conv_transpose": _conv_transpose,
     "unfold": _unfold,
     "fold": _fold,
-    "unfold_transpose": _unfold_transpose,
+    "unfold_transpose": functools.partial(_unfold, transpose=True),
     "kernel_unfold": _kernel_unfold,
     "conv_input_vjp": _input_vjp,
     "conv_weight_vjp": _weight_vjp,

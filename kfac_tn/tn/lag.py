@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,7 +75,8 @@ class LagTask:
         length: Cell length per dimension.
         lag_lo: Smallest lag per dimension.
         lag_count: Number of lags per dimension.
-        dst: Rows ``k·K^N + k'`` of the ``[(k, k'), ...]`` accumulator that receive a lag.
+        dst: Rows ``k·K^N + k'`` of the ``[(k, k'), ...]`` accumulator that receive a lag
+            (int64, CPU; built once with the cached plan).
         src: Flat lag index (within the rectangle) each ``dst`` row takes.
     """
 
@@ -83,8 +84,8 @@ class LagTask:
     length: tuple[int, ...]
     lag_lo: tuple[int, ...]
     lag_count: tuple[int, ...]
-    dst: tuple[int, ...]
-    src: tuple[int, ...]
+    dst: torch.Tensor = field(compare=False, repr=False)
+    src: torch.Tensor = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,8 @@ def lag_plan(spec: ConvSpec) -> LagPlan | None:
                     length=tuple(s.stop - s.start for s in cell),
                     lag_lo=tuple(r_lo),
                     lag_count=count,
-                    dst=tuple(dst),
-                    src=tuple(src),
+                    dst=torch.tensor(dst, dtype=torch.int64),
+                    src=torch.tensor(src, dtype=torch.int64),
                 )
             )
     return LagPlan(spec, tuple(tasks))
@@ -297,8 +298,7 @@ def lag_expand_gram(
                 prods[j].baddbmm_(lc, rflat[:, r0 : r0 + rows])
         prods = prods.view(r1, groups, cg, lags_rest, cg).permute(0, 3, 1, 2, 4)
         blocks = prods.reshape(lags, -1)
-        src = torch.tensor(task.src, device=x.device)
-        dst = torch.tensor(task.dst, device=x.device)
+        src, dst = task.src.to(x.device), task.dst.to(x.device)  # no copy on CPU
         acc.index_add_(0, dst, blocks.index_select(0, src), alpha=scale)
     d = cg * kn
     if out is None:
