@@ -79,10 +79,14 @@ def pi_damping(A: Tensor, G: Tensor) -> Tensor:
     return ratio.clamp_min(torch.finfo(ratio.dtype).tiny).sqrt()[:, None, None]
 
 
+def _symmetrized(F: Tensor) -> Tensor:
+    """``(F + F^T) / 2``, ``[..., d, d]``: exactly symmetric (floating-point addition commutes)."""
+    return (F + F.transpose(-2, -1)).mul_(0.5)
+
+
 def _eigh(F: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition with eigenvalues clamped at 0 (factors are PSD)."""
-    F = 0.5 * (F + F.transpose(-2, -1))
-    evals, evecs = torch.linalg.eigh(F)
+    evals, evecs = torch.linalg.eigh(_symmetrized(F))
     return evals.clamp_min(0.0), evecs
 
 
@@ -119,7 +123,8 @@ def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> list[Tensor]:
         damping: The damping ``δ > 0`` of the Kronecker product.
 
     Returns:
-        ``[(A + π√δ I)^{-1} [groups, d_A, d_A], (G + √δ/π I)^{-1} [groups, d_G, d_G]]``.
+        ``[(A + π√δ I)^{-1} [groups, d_A, d_A], (G + √δ/π I)^{-1} [groups, d_G, d_G]]``,
+        exactly symmetric by construction.
 
     Raises:
         torch.linalg.LinAlgError: If a damped factor is not positive definite.
@@ -128,11 +133,11 @@ def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> list[Tensor]:
     root = damping**0.5
     eye_a = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     eye_g = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    a_damped = 0.5 * (A + A.transpose(-2, -1)) + (pi * root) * eye_a
-    g_damped = 0.5 * (G + G.transpose(-2, -1)) + (root / pi) * eye_g
+    a_damped = _symmetrized(A) + (pi * root) * eye_a
+    g_damped = _symmetrized(G) + (root / pi) * eye_g
     return [
-        torch.cholesky_inverse(torch.linalg.cholesky(a_damped)),
-        torch.cholesky_inverse(torch.linalg.cholesky(g_damped)),
+        _symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(a_damped))),
+        _symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(g_damped))),
     ]
 
 

@@ -54,3 +54,29 @@ def generator() -> torch.Generator:
 def randn(*shape: int, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
     """Float64 standard normal tensor (seeded through ``generator`` when given)."""
     return torch.randn(*shape, generator=generator, dtype=torch.float64, **kwargs)
+
+
+def _skew_lower(fn):
+    """Wrap a GEMM so that square results get their strict lower triangle moved by one ulp.
+
+    It plays a BLAS kernel whose two triangles of ``X @ X^T`` round differently (AVX2 CPUs do):
+    a result that is symmetric only by the kernel's luck fails under it, one that is symmetric
+    by construction does not.
+    """
+
+    def skewed(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if out.dim() >= 2 and out.shape[-1] == out.shape[-2] and out.is_floating_point():
+            lower = torch.ones(out.shape[-2:], dtype=torch.bool, device=out.device).tril(-1)
+            out.copy_(torch.where(lower, torch.nextafter(out, out + 1), out))
+        return out
+
+    return skewed
+
+
+@pytest.fixture
+def skewed_gemms(monkeypatch):
+    """``torch.bmm`` / ``baddbmm`` / ``mm`` / ``addmm`` / ``cholesky_inverse`` whose square
+    results are not exactly symmetric."""
+    for name in ("bmm", "baddbmm", "mm", "addmm", "cholesky_inverse"):
+        monkeypatch.setattr(torch, name, _skew_lower(getattr(torch, name)))

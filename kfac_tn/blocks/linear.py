@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from kfac_tn.blocks.base import KFACApprox, KroneckerBlock, register_block
+from kfac_tn.tn.gram import symmetric_gram
 
 __all__ = ["LinearBlock"]
 
@@ -33,9 +34,8 @@ class LinearBlock(KroneckerBlock):
         rows = x.reshape(-1, x.shape[-1])
         if self.bias is not None:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        # the 1/rows scaling rides on the GEMM (no extra pass over the factor)
-        a = torch.addmm(rows.new_zeros(()), rows.T, rows, beta=0, alpha=1.0 / rows.shape[0])
-        return a[None], n
+        # exactly symmetric; the 1/rows scaling rides on the GEMM (no extra pass over the factor)
+        return symmetric_gram(rows.T[None], 1.0 / rows.shape[0]), n
 
     def _grad_factor(self, g: Tensor, approx: KFACApprox) -> Tensor:
         if g.dim() == 1:
@@ -44,7 +44,7 @@ class LinearBlock(KroneckerBlock):
         if approx is KFACApprox.REDUCE:
             g = g.sum(1, keepdim=True)
         rows = g.reshape(-1, g.shape[-1])
-        return (rows.T @ rows)[None]
+        return symmetric_gram(rows.T[None])
 
     def _to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         if bias is None:

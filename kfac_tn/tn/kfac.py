@@ -41,6 +41,10 @@ Every function takes ``impl``:
 * ``"standard"``: unfold (``F.unfold``, or a one-hot convolution for N ≠ 2, as BackPACK does)
   followed by a matmul or a spatial mean (the curvlinops / BackPACK way);
 * ``"auto"`` (default): the faster of the above for the call's shapes (see :func:`choose_impl`).
+
+Symmetry: every ``impl`` but ``"standard"`` returns factors that are exactly (bitwise)
+symmetric by construction — one triangle is computed and mirrored (:mod:`kfac_tn.tn.gram`), so
+the property does not depend on the BLAS kernel. ``"standard"`` stays what the peers compute.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from kfac_tn.tn._common import (
 )
 from kfac_tn.tn.einsum import contract, contraction_path
 from kfac_tn.tn.expressions import evaluate, routine_expression
+from kfac_tn.tn.gram import mirror_upper_, symmetric_gram
 from kfac_tn.tn.lag import lag_cost, lag_expand_gram, lag_plan
 from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
 from kfac_tn.tn.spec import ConvSpec, DimCategory
@@ -134,7 +139,7 @@ def kfac_expand_factor(
         mean = u.mean(dim=(0, 3)) if bias else None
     elif impl == "tn":
         expr = routine_expression("kfac_expand_factor", spec, (tuple(x.shape),))
-        a = evaluate(expr, spec, {"x": x})
+        a = mirror_upper_(evaluate(expr, spec, {"x": x}))
         mean = _tn_summed(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
     else:
         if transpose:
@@ -190,7 +195,7 @@ def kfac_reduce_factor(
         ubar = _standard_columns(x, spec).mean(dim=3)  # [N, G, D]
     elif impl == "tn":
         expr = routine_expression("kfac_reduce_factor", spec, (tuple(x.shape),))
-        a = evaluate(expr, spec, {"x": x})
+        a = mirror_upper_(evaluate(expr, spec, {"x": x}))
         if not bias:
             return a
         ubar = _tn_summed(x, spec).reshape(n, groups, -1) / positions
@@ -201,7 +206,8 @@ def kfac_reduce_factor(
     if bias:  # a ones entry per column yields [[A, mean], [mean^T, 1]] in the same GEMM
         ubar = torch.cat([ubar, ubar.new_ones(*ubar.shape[:2], 1)], dim=2)  # [N, G, D+1]
     ubar_t = ubar.permute(1, 2, 0)  # [G, D(+1), N]
-    return torch.bmm(ubar_t, ubar_t.transpose(1, 2)).div_(n)
+    a = torch.bmm(ubar_t, ubar_t.transpose(1, 2)).div_(n)
+    return a if impl == "standard" else mirror_upper_(a)
 
 
 def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") -> torch.Tensor:
@@ -223,7 +229,8 @@ def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     n, c = g.shape[:2]
     if impl == "tn":
         spec, shapes = prepare_grad_factor(g, groups)
-        return evaluate(routine_expression("grad_expand_factor", spec, shapes), spec, {"g": g})
+        expr = routine_expression("grad_expand_factor", spec, shapes)
+        return mirror_upper_(evaluate(expr, spec, {"g": g}))
     cg = c // groups
     gv = g.reshape(n, groups, cg, -1)
     if impl == "tn_simplified" and gv.shape[-1] >= cg:
@@ -256,10 +263,12 @@ def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     n, c = g.shape[:2]
     if impl == "tn":
         spec, shapes = prepare_grad_factor(g, groups)
-        return evaluate(routine_expression("grad_reduce_factor", spec, shapes), spec, {"g": g})
+        expr = routine_expression("grad_reduce_factor", spec, shapes)
+        return mirror_upper_(evaluate(expr, spec, {"g": g}))
     s = g.reshape(n, groups, c // groups, -1).sum(-1)  # [N, G, C/G]
     st = s.permute(1, 0, 2)  # [G, N, C/G]
-    return torch.bmm(st.transpose(1, 2), st)
+    out = torch.bmm(st.transpose(1, 2), st)
+    return out if impl == "standard" else mirror_upper_(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,41 +486,6 @@ def _gram_expand(cols: torch.Tensor, *, symmetric: bool, alpha: float = 1.0) -> 
     if symmetric:
         return symmetric_gram(flat, alpha)
     return torch.bmm(flat, flat.transpose(1, 2)).mul_(alpha)
-
-
-def symmetric_gram(flat: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``alpha · flat @ flat^T`` per batch, ``[G, D, L] -> [G, D, D]``, exactly symmetric.
-
-    For ``D >= 512`` only the upper block triangle is multiplied (3 or 4 row blocks; the lower
-    blocks are transposed copies), which saves 1/3 to 3/8 of the FLOPs (measured 1.2-1.6x on
-    CPU for D = 576 ... 4608); smaller factors, and all factors on GPUs, use one batched matmul.
-    ``alpha`` rides on the GEMMs (no extra pass over the result).
-    """
-    g, d, _ = flat.shape
-    zero = flat.new_zeros(())
-
-    def gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(zero, left, right.transpose(1, 2), beta=0, alpha=alpha)
-
-    if flat.device.type != "cpu":
-        # On GPUs one large GEMM beats several block GEMMs plus transposed writes (H100: the
-        # block version lost up to 1.8x on D >= 512 layers); mirror the upper triangle.
-        full = gram(flat, flat)
-        return full.triu() + full.triu(1).transpose(1, 2)
-    if d < 512:
-        return gram(flat, flat)
-    blocks = 3 if d < 2048 else 4
-    edges = [round(b * d / blocks) for b in range(blocks + 1)]
-    out = flat.new_empty(g, d, d)
-    for b in range(blocks):
-        rows = slice(edges[b], edges[b + 1])
-        for c in range(b, blocks):
-            cols = slice(edges[c], edges[c + 1])
-            block = gram(flat[:, rows], flat[:, cols])
-            out[:, rows, cols] = block
-            if c != b:
-                out[:, cols, rows] = block.transpose(1, 2)
-    return out
 
 
 def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int, scale: float) -> torch.Tensor:

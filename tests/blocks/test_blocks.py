@@ -212,3 +212,16 @@ def test_lag_case_uses_lag_products():
     """The ``conv2d_lag_products`` case above exercises the lag path (not the single GEMM)."""
     spec = tn.conv_spec((16, 16), 3, padding=1)
     assert tn.expand_strategy(spec, 32, 16, "cpu") == "lag"
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_factors_and_cholesky_inverse_exactly_symmetric_under_an_asymmetric_kernel(
+    case: Case, approx: str, skewed_gemms
+):
+    """Regression (AVX2 CI): A, G and Cholesky inverses of every block are exactly symmetric."""
+    layer, model, x, y = setup(case)
+    opt, _, _ = one_step(model, layer, x, y, kfac_approx=approx, inversion="cholesky")
+    state = opt.state[layer.weight]
+    for t in (state["A"], state["G"], *state["inverse"]):
+        assert torch.equal(t, t.mT)
