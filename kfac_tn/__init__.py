@@ -1,6 +1,6 @@
 """kfac_tn: KFAC for convolutional networks with a tensor-network curvature engine."""
 
-from kfac_tn.optimizer import KFAC
+from kfac_tn.optim import KFAC
 
 __version__ = "0.1.0"
 

@@ -36,8 +36,10 @@ Checkpoints. Factors are identical on all ranks after averaging. Under ``"replic
 every inverse, so its ``optimizer.state_dict()`` resumes exactly, in one process or distributed.
 Under ``"shard"`` rank 0 lacks the inverses of the layers other ranks own; a missing inverse would
 be recomputed at the next step from newer factors (close, not exact). For exact resumption call
-:func:`consolidated_state_dict` on *every* rank (the owners send their inverses to rank 0 with
-:meth:`Communicator.transfer`) and save what rank 0 gets; ``kfac_tn.train`` does this.
+:func:`kfac_tn.optim.placement.consolidated_state_dict` on *every* rank (the owners send their
+inverses to rank 0 with :meth:`Communicator.transfer`) and save what rank 0 gets; the training
+front end does this. Which layers a rank owns and what travels when is decided by
+:mod:`kfac_tn.optim.placement`; this module only moves tensors.
 
 With a single worker (``world_size == 1``) the communicator sends nothing: factors and broadcasts
 are left as they are.
@@ -68,12 +70,14 @@ import datetime
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from kfac_tn.enums import DistributedStrategy
 
 __all__ = [
     "STRATEGIES",
@@ -81,7 +85,6 @@ __all__ = [
     "CommunicationError",
     "Communicator",
     "assign_by_cost",
-    "consolidated_state_dict",
     "get_communicator",
     "init_process_group_from_env",
     "packed_size",
@@ -89,7 +92,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("replicate", "shard")
+STRATEGIES = tuple(s.value for s in DistributedStrategy)
 TRAFFIC_KINDS = ("factors", "inverses", "gradients", "checkpoint")
 _BACKENDS = ("auto", "gloo", "nccl")
 # dtypes a point-to-point transfer can carry (the header sends the index)
@@ -103,6 +106,11 @@ _DTYPES = (
     torch.bool,
     torch.uint8,
 )
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Invalid strategy: {strategy!r} (allowed: {', '.join(STRATEGIES)})")
 
 
 class CommunicationError(RuntimeError):
@@ -230,8 +238,7 @@ class Communicator:
         Raises:
             ValueError: If ``strategy`` or ``bucket_cap_mb`` is invalid.
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"Invalid strategy: {strategy!r} (allowed: {', '.join(STRATEGIES)})")
+        _check_strategy(strategy)
         cap = float(bucket_cap_mb)
         if not (cap > 0.0 and cap != float("inf")):
             raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb} (must be finite and > 0)")
@@ -285,21 +292,15 @@ class Communicator:
         key = (factor.dtype, factor.device)
         symmetric = factor.shape[-1] > 1
         packed = self._pack(factor, symmetric)
-        bucket = self._open_factor.get(key)
-        if (
-            bucket is not None
-            and bucket.numel
-            and ((bucket.numel + packed.numel()) * _itemsize(factor.dtype) > self.bucket_cap_bytes)
-        ):
-            self._launch(self._open_factor.pop(key))
-            bucket = None
-        if bucket is None:
-            bucket = _Bucket(factor.dtype, factor.device, "factors")
-            self._open_factor[key] = bucket
+        bucket = self._bucket_with_room(
+            self._open_factor,
+            key,
+            packed.numel(),
+            lambda: _Bucket(factor.dtype, factor.device, "factors"),
+        )
         self._add(bucket, factor, packed, symmetric)
         self._factor_signature.append((tuple(factor.shape), str(factor.dtype)))
-        if bucket.nbytes >= self.bucket_cap_bytes:
-            self._launch(self._open_factor.pop(key))
+        self._launch_if_full(self._open_factor, key)
 
     def wait_factors(self) -> None:
         """Complete all queued factor reductions and write the averages back in place.
@@ -421,22 +422,16 @@ class Communicator:
             sym = symmetric and t.shape[-1] > 1
             bkey = (src, t.dtype, t.device, kind)
             n = packed_size(t.shape, sym)
-            bucket = self._open_bcast.get(bkey)
-            if (
-                bucket is not None
-                and bucket.numel
-                and ((bucket.numel + n) * _itemsize(t.dtype) > self.bucket_cap_bytes)
-            ):
-                self._launch(self._open_bcast.pop(bkey))
-                bucket = None
-            if bucket is None:
+
+            def new_bucket(t: Tensor = t) -> _Bucket:
                 bucket = _Bucket(t.dtype, t.device, kind, src=self._global_ranks[src])
-                self._open_bcast[bkey] = bucket
                 self._bcast_order.append(bucket)
+                return bucket
+
+            bucket = self._bucket_with_room(self._open_bcast, bkey, n, new_bucket)
             packed = self._pack(t, sym) if src == self.rank else None
             self._add(bucket, t, packed, sym, numel=n)
-            if bucket.nbytes >= self.bucket_cap_bytes:
-                self._launch(self._open_bcast.pop(bkey))
+            self._launch_if_full(self._open_bcast, bkey)
 
     def wait_broadcasts(self) -> None:
         """Complete all queued broadcasts; receivers' tensors hold the owners' values afterwards.
@@ -552,6 +547,27 @@ class Communicator:
             return t.detach()[..., rows, cols].reshape(-1)
         return t.detach().reshape(-1).clone()
 
+    def _bucket_with_room(
+        self, open_buckets: dict, key: tuple, numel: int, new: Callable[[], _Bucket]
+    ) -> _Bucket:
+        """Return the open bucket under ``key`` with room for ``numel`` more entries.
+
+        A non-empty bucket that would exceed the cap is launched first and replaced by ``new()``
+        (a single tensor larger than the cap travels alone).
+        """
+        bucket = open_buckets.get(key)
+        if bucket is not None and bucket.numel:
+            if (bucket.numel + numel) * _itemsize(bucket.dtype) > self.bucket_cap_bytes:
+                self._launch(open_buckets.pop(key))
+                bucket = None
+        if bucket is None:
+            bucket = open_buckets[key] = new()
+        return bucket
+
+    def _launch_if_full(self, open_buckets: dict, key: tuple) -> None:
+        if open_buckets[key].nbytes >= self.bucket_cap_bytes:
+            self._launch(open_buckets.pop(key))
+
     def _add(
         self,
         bucket: _Bucket,
@@ -656,8 +672,7 @@ def get_communicator(
     Raises:
         ValueError: If ``strategy`` or ``bucket_cap_mb`` is invalid.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Invalid strategy: {strategy!r} (allowed: {', '.join(STRATEGIES)})")
+    _check_strategy(strategy)
     if not (dist.is_available() and dist.is_initialized()):
         return None
     if process_group is None:
@@ -665,60 +680,6 @@ def get_communicator(
             timeout = _default_group_timeout()
         process_group = dist.new_group(timeout=timeout)
     return Communicator(process_group, bucket_cap_mb=bucket_cap_mb, strategy=strategy)
-
-
-def consolidated_state_dict(optimizer: torch.optim.Optimizer, to: int = 0) -> dict | None:
-    """Complete optimizer state dict on rank ``to``: a collective for checkpoints.
-
-    With :class:`kfac_tn.optimizer.KFAC` and strategy ``"shard"`` a rank holds only the inverses of
-    the layers it owns, so its ``state_dict()`` alone cannot resume exactly (a missing inverse is
-    recomputed at the next step from *newer* factors). Every rank must call this function; the
-    owners send their inverses to rank ``to``, which returns its state dict with every layer's
-    inverse filled in (a copy: its own state is unchanged). Such a dict loads into one process
-    (``"replicate"`` or single-process training continue exactly as the distributed run) and into
-    a distributed run. Other optimizers, ``"replicate"`` and single-process runs need no
-    communication: rank ``to`` just returns ``optimizer.state_dict()``.
-
-    Args:
-        optimizer: The optimizer (every rank passes its own).
-        to: Rank that receives the complete state dict.
-
-    Returns:
-        The state dict on rank ``to`` (or in a single process), ``None`` on the other ranks.
-    """
-    comm = getattr(optimizer, "_comm", None)
-    if not isinstance(comm, Communicator):
-        return optimizer.state_dict()
-    if comm.strategy != "shard":
-        return optimizer.state_dict() if comm.rank == to else None
-    if not 0 <= to < comm.world_size:
-        raise ValueError(f"Invalid to: {to} (must be in [0, {comm.world_size}))")
-    blocks = list(getattr(optimizer, "blocks", []))
-    if blocks and not comm.owners:
-        # no inverse step yet: assign exactly as the optimizer will (same costs on all ranks)
-        comm.assign({b.name: b.inversion_cost() for b in blocks})
-        optimizer._assigned = True  # type: ignore[attr-defined]
-    from kfac_tn.linalg import Inversion
-
-    kinds = [k.value for k in Inversion]
-    received: dict[int, tuple[list[Tensor], str]] = {}
-    for block in blocks:
-        state = optimizer.state.get(block.weight, {})
-        payload = None
-        if comm.is_owner(block.name) and "inverse" in state:
-            code = torch.tensor([kinds.index(state["inverse_kind"])], dtype=torch.int64)
-            payload = [*state["inverse"], code]
-        got = comm.transfer(block.name, payload, to, device=block.weight.device)
-        if comm.rank == to and not comm.is_owner(block.name) and got is not None:
-            received[id(block.weight)] = (got[:-1], kinds[int(got[-1])])
-    if comm.rank != to:
-        return None
-    full = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for pid, (tensors, kind) in received.items():
-        i = index[pid]
-        full["state"][i] = {**full["state"][i], "inverse": tensors, "inverse_kind": kind}
-    return full
 
 
 def _default_group_timeout() -> datetime.timedelta | None:

@@ -17,22 +17,37 @@ gradient matrix :math:`M_g` (same shape as :math:`W_g`) with
 Safeguards: a decomposition that raises or returns non-finite values is retried in float64
 (counted as a *fallback*); if that fails too, the caller keeps its last good inverse (counted as
 a *failure*). Each function here works on a batch of groups ``[G, d, d]`` at once.
+
+Representation. An inverse is an :class:`EigenInverse` or a :class:`CholeskyInverse` (named
+tuples of tensors; the type says how it was computed). In optimizer state and checkpoints it is
+stored as a plain list of its tensors plus the :class:`Inversion` value (``weights_only``
+checkpoints cannot hold named tuples); :func:`inverse_from_tensors` turns that back into the
+named tuple, and :func:`empty_inverse` allocates one to receive a broadcast.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from kfac_tn.enums import Inversion
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CholeskyInverse",
+    "EigenInverse",
+    "Inverse",
     "Inversion",
     "InverseResult",
+    "empty_inverse",
+    "inverse_from_tensors",
+    "inversion_of",
     "eigen_inverse",
     "cholesky_inverse",
     "compute_inverse",
@@ -41,11 +56,83 @@ __all__ = [
 ]
 
 
-class Inversion(str, Enum):
-    """How damped Kronecker factors are inverted."""
+class EigenInverse(NamedTuple):
+    """Eigendecompositions of both factors (damping is applied when preconditioning).
 
-    EIGEN = "eigen"
-    CHOLESKY = "cholesky"
+    Attributes:
+        evals_a: ``[groups, d_A]``, clamped at 0.
+        evecs_a: ``[groups, d_A, d_A]``.
+        evals_g: ``[groups, d_G]``, clamped at 0.
+        evecs_g: ``[groups, d_G, d_G]``.
+    """
+
+    evals_a: Tensor
+    evecs_a: Tensor
+    evals_g: Tensor
+    evecs_g: Tensor
+
+
+class CholeskyInverse(NamedTuple):
+    """Inverses of the π-damped factors, exactly symmetric.
+
+    Attributes:
+        a_inv: ``(A + π√δ I)^{-1}``, ``[groups, d_A, d_A]``.
+        g_inv: ``(G + √δ/π I)^{-1}``, ``[groups, d_G, d_G]``.
+    """
+
+    a_inv: Tensor
+    g_inv: Tensor
+
+
+Inverse = EigenInverse | CholeskyInverse
+_TYPES: dict[Inversion, type[EigenInverse] | type[CholeskyInverse]] = {
+    Inversion.EIGEN: EigenInverse,
+    Inversion.CHOLESKY: CholeskyInverse,
+}
+
+
+def inversion_of(inverse: Inverse) -> Inversion:
+    """Return how ``inverse`` was computed."""
+    return Inversion.EIGEN if isinstance(inverse, EigenInverse) else Inversion.CHOLESKY
+
+
+def inverse_from_tensors(tensors: Sequence[Tensor], inversion: Inversion | str) -> Inverse:
+    """Rebuild the named tuple from its stored tensors (state dicts keep a plain list).
+
+    Raises:
+        ValueError: If the number of tensors does not fit ``inversion``.
+    """
+    cls = _TYPES[Inversion(inversion)]
+    if len(tensors) != len(cls._fields):
+        raise ValueError(
+            f"Invalid inverse: {len(tensors)} tensors for {Inversion(inversion).value!r} "
+            f"(expected {len(cls._fields)}: {', '.join(cls._fields)})"
+        )
+    return cls(*tensors)
+
+
+def empty_inverse(
+    inversion: Inversion | str,
+    groups: int,
+    d_a: int,
+    d_g: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Inverse:
+    """Zero tensors shaped like the inverse of a ``[groups, d_A, d_A] x [groups, d_G, d_G]`` block.
+
+    Used as the receive buffers of a broadcast inverse.
+    """
+    kw = dict(dtype=dtype, device=device)
+    if Inversion(inversion) is Inversion.EIGEN:
+        return EigenInverse(
+            torch.zeros(groups, d_a, **kw),
+            torch.zeros(groups, d_a, d_a, **kw),
+            torch.zeros(groups, d_g, **kw),
+            torch.zeros(groups, d_g, d_g, **kw),
+        )
+    return CholeskyInverse(torch.zeros(groups, d_a, d_a, **kw), torch.zeros(groups, d_g, d_g, **kw))
 
 
 @dataclass
@@ -53,12 +140,12 @@ class InverseResult:
     """Outcome of inverting one Kronecker block.
 
     Attributes:
-        tensors: The inverse representation (see :func:`compute_inverse`), or ``None`` when both
-            attempts failed and the caller must keep its previous inverse.
+        tensors: The inverse, or ``None`` when both attempts failed and the caller must keep its
+            previous inverse.
         fallback: Whether the first attempt failed and the float64 retry succeeded.
     """
 
-    tensors: list[Tensor] | None
+    tensors: Inverse | None
     fallback: bool = False
 
 
@@ -95,7 +182,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def eigen_inverse(A: Tensor, G: Tensor) -> list[Tensor]:
+def eigen_inverse(A: Tensor, G: Tensor) -> EigenInverse:
     """Eigendecompose both factors.
 
     Args:
@@ -103,18 +190,15 @@ def eigen_inverse(A: Tensor, G: Tensor) -> list[Tensor]:
         G: ``[groups, d_G, d_G]``.
 
     Returns:
-        ``[evals_A [groups, d_A], evecs_A [groups, d_A, d_A], evals_G [groups, d_G],
-        evecs_G [groups, d_G, d_G]]`` in the dtype of the inputs.
+        The :class:`EigenInverse`, in the dtype of the inputs.
 
     Raises:
         torch.linalg.LinAlgError: If a decomposition does not converge.
     """
-    evals_a, evecs_a = _eigh(A)
-    evals_g, evecs_g = _eigh(G)
-    return [evals_a, evecs_a, evals_g, evecs_g]
+    return EigenInverse(*_eigh(A), *_eigh(G))
 
 
-def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> list[Tensor]:
+def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> CholeskyInverse:
     """Invert the π-damped factors via Cholesky.
 
     Args:
@@ -123,8 +207,7 @@ def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> list[Tensor]:
         damping: The damping ``δ > 0`` of the Kronecker product.
 
     Returns:
-        ``[(A + π√δ I)^{-1} [groups, d_A, d_A], (G + √δ/π I)^{-1} [groups, d_G, d_G]]``,
-        exactly symmetric by construction.
+        The :class:`CholeskyInverse`, exactly symmetric by construction.
 
     Raises:
         torch.linalg.LinAlgError: If a damped factor is not positive definite.
@@ -135,10 +218,10 @@ def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> list[Tensor]:
     eye_g = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     a_damped = _symmetrized(A) + (pi * root) * eye_a
     g_damped = _symmetrized(G) + (root / pi) * eye_g
-    return [
+    return CholeskyInverse(
         _symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(a_damped))),
         _symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(g_damped))),
-    ]
+    )
 
 
 def compute_inverse(
@@ -180,29 +263,39 @@ def compute_inverse(
         # contiguous: eigh/cholesky_inverse return column-major matrices, and a rank that
         # receives a broadcast inverse holds a contiguous copy; the same layout everywhere keeps
         # data-parallel replicas bitwise identical (matmul round-off depends on the layout)
-        return InverseResult([t.to(dtype).contiguous() for t in out], fallback=i > 0)
+        return InverseResult(type(out)(*(t.to(dtype).contiguous() for t in out)), fallback=i > 0)
     return InverseResult(None)
 
 
 def precondition(
-    M: Tensor, inverse: list[Tensor], *, inversion: Inversion | str, damping: float
+    M: Tensor, inverse: Inverse, *, damping: float, inversion: Inversion | str | None = None
 ) -> Tensor:
     r"""Apply the damped inverse Kronecker block to gradient matrices.
 
     Args:
         M: Gradient matrices ``[groups, d_G, d_A]``.
-        inverse: Output of :func:`compute_inverse` for the same block.
-        inversion: The inversion that produced ``inverse``.
+        inverse: Output of :func:`compute_inverse` for the same block (or its stored tensor
+            list, then with ``inversion``).
         damping: Damping ``δ`` (used by ``"eigen"``; ``"cholesky"`` has it baked in).
+        inversion: The inversion that produced ``inverse`` (checked if given).
 
     Returns:
         ``[groups, d_G, d_A]``: :math:`(A \otimes G + \delta I)^{-1}` applied (``"eigen"``) or
         the π-damped Kronecker inverse applied (``"cholesky"``), in ``M``'s dtype.
+
+    Raises:
+        ValueError: If ``inversion`` does not match ``inverse``, or is missing for a plain list.
     """
-    inversion = Inversion(inversion)
+    if not isinstance(inverse, (EigenInverse, CholeskyInverse)):  # stored form: a plain list
+        if inversion is None:
+            raise ValueError("Invalid inverse: a plain tensor list needs inversion=")
+        inverse = inverse_from_tensors(inverse, inversion)
+    kind = inversion_of(inverse)
+    if inversion is not None and Inversion(inversion) is not kind:
+        raise ValueError(f"Invalid inversion: {inversion!r} for an inverse of kind {kind.value!r}")
     dtype = inverse[0].dtype
     m = M.to(dtype)
-    if inversion is Inversion.EIGEN:
+    if kind is Inversion.EIGEN:
         evals_a, evecs_a, evals_g, evecs_g = inverse
         rotated = evecs_g.transpose(-2, -1) @ m @ evecs_a  # a fresh tensor: divide in place
         denominator = evals_g[:, :, None] * evals_a[:, None, :]

@@ -20,34 +20,13 @@ samples (``"mc"``) or the columns of the Hessian square root (``"type2"``, ``C``
 from __future__ import annotations
 
 from collections.abc import Iterator
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from kfac_tn.enums import FisherType, LossReduction, LossType
+
 __all__ = ["LossType", "LossReduction", "FisherType", "reduction_scale", "output_gradients"]
-
-
-class LossType(str, Enum):
-    """Loss functions whose Fisher the optimizer knows."""
-
-    CROSS_ENTROPY = "cross_entropy"
-    MSE = "mse"
-
-
-class LossReduction(str, Enum):
-    """Reduction of the per-sample losses, as in torch's ``reduction`` argument."""
-
-    MEAN = "mean"
-    SUM = "sum"
-
-
-class FisherType(str, Enum):
-    """Which output gradients build the gradient factor ``G``."""
-
-    EMPIRICAL = "empirical"
-    MC = "mc"
-    TYPE2 = "type2"
 
 
 def reduction_scale(

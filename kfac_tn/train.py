@@ -58,8 +58,8 @@ from kfac_tn.config import (
     save_config,
 )
 from kfac_tn.data import build_datasets, build_loaders
-from kfac_tn.distributed import consolidated_state_dict
 from kfac_tn.models import build_model, is_reconstruction
+from kfac_tn.optim.placement import consolidated_state_dict
 
 __all__ = [
     "DistributedRunError",

@@ -294,7 +294,7 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
     """DDP + KFAC for every configuration in ``args`` (ids of KFAC_CONFIGS)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from kfac_tn.distributed import consolidated_state_dict
+    from kfac_tn.optim.placement import consolidated_state_dict
     from kfac_tn.optimizer import KFAC
 
     configs = dict(KFAC_CONFIGS)
@@ -306,7 +306,7 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
         ddp = DistributedDataParallel(model)
         opt = KFAC(ddp, **KFAC_COMMON, **configs[name])
         if name == "no-averaging":
-            opt._comm.all_reduce_factor = lambda factor: None
+            opt.placement.comm.all_reduce_factor = lambda factor: None
         train_steps(ddp, opt, range(CHECKPOINT_AFTER), rank, world_size)
         # collective: owners send their inverses to rank 0 under "shard"
         opt_state = consolidated_state_dict(opt, to=0)
@@ -315,7 +315,7 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
             checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt_state})
             checkpoint["plain_optimizer"] = copy.deepcopy(opt.state_dict())
         train_steps(ddp, opt, range(CHECKPOINT_AFTER, STEPS), rank, world_size)
-        comm = opt._comm
+        comm = opt.placement.comm
         out[name] = {
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "checkpoint": checkpoint,

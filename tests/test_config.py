@@ -321,9 +321,9 @@ def test_kfac_keys_match_kfac_signature():
 
 
 def test_layer_keys_match_kfac():
-    from kfac_tn import optimizer
+    from kfac_tn.optim import hyperparams
 
-    assert tuple(KFAC_LAYER_KEYS) == tuple(optimizer._LAYER_KEYS)
+    assert tuple(KFAC_LAYER_KEYS) == tuple(hyperparams.LAYER_KEYS)
 
 
 def test_torch_optimizer_keys_match_signatures():

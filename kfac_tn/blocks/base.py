@@ -38,23 +38,16 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
 from kfac_tn import linalg
+from kfac_tn.enums import KFACApprox
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KFACApprox", "KroneckerBlock", "register_block", "block_class_for", "registered_types"]
-
-
-class KFACApprox(str, Enum):
-    """How weight sharing (spatial positions, extra Linear dimensions) is approximated."""
-
-    EXPAND = "expand"
-    REDUCE = "reduce"
 
 
 _REGISTRY: dict[type[nn.Module], type[KroneckerBlock]] = {}
@@ -243,6 +236,11 @@ class KroneckerBlock(ABC):
         self._g_parts.append(g_sum)
 
     @property
+    def samples(self) -> int:
+        """Number of samples of the statistics queued since the last factor update."""
+        return self._samples
+
+    @property
     def has_statistics(self) -> bool:
         """Whether statistics were captured since the last factor update."""
         return bool(self._a_parts) and bool(self._g_parts)
@@ -323,7 +321,9 @@ class KroneckerBlock(ABC):
             dtype: Inverse dtype.
 
         Returns:
-            The new inverse tensors, or ``None`` if the inversion failed or no factors exist yet.
+            The new inverse in its stored form (``state["inverse"]``, a list of the tensors of
+            the :mod:`kfac_tn.linalg` named tuple), or ``None`` if the inversion failed or no
+            factors exist yet.
         """
         if "A" not in state:
             return None
@@ -336,10 +336,10 @@ class KroneckerBlock(ABC):
             state["failed_inversions"] = state.get("failed_inversions", 0) + 1
             logger.warning("Layer %s: inversion failed, keeping the previous inverse", self.name)
             return None
-        state["inverse"] = result.tensors
+        state["inverse"] = list(result.tensors)  # stored form (see kfac_tn.linalg)
         state["inverse_kind"] = linalg.Inversion(inversion).value
         state["inverse_damping"] = float(damping)
-        return result.tensors
+        return state["inverse"]
 
     def has_inverse(self, state: dict) -> bool:
         """Whether ``state`` holds a usable inverse."""
@@ -360,9 +360,8 @@ class KroneckerBlock(ABC):
         """
         bias = grads[1] if len(grads) > 1 else None
         matrix = self._to_matrix(grads[0], bias)
-        out = linalg.precondition(
-            matrix, state["inverse"], inversion=state["inverse_kind"], damping=damping
-        )
+        inverse = linalg.inverse_from_tensors(state["inverse"], state["inverse_kind"])
+        out = linalg.precondition(matrix, inverse, damping=damping)
         weight, bias_out = self._from_matrix(out)
         return [weight] if bias_out is None else [weight, bias_out]
 

@@ -178,7 +178,7 @@ def test_layer_settings_override_and_skip():
     model = small_cnn()
     opt = KFAC(model, layer_settings={"6": "skip", "3": {"kfac_approx": "reduce", "damping": 0.5}})
     assert [b.name for b in opt.blocks] == ["0", "3"]
-    hp = opt._all_layer_hp()
+    hp = opt.layer_hp()
     assert hp[id(opt.blocks[1])].kfac_approx.value == "reduce"
     assert hp[id(opt.blocks[1])].damping == 0.5
     assert hp[id(opt.blocks[0])].damping == 1e-3
@@ -486,3 +486,35 @@ def test_layer_whose_factors_never_saw_a_finite_batch_gets_the_plain_gradient():
     before, grad = conv.weight.detach().clone(), conv.weight.grad.clone()
     opt.step()
     assert_close(conv.weight.detach(), before - 0.1 * grad)
+
+
+def test_model_and_optimizer_pickle_with_hooks_attached():
+    """Regression (#10): hooks were local closures, so torch.save(model) / pickle failed."""
+    import io
+    import pickle
+
+    model = small_cnn()
+    opt = KFAC(model, lr=0.05)
+    train(model, opt, 2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x, _ = batch(0)
+    assert torch.equal(loaded(x), model(x))  # its hooks are inert: no capture for `opt`
+    clone = pickle.loads(pickle.dumps(opt))
+    train(model, opt, 2, start=2)
+    train(clone.model, clone, 2, start=2)
+    assert params_equal(model, clone.model)
+
+
+def test_global_settings_are_in_the_state_dict_and_checked_at_load():
+    model = small_cnn()
+    opt = KFAC(model, fisher_type="mc", mc_samples=2)
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["fisher_type"] == "mc"
+    other = KFAC(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="Invalid fisher_type value: 'mc'"):
+        other.load_state_dict(saved)
+    with pytest.raises(ValueError, match="Invalid loss value"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "loss": "mse"})

@@ -1,0 +1,431 @@
+r"""KFAC as a ``torch.optim.Optimizer``.
+
+Usage is the ordinary training loop::
+
+    opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=5e-4, damping=1e-3)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+What is preconditioned. Every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``
+(see :mod:`kfac_tn.blocks`; more via :func:`kfac_tn.blocks.register_block`) whose weight (and bias)
+the optimizer updates gets a Kronecker block :math:`A \otimes G` per channel group
+(:mod:`kfac_tn.optim.layers`). All other parameters (norm layers, embeddings, layers marked
+``"skip"`` in ``layer_settings``, ...) are trained with the plain momentum-SGD update below —
+nothing is left untrained.
+
+The update, per parameter ``p`` of a group with learning rate :math:`\eta`:
+
+.. math::
+    d = \nu\,(A \otimes G + \delta I)^{-1} \nabla_p L + \lambda p, \qquad
+    b \leftarrow \mu b + d, \qquad p \leftarrow p - \eta\,(d + \mu b \text{ if Nesterov else } b)
+
+with damping :math:`\delta` (``"eigen"``: exact; ``"cholesky"``: factored π-damping, see
+:mod:`kfac_tn.linalg`), weight decay :math:`\lambda` added *after* preconditioning (as when a KFAC
+preconditioner feeds ``torch.optim.SGD``), and the KL-clipping factor
+:math:`\nu = \min(1, \sqrt{\kappa / \sum_\ell \eta^2 \langle \Delta_\ell, \nabla_\ell\rangle})`
+over all preconditioned layers (``kl_clip=None``: :math:`\nu = 1`). Non-preconditioned parameters
+use :math:`d = \nabla_p L + \lambda p`.
+
+Scale convention (see :mod:`kfac_tn.blocks.base`): :math:`A \otimes G` approximates the curvature
+of the loss *as reduced* (``loss_reduction`` must match the loss you backpropagate), so a damping
+value means the same for every batch size. Gradient accumulation: statistics of all
+forward/backward passes between two ``step()`` calls are pooled, so ``M`` micro-batches with the
+loss divided by ``M`` (the usual recipe for ``"mean"``) give exactly the factors and the update of
+one batch ``M`` times larger. Fisher types and capture: :mod:`kfac_tn.optim.statistics`.
+
+Statistics are captured only on factor-update steps, in training mode, with gradients enabled.
+``zero_grad()`` also discards captured statistics, so a step skipped by ``GradScaler`` (inf/NaN
+gradients: ``scaler.step`` does not call ``step``) never reaches the factors. Pass the
+``grad_scaler`` so that ``G`` is computed from unscaled gradients.
+
+State. Factors, inverses, momentum buffers and counters live in ``self.state[p]`` (the layer
+weight holds its block's), so ``state_dict()``/``load_state_dict()`` resume exactly; factors and
+inverses keep their own dtype across a load (torch would cast them to the parameter dtype).
+Hyperparameters live in the param groups; the settings that hold for the whole optimizer
+(``fisher_type``, ``mc_samples``, ``loss``, ``loss_reduction``, ``layer_settings``,
+``distributed_strategy``, ``bucket_cap_mb``) are in ``defaults`` and every group too, so a state
+dict carries them, and one with other values is refused at load. The runtime collaborators —
+:attr:`KFAC.statistics` (capture) and :attr:`KFAC.placement` (where inverses live) — hold no state
+that a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kfac_tn.blocks import KroneckerBlock
+from kfac_tn.enums import DistributedStrategy
+from kfac_tn.optim import hyperparams
+from kfac_tn.optim.hyperparams import LayerHP, resolve_layer_hp
+from kfac_tn.optim.layers import find_blocks
+from kfac_tn.optim.placement import Placement, make_placement
+from kfac_tn.optim.statistics import StatisticsCollector
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KFAC", "DistributedStrategy"]
+
+# keys of a layer's optimizer state that belong to the curvature (not cast on load)
+_CURVATURE_KEYS = (
+    "A",
+    "G",
+    "factors_valid",
+    "skipped_factor_updates",
+    "inverse",
+    "inverse_kind",  # a str: torch's load_state_dict would turn it into a generator
+)
+# settings of the whole optimizer: in defaults (and so in every group), never per group
+GLOBAL_KEYS = (
+    "fisher_type",
+    "mc_samples",
+    "loss",
+    "loss_reduction",
+    "layer_settings",
+    "distributed_strategy",
+    "bucket_cap_mb",
+)
+_COUNTERS = (
+    "factor_updates",
+    "skipped_factor_updates",
+    "inverse_updates",
+    "fallback_inversions",
+    "failed_inversions",
+)
+
+
+class KFAC(torch.optim.Optimizer):
+    """KFAC with a tensor-network curvature engine (see the module docstring).
+
+    Args:
+        model: The model; layers are found in ``model.named_modules()`` and hooked.
+        params: Parameters or param groups to optimise (default: all of ``model``'s parameters
+            that require gradients). A layer is preconditioned only if its weight (and bias) are
+            among them, in the same group.
+        lr: Learning rate ``>= 0``.
+        momentum: Momentum in ``[0, 1)``.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: L2 coefficient ``>= 0``, added after preconditioning.
+        damping: Damping ``δ > 0`` of the Kronecker blocks.
+        factor_decay: EMA coefficient of the factors in ``[0, 1)`` (0: only the last batch).
+        factor_update_period: Capture statistics and update factors every this many steps.
+        inverse_update_period: Recompute inverses every this many steps.
+        kfac_approx: ``"expand"`` (KFC) or ``"reduce"`` (Eschenhagen et al., 2023).
+        fisher_type: ``"empirical"``, ``"mc"`` or ``"type2"``.
+        mc_samples: Monte-Carlo samples per factor update (``fisher_type="mc"``).
+        loss: ``"cross_entropy"`` or ``"mse"`` (the loss you backpropagate).
+        loss_reduction: ``"mean"`` or ``"sum"``, the reduction of that loss.
+        inversion: ``"eigen"`` or ``"cholesky"``.
+        kl_clip: KL-clipping bound ``κ > 0``, or ``None`` to disable.
+        factor_dtype: Factor dtype (default: float32 for half-precision parameters, else theirs).
+        inverse_dtype: Inverse dtype (default: the factor dtype).
+        layer_settings: ``{fnmatch pattern on module name: {hyperparameter: value} | "skip"}``;
+            the first matching pattern applies. Overridable: see
+            :data:`kfac_tn.optim.hyperparams.LAYER_KEYS`. ``"skip"`` trains the layer with plain
+            momentum SGD.
+        distributed_strategy: ``"replicate"`` or ``"shard"`` (used when ``torch.distributed`` is
+            initialised).
+        bucket_cap_mb: Bucket size of the factor all-reduce, ``> 0``.
+        grad_scaler: The ``torch.amp.GradScaler`` scaling the loss, if any (its scale is divided
+            out of ``G``).
+
+    Raises:
+        ValueError: On an invalid hyperparameter, naming it, its value and the allowed values.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_update_period: int = 1,
+        inverse_update_period: int = 10,
+        kfac_approx: str = "expand",
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
+        loss: str = "cross_entropy",
+        loss_reduction: str = "mean",
+        inversion: str = "eigen",
+        kl_clip: float | None = 1e-3,
+        factor_dtype: torch.dtype | None = None,
+        inverse_dtype: torch.dtype | None = None,
+        layer_settings: Mapping[str, Mapping[str, Any] | str] | None = None,
+        distributed_strategy: str = "replicate",
+        bucket_cap_mb: float = 25.0,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model value: {model!r} (must be a torch.nn.Module)")
+        # the keyword arguments above, except model, params, layer_settings and grad_scaler
+        defaults = {k: v for k, v in locals().items() if k in hyperparams.RULES}
+        hyperparams.validate(defaults)
+        defaults = hyperparams.normalized(defaults)
+        defaults["layer_settings"] = hyperparams.validate_layer_settings(layer_settings)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        self.model = model
+        self.grad_scaler = grad_scaler
+        found = find_blocks(model, self.param_groups, defaults["layer_settings"])
+        self.blocks: list[KroneckerBlock] = [block for block, _ in found]
+        self._overrides = {block.name: override for block, override in found}  # names: copyable
+        self._hooks_removed = False
+        self._attach()
+
+    # ------------------------------------------------------------------ wiring
+    def _attach(self) -> None:
+        """Build the runtime collaborators (placement, statistics capture) from the settings."""
+        d = self.defaults
+        self.placement: Placement = make_placement(
+            d["distributed_strategy"], d["bucket_cap_mb"], self.blocks
+        )
+        self.statistics = StatisticsCollector(
+            self.model,
+            self.blocks,
+            fisher_type=d["fisher_type"],
+            mc_samples=int(d["mc_samples"]),
+            loss=d["loss"],
+            loss_reduction=d["loss_reduction"],
+            comm=self.placement.comm,
+            grad_scaler=self.grad_scaler,
+        )
+        if not self._hooks_removed:
+            self.statistics.attach()
+        self._plan_capture()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # everything but the runtime collaborators, which __setstate__ rebuilds (a deepcopy gets
+        # working hooks on the copied model; the original's hooks on the copy are inert)
+        state = self.__dict__.copy()
+        state.pop("statistics", None)
+        state.pop("placement", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "blocks" in state:
+            for block in self.blocks:
+                block.clear_statistics()
+            self._attach()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyperparameters are validated like the constructor's.
+
+        Raises:
+            ValueError: On an invalid value, or a whole-optimizer setting (``fisher_type``, ...)
+                that differs from the constructor's.
+        """
+        hyperparams.validate(param_group)
+        if hasattr(self, "blocks"):  # after construction: the global settings are fixed
+            _check_global(param_group, self.defaults)
+        super().add_param_group(hyperparams.normalized(param_group))
+
+    def layer_hp(self) -> dict[int, LayerHP]:
+        """Hyperparameters of every block for the coming step, by ``id(block)``."""
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        return {
+            id(b): resolve_layer_hp(
+                self.param_groups[group_of[id(b.weight)]], self._overrides[b.name], b.weight.dtype
+            )
+            for b in self.blocks
+        }
+
+    def _plan_capture(self) -> None:
+        """Tell the hooks which blocks capture in the coming passes, with which settings."""
+        hps = self.layer_hp()
+        self.statistics.plan(
+            {
+                id(b): hps[id(b)]
+                for b in self.blocks
+                if self._step_count_of(b) % hps[id(b)].factor_update_period == 0
+            }
+        )
+
+    # ------------------------------------------------------------------ public helpers
+    def remove_hooks(self) -> None:
+        """Remove all capture hooks; afterwards every parameter gets the momentum-SGD update."""
+        self.statistics.remove()
+        self._hooks_removed = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero gradients and discard statistics captured since the last step."""
+        super().zero_grad(set_to_none)
+        self.statistics.discard()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters summed over layers (reading them synchronises with the device)."""
+        out = dict.fromkeys(("steps", *_COUNTERS), 0)
+        out["kfac_layers"] = len(self.blocks)
+        for block in self.blocks:
+            state = self.state.get(block.weight, {})
+            out["steps"] = max(out["steps"], state.get("kfac_step", 0))
+            for key in _COUNTERS:
+                value = state.get(key, 0)
+                out[key] += int(value.item()) if isinstance(value, Tensor) else int(value)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; curvature tensors keep their saved dtype (moved to the device)."""
+        for group in state_dict["param_groups"]:
+            _check_global(group, self.defaults)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        kept: dict[int, dict[str, Any]] = {}
+        stripped = {**state_dict, "state": {}}
+        for key, value in state_dict["state"].items():
+            value = dict(value)
+            kept[key] = {k: value.pop(k) for k in _CURVATURE_KEYS if k in value}
+            stripped["state"][key] = value
+        super().load_state_dict(stripped)
+        for group in self.param_groups:  # a state dict of an older release may lack settings
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for key, entries in kept.items():
+            param = id_map.get(key)
+            if param is not None:
+                self.state[param].update(_to_device(entries, param.device))
+        self._plan_capture()
+
+    # ------------------------------------------------------------------ the algorithm
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Perform one optimisation step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss; run under
+                ``torch.enable_grad()`` before the update (its backward is captured as usual).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hps = self.layer_hp()
+        blocks = self._blocks_with_grad()
+        self._maybe_update_factors(blocks, hps)
+        self.placement.update_inverses(self._inverses_due(blocks, hps), self.state, hps)
+        directions = self.placement.precondition(blocks, self.state, hps)
+        self._clip(directions, hps)
+        self._apply_update(directions)
+        self._advance_counters(blocks)
+        return loss
+
+    # ------------------------------------------------------------------ step stages
+    def _blocks_with_grad(self) -> list[KroneckerBlock]:
+        if self._hooks_removed:
+            return []
+        return [b for b in self.blocks if all(p.grad is not None for p in b.params)]
+
+    def _maybe_update_factors(self, blocks: list[KroneckerBlock], hps: dict[int, LayerHP]) -> None:
+        """Fold the captured statistics into the factors' EMA (after distributed averaging)."""
+        self.statistics.wait_averaged(blocks)
+        for block in blocks:
+            if block.has_statistics:
+                state = self.state[block.weight]
+                block.update_factors(
+                    state,
+                    decay=hps[id(block)].factor_decay,
+                    grad_scale=self.statistics.grad_scale(block),
+                )
+                state["factor_updates"] = state.get("factor_updates", 0) + 1
+        self.statistics.discard()
+
+    def _inverses_due(
+        self, blocks: list[KroneckerBlock], hps: dict[int, LayerHP]
+    ) -> list[KroneckerBlock]:
+        """Blocks whose inverse is recomputed now: every period, and as soon as factors exist."""
+        due = []
+        for block in blocks:
+            state, hp = self.state[block.weight], hps[id(block)]
+            if "A" not in state:
+                continue
+            stale = "inverse" not in state or state.get("inverse_kind") != hp.inversion.value
+            if stale or state.get("kfac_step", 0) % hp.inverse_update_period == 0:
+                due.append(block)
+        return due
+
+    def _clip(self, directions: dict[int, Tensor], hps: dict[int, LayerHP]) -> None:
+        r"""KL clipping, in place: each group's directions times :math:`\nu` (module docstring)."""
+        vg_sum = None
+        for block in self.blocks:
+            for p in block.params:
+                d = directions.get(id(p))
+                if d is not None:
+                    term = (d * p.grad).sum() * hps[id(block)].lr ** 2
+                    vg_sum = term if vg_sum is None else vg_sum + term
+        if vg_sum is None:
+            return
+        tiny = torch.finfo(vg_sum.dtype).tiny
+        for group in self.param_groups:
+            if group["kl_clip"] is not None:
+                nu = (group["kl_clip"] / vg_sum.abs().clamp_min(tiny)).sqrt().clamp(max=1.0)
+                for p in group["params"]:
+                    if id(p) in directions:
+                        directions[id(p)] = directions[id(p)] * nu
+
+    def _apply_update(self, directions: dict[int, Tensor]) -> None:
+        """Momentum-SGD update of every parameter (the preconditioned direction where known)."""
+        for group in self.param_groups:
+            weight_decay, momentum = group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = directions.get(id(p), p.grad)
+                if weight_decay != 0:
+                    d = d.add(p, alpha=weight_decay)
+                if momentum != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+                p.add_(d, alpha=-group["lr"])
+
+    def _advance_counters(self, blocks: list[KroneckerBlock]) -> None:
+        """Advance the per-layer step counters; plan the capture of the coming passes."""
+        for block in blocks:
+            state = self.state[block.weight]
+            state["kfac_step"] = state.get("kfac_step", 0) + 1
+        self._plan_capture()
+
+    # ------------------------------------------------------------------ small helpers
+    def _step_count_of(self, block: KroneckerBlock) -> int:
+        return self.state[block.weight].get("kfac_step", 0) if block.weight in self.state else 0
+
+
+def _check_global(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Refuse a group whose whole-optimizer settings differ from ``defaults``."""
+    for key in GLOBAL_KEYS:
+        if key in group and hyperparams.normalized({key: group[key]})[key] != defaults[key]:
+            raise ValueError(
+                f"Invalid {key} value: {group[key]!r} (a setting of the whole optimizer: "
+                f"{defaults[key]!r} here; it cannot differ per param group)"
+            )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value

@@ -1,0 +1,232 @@
+r"""Curvature statistics: what the hooks capture for each block, and how it is scaled.
+
+A :class:`StatisticsCollector` owns the capture of one optimizer: the hooks (:mod:`.hooks`), the
+per-layer callbacks that turn a layer's input and output gradient into the block's statistics
+(:meth:`KroneckerBlock.input_statistic`, :meth:`KroneckerBlock.grad_statistic`), the extra
+backward passes of the Monte-Carlo and type-2 Fisher, the queueing of distributed factor
+averages, and the scale that turns a captured gradient sum into ``G``.
+
+Fisher types. ``"empirical"`` uses the gradients of your loss (captured by tensor hooks during
+your ``backward()``). ``"mc"`` and ``"type2"`` need gradients of a *different* loss: the model's
+forward hook sees its output ``f`` and, right there, runs ``mc_samples`` (``"mc"``: labels sampled
+from the model's predictive distribution) or ``C`` (``"type2"``: columns of the loss-Hessian
+square root) extra backward passes from ``f`` to the layer outputs with
+``torch.autograd.grad(..., retain_graph=True)`` (parameter gradients are not touched). The
+statistics are committed when your own ``backward()`` reaches the output, so a forward pass
+without backward never counts.
+
+What is captured, per block and per pass, is decided by the optimizer before the pass
+(:meth:`StatisticsCollector.plan`): the settings of the blocks due for a factor update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kfac_tn.blocks import KroneckerBlock
+from kfac_tn.distributed import Communicator
+from kfac_tn.enums import FisherType, LossReduction, LossType
+from kfac_tn.losses import output_gradients, reduction_scale
+from kfac_tn.optim.hooks import GradCallback, HookSet
+from kfac_tn.optim.hyperparams import LayerHP
+
+__all__ = ["StatisticsCollector"]
+
+
+@dataclass
+class _PendingForward:
+    """A layer's forward pass awaiting its Monte-Carlo / type-2 output gradients."""
+
+    block: KroneckerBlock
+    output: Tensor
+    a_mean: Tensor
+    samples: int
+    version: int  # the output's version counter when it was produced
+
+
+class StatisticsCollector:
+    """Captures the statistics of a set of blocks (see the module docstring).
+
+    Args:
+        model: The model (its output hook runs the sampled backward passes).
+        blocks: The blocks to capture for.
+        fisher_type: ``"empirical"``, ``"mc"`` or ``"type2"``.
+        mc_samples: Monte-Carlo samples per factor update.
+        loss: The loss the user backpropagates.
+        loss_reduction: Its reduction.
+        comm: The distributed communicator (factor averages are queued in the hooks), or
+            ``None``.
+        grad_scaler: The ``GradScaler`` scaling the loss, if any.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[KroneckerBlock],
+        *,
+        fisher_type: FisherType,
+        mc_samples: int,
+        loss: LossType,
+        loss_reduction: LossReduction,
+        comm: Communicator | None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.fisher_type = FisherType(fisher_type)
+        self.mc_samples = mc_samples
+        self.loss = LossType(loss)
+        self.loss_reduction = LossReduction(loss_reduction)
+        self.comm = comm
+        self.grad_scaler = grad_scaler
+        self.entries_per_sample: int | None = None  # of the model output (MSE's reduction)
+        self._plan: dict[int, LayerHP] = {}
+        self._block_of_module = {id(b.module): b for b in blocks}
+        self._pending: list[_PendingForward] = []
+        self._sampled_grads: dict[int, Tensor] | None = None
+        self._hooks = HookSet()
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> None:
+        """Register the hooks on every block's layer and on the model."""
+        for block in self.blocks:
+            self._hooks.add_layer(block.module, active=self._active, on_forward=self._on_forward)
+        self._hooks.add_model(self.model, self._on_model_output)
+
+    def remove(self) -> None:
+        """Remove the hooks and drop everything captured."""
+        self._hooks.remove()
+        self.discard()
+
+    def plan(self, settings: Mapping[int, LayerHP]) -> None:
+        """Set what the coming passes capture: ``{id(block): settings}`` of the blocks due."""
+        self._plan = dict(settings)
+
+    def discard(self) -> None:
+        """Drop captured statistics and pending forward passes (``zero_grad``, a skipped step)."""
+        self._pending = []
+        for block in self.blocks:
+            block.clear_statistics()
+
+    def wait_averaged(self, blocks: list[KroneckerBlock]) -> None:
+        """Finish the distributed averaging of the statistics queued for ``blocks``."""
+        if self.comm is not None and any(b.has_statistics for b in blocks):
+            self.comm.wait_factors()
+
+    # ------------------------------------------------------------------ scale
+    def grad_scale(self, block: KroneckerBlock) -> float:
+        """Multiplier turning ``block``'s captured gradient sum into ``G``.
+
+        ``1/r`` for the empirical Fisher (the backpropagated gradients carry the loss scale
+        ``r``), ``r / mc_samples`` for MC, ``r`` for type-2 (see :mod:`kfac_tn.blocks.base`),
+        times ``1/scale²`` of an enabled ``GradScaler`` for the empirical Fisher.
+        """
+        r = reduction_scale(self.loss, self.loss_reduction, block.samples, self.entries_per_sample)
+        if self.fisher_type is FisherType.EMPIRICAL:
+            return 1.0 / r * self._amp_scale()
+        if self.fisher_type is FisherType.MC:
+            return r / self.mc_samples
+        return r
+
+    def _amp_scale(self) -> float:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return 1.0 / scaler.get_scale() ** 2
+
+    # ------------------------------------------------------------------ hook callbacks
+    def _active(self, module: nn.Module) -> bool:
+        if not (module.training and torch.is_grad_enabled()):
+            return False
+        block = self._block_of_module.get(id(module))
+        return block is not None and id(block) in self._plan
+
+    def _on_forward(self, module: nn.Module, x: Tensor, output: Tensor) -> GradCallback | None:
+        block = self._block_of_module[id(module)]
+        hp = self._plan.get(id(block))
+        if hp is None or not output.requires_grad:
+            return None
+        a_mean, n = block.input_statistic(x, output, hp.kfac_approx, hp.factor_dtype)
+        if self.fisher_type is not FisherType.EMPIRICAL:
+            index = len(self._pending)
+            self._pending.append(_PendingForward(block, output, a_mean, n, output._version))
+
+            def on_sampled_grad(g: Tensor) -> None:
+                # used only when the output was later modified in place (see _sampled_stats)
+                if self._sampled_grads is not None:
+                    self._sampled_grads[index] = g
+
+            return on_sampled_grad
+
+        def on_grad(g: Tensor) -> None:
+            self._commit(block, a_mean, n, block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype))
+
+        return on_grad
+
+    def _commit(self, block: KroneckerBlock, a_mean: Tensor, n: int, g_sum: Tensor) -> None:
+        if self.comm is not None:
+            self.comm.all_reduce_factor(a_mean)
+            self.comm.all_reduce_factor(g_sum)
+        block.add_statistics(a_mean, n, g_sum)
+
+    def _on_model_output(self, output: object) -> None:
+        if isinstance(output, Tensor) and output.dim() >= 1:
+            self.entries_per_sample = output[0].numel()
+        pending, self._pending = self._pending, []
+        if not pending or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        stats = self._sampled_stats(output, pending)
+        committed = [
+            (p.block, p.a_mean, p.samples, torch.stack(s).sum(0))
+            for p, s in zip(pending, stats)
+            if s
+        ]
+
+        def commit(_: Tensor) -> None:
+            # the user's backward reached the model output: this forward pass counts
+            for entry in committed:
+                self._commit(*entry)
+
+        output.register_hook(commit)
+
+    def _sampled_stats(self, output: Tensor, pending: list[_PendingForward]) -> list[list[Tensor]]:
+        """Gradient statistics of the MC / type-2 backward passes, per pending layer.
+
+        If a layer output was modified in place afterwards (``ReLU(inplace=True)``),
+        differentiating w.r.t. it would give the gradient of the modified value; then the
+        passes differentiate w.r.t. the weights instead and read the layer-output gradients from
+        the tensor hooks registered in the forward pass, which see the values the layers produced.
+        """
+        modified = any(p.output._version != p.version for p in pending)
+        weights = [p.block.weight for p in pending if p.block.weight.requires_grad]
+        outputs = [p.output for p in pending]
+        stats: list[list[Tensor]] = [[] for _ in pending]
+        with torch.enable_grad():
+            for grad_output in output_gradients(
+                output, self.loss, self.fisher_type, self.mc_samples
+            ):
+                if modified:
+                    grads = self._grads_via_weights(output, weights, grad_output, len(pending))
+                else:
+                    grads = torch.autograd.grad(
+                        output, outputs, grad_output, retain_graph=True, allow_unused=True
+                    )
+                for i, (p, g) in enumerate(zip(pending, grads)):
+                    if g is not None:
+                        hp = self._plan[id(p.block)]
+                        stats[i].append(p.block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype))
+        return stats
+
+    def _grads_via_weights(
+        self, output: Tensor, weights: list[Tensor], grad_output: Tensor, count: int
+    ) -> list[Tensor | None]:
+        self._sampled_grads = {}
+        try:
+            torch.autograd.grad(output, weights, grad_output, retain_graph=True, allow_unused=True)
+            return [self._sampled_grads.get(i) for i in range(count)]
+        finally:
+            self._sampled_grads = None
