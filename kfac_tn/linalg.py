@@ -27,7 +27,6 @@ named tuple, and :func:`empty_inverse` allocates one to receive a broadcast.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,8 +35,6 @@ import torch
 from torch import Tensor
 
 from kfac_tn.enums import Inversion
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "CholeskyInverse",
@@ -143,10 +140,13 @@ class InverseResult:
         tensors: The inverse, or ``None`` when both attempts failed and the caller must keep its
             previous inverse.
         fallback: Whether the first attempt failed and the float64 retry succeeded.
+        error: What went wrong in the last failed attempt (``None`` if the first succeeded); the
+            caller decides whether and how often to report it (:mod:`kfac_tn.faults`).
     """
 
     tensors: Inverse | None
     fallback: bool = False
+    error: str | None = None
 
 
 def pi_damping(A: Tensor, G: Tensor) -> Tensor:
@@ -245,6 +245,7 @@ def compute_inverse(
     """
     inversion = Inversion(inversion)
     attempts = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
+    error = None
     for i, attempt_dtype in enumerate(attempts):
         a, g = A.to(attempt_dtype), G.to(attempt_dtype)
         try:
@@ -253,18 +254,22 @@ def compute_inverse(
             else:
                 out = cholesky_inverse(a, g, damping)
         except (torch.linalg.LinAlgError, RuntimeError) as err:
-            logger.warning("%s inversion failed in %s: %s", inversion.value, attempt_dtype, err)
+            error = f"{inversion.value} in {attempt_dtype} failed: {_first_line(err)}"
             continue
         if not _all_finite(out):
-            logger.warning(
-                "%s inversion gave non-finite values in %s", inversion.value, attempt_dtype
-            )
+            error = f"{inversion.value} in {attempt_dtype} gave non-finite values"
             continue
         # contiguous: eigh/cholesky_inverse return column-major matrices, and a rank that
         # receives a broadcast inverse holds a contiguous copy; the same layout everywhere keeps
         # data-parallel replicas bitwise identical (matmul round-off depends on the layout)
-        return InverseResult(type(out)(*(t.to(dtype).contiguous() for t in out)), fallback=i > 0)
-    return InverseResult(None)
+        tensors = type(out)(*(t.to(dtype).contiguous() for t in out))
+        return InverseResult(tensors, fallback=i > 0, error=error)
+    return InverseResult(None, error=error)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def precondition(

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from kfac_tn import linalg
 from kfac_tn.enums import KFACApprox
+from kfac_tn.faults import log_fault
 
 logger = logging.getLogger(__name__)
 
@@ -286,12 +287,11 @@ class KroneckerBlock(ABC):
             state["factors_valid"] = finite.clone()
             state["skipped_factor_updates"] = (~finite).to(torch.int64)
             return
-        a_old, g_old = state["A"], state["G"]
+        a_old, g_old = self._factors_in(state, a_new.dtype)
         # weight of the new batch: 1 - β, or 1 while no finite batch has been seen yet
         weight = 1.0 - decay * state["factors_valid"].to(a_old.dtype)  # device-side, no copy
         # a non-finite batch statistic is replaced by the old factor (an EMA no-op), in place
         # in the (fresh) batch buffer: no factor-sized temporaries
-        a_new, g_new = a_new.to(a_old.dtype), g_new.to(g_old.dtype)
         if a_old.device.type == "cpu":
             # reading a CPU flag is no device synchronisation: skip the select pass instead
             if bool(finite):
@@ -305,6 +305,38 @@ class KroneckerBlock(ABC):
             torch.int64
         )
 
+    @staticmethod
+    def _factors_in(state: dict, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Return the factors, cast to the statistics' dtype first if it changed.
+
+        Factors follow the factor dtype of the layer (the parameters' dtype unless
+        ``factor_dtype`` is set), e.g. after ``model.to(torch.float64)``.
+        """
+        if state["A"].dtype != dtype:
+            state["A"], state["G"] = state["A"].to(dtype), state["G"].to(dtype)
+        return state["A"], state["G"]
+
+    def reset_factors(self, state: dict) -> None:
+        """Mark the factors invalid after they became non-finite: rebuilt from the next batch.
+
+        The factors are zeroed and ``factors_valid`` cleared (so the next finite batch replaces
+        them, see :meth:`update_factors`), the inverse computed from them is dropped (so it is
+        recomputed as soon as the factors are rebuilt), and ``state["invalid_factors"]`` counts
+        the event. Until then the layer gets the plain gradient.
+        """
+        state["A"].zero_()
+        state["G"].zero_()
+        state["factors_valid"] = torch.zeros_like(state["factors_valid"])
+        state.pop("inverse", None)
+        state.pop("inverse_kind", None)
+        state["invalid_factors"] = state.get("invalid_factors", 0) + 1
+        log_fault(
+            logger,
+            state["invalid_factors"],
+            "Layer %s: non-finite Kronecker factors, rebuilt from the next finite batch",
+            self.name,
+        )
+
     # ------------------------------------------------------------------ template: inverses
     def update_inverses(
         self, state: dict, *, inversion: linalg.Inversion, damping: float, dtype: torch.dtype
@@ -312,7 +344,8 @@ class KroneckerBlock(ABC):
         """Recompute the inverse representation from the current factors.
 
         On failure (after the float64 retry) the last good inverse is kept. Counts in ``state``:
-        ``inverse_updates``, ``fallback_inversions``, ``failed_inversions``.
+        ``inverse_updates``, ``fallback_inversions``, ``failed_inversions``; fallbacks and
+        failures are logged per layer with their count, at counts 1, 2, 4, ... (no flood).
 
         Args:
             state: The optimizer state of the layer weight (needs ``A``/``G``).
@@ -332,9 +365,23 @@ class KroneckerBlock(ABC):
         )
         state["inverse_updates"] = state.get("inverse_updates", 0) + 1
         state["fallback_inversions"] = state.get("fallback_inversions", 0) + int(result.fallback)
+        if result.fallback:
+            log_fault(
+                logger,
+                state["fallback_inversions"],
+                "Layer %s: %s; the float64 retry succeeded",
+                self.name,
+                result.error,
+            )
         if result.tensors is None:
             state["failed_inversions"] = state.get("failed_inversions", 0) + 1
-            logger.warning("Layer %s: inversion failed, keeping the previous inverse", self.name)
+            log_fault(
+                logger,
+                state["failed_inversions"],
+                "Layer %s: inversion failed (%s), keeping the previous inverse",
+                self.name,
+                result.error,
+            )
             return None
         state["inverse"] = list(result.tensors)  # stored form (see kfac_tn.linalg)
         state["inverse_kind"] = linalg.Inversion(inversion).value

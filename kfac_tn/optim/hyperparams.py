@@ -336,6 +336,16 @@ class LayerHP:
     factor_dtype: torch.dtype
     inverse_dtype: torch.dtype
     kl_clip: float | None
+    configured_factor_dtype: torch.dtype | None = None  # None: follow the parameters
+
+    def factor_dtype_for(self, param_dtype: torch.dtype) -> torch.dtype:
+        """Return the factor dtype for parameters of ``param_dtype`` (it may change: model.to)."""
+        return self.configured_factor_dtype or default_factor_dtype(param_dtype)
+
+
+def default_factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Float32 for half-precision parameters, else the parameters' dtype."""
+    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
 
 
 def resolve_layer_hp(
@@ -355,8 +365,7 @@ def resolve_layer_hp(
     values = {k: group[k] for k in LAYER_KEYS}
     if override:
         values.update(override)
-    half = param_dtype in (torch.float16, torch.bfloat16)
-    factor_dtype = values["factor_dtype"] or (torch.float32 if half else param_dtype)
+    factor_dtype = values["factor_dtype"] or default_factor_dtype(param_dtype)
     return LayerHP(
         lr=group["lr"],
         damping=values["damping"],
@@ -368,4 +377,5 @@ def resolve_layer_hp(
         factor_dtype=factor_dtype,
         inverse_dtype=values["inverse_dtype"] or factor_dtype,
         kl_clip=group["kl_clip"],
+        configured_factor_dtype=values["factor_dtype"],
     )

@@ -9,6 +9,7 @@ with the plain momentum-SGD update.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,7 +46,7 @@ def find_blocks(
     """
     group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
     found: list[tuple[KroneckerBlock, Override]] = []
-    seen: set[int] = set()
+    owner: dict[int, str] = {}  # id(weight) -> the layer that preconditions it
     for name, module in model.named_modules():
         cls = block_class_for(module)
         if cls is None or getattr(module, "weight", None) is None:
@@ -55,21 +56,41 @@ def find_blocks(
             logger.info("Layer %s: skipped by layer_settings, trained with SGD", name)
             continue
         block = cls(module, name)
-        if not _optimised_once(block, group_of, seen):
+        if not _optimised_once(block, group_of, owner):
             continue
-        seen.add(id(block.weight))
+        owner[id(block.weight)] = name
         found.append((block, override))
+    _warn_unmatched(model, layer_settings)
     return found
 
 
-def _optimised_once(block: KroneckerBlock, group_of: dict[int, int], seen: set[int]) -> bool:
+def _warn_unmatched(model: nn.Module, layer_settings: Mapping[str, Any]) -> None:
+    """Warn once per ``layer_settings`` pattern that matches no module name of ``model``."""
+    names = [name for name, _ in model.named_modules()]
+    for pattern in layer_settings:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            logger.warning("layer_settings pattern %r matches no module of the model", pattern)
+
+
+def _optimised_once(block: KroneckerBlock, group_of: dict[int, int], owner: dict[int, str]) -> bool:
     """Whether ``block``'s parameters are all optimised, in one group, and not shared."""
     params = block.params
-    if not all(id(p) in group_of for p in params) or id(block.weight) in seen:
+    shared_with = owner.get(id(block.weight))
+    if shared_with is not None:
+        logger.warning(
+            "Layer %s: its weight is shared with layer %s and preconditioned with the curvature "
+            "of %s only%s",
+            block.name,
+            shared_with,
+            shared_with,
+            "; its own bias is trained with SGD" if block.bias is not None else "",
+        )
+        return False
+    if not all(id(p) in group_of for p in params):
         if any(id(p) in group_of for p in params):
             logger.warning(
-                "Layer %s: weight and bias are not both optimised (or the weight is shared)"
-                "; its optimised parameters are trained with SGD",
+                "Layer %s: weight and bias are not both optimised; its optimised parameters "
+                "are trained with SGD",
                 block.name,
             )
         return False

@@ -54,6 +54,7 @@ that a checkpoint needs.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -62,25 +63,18 @@ from torch import Tensor, nn
 
 from kfac_tn.blocks import KroneckerBlock
 from kfac_tn.enums import DistributedStrategy
+from kfac_tn.faults import log_fault
 from kfac_tn.optim import hyperparams
 from kfac_tn.optim.hyperparams import LayerHP, resolve_layer_hp
 from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
+from kfac_tn.optim.state_dict import CURVATURE_KEYS, check_state_dict
 from kfac_tn.optim.statistics import StatisticsCollector
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KFAC", "DistributedStrategy"]
 
-# keys of a layer's optimizer state that belong to the curvature (not cast on load)
-_CURVATURE_KEYS = (
-    "A",
-    "G",
-    "factors_valid",
-    "skipped_factor_updates",
-    "inverse",
-    "inverse_kind",  # a str: torch's load_state_dict would turn it into a generator
-)
 # settings of the whole optimizer: in defaults (and so in every group), never per group
 GLOBAL_KEYS = (
     "fisher_type",
@@ -97,7 +91,9 @@ _COUNTERS = (
     "inverse_updates",
     "fallback_inversions",
     "failed_inversions",
+    "invalid_factors",
 )
+_OWN = "kfac"  # key of the optimizer's own (not per-parameter) entry in self.state
 
 
 class KFAC(torch.optim.Optimizer):
@@ -266,8 +262,15 @@ class KFAC(torch.optim.Optimizer):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters summed over layers (reading them synchronises with the device)."""
-        out = dict.fromkeys(("steps", *_COUNTERS), 0)
+        """Counters summed over layers (reading them synchronises with the device).
+
+        ``steps`` (taken), ``skipped_steps`` (non-finite gradients or statistics: nothing
+        changed), ``factor_updates``, ``skipped_factor_updates``, ``inverse_updates``,
+        ``fallback_inversions`` (float64 retries), ``failed_inversions``, ``invalid_factors``
+        (non-finite factors reset), ``kfac_layers``.
+        """
+        out = dict.fromkeys(("steps", "skipped_steps", *_COUNTERS), 0)
+        out["skipped_steps"] = self.state[_OWN].get("skipped_steps", 0) if _OWN in self.state else 0
         out["kfac_layers"] = len(self.blocks)
         for block in self.blocks:
             state = self.state.get(block.weight, {})
@@ -278,9 +281,14 @@ class KFAC(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; curvature tensors keep their saved dtype (moved to the device)."""
-        for group in state_dict["param_groups"]:
-            _check_global(group, self.defaults)
+        """Load a state dict; curvature tensors keep their saved dtype (moved to the device).
+
+        Raises:
+            ValueError: Naming the entry, if the state dict is not one this optimizer can
+                continue from (another optimizer's, another model's, invalid values); the
+                optimizer is then unchanged (:mod:`kfac_tn.optim.state_dict`).
+        """
+        check_state_dict(state_dict, self.param_groups, self.blocks, self.defaults, GLOBAL_KEYS)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         id_map = dict(zip(saved_ids, params))
@@ -288,7 +296,7 @@ class KFAC(torch.optim.Optimizer):
         stripped = {**state_dict, "state": {}}
         for key, value in state_dict["state"].items():
             value = dict(value)
-            kept[key] = {k: value.pop(k) for k in _CURVATURE_KEYS if k in value}
+            kept[key] = {k: value.pop(k) for k in CURVATURE_KEYS if k in value}
             stripped["state"][key] = value
         super().load_state_dict(stripped)
         for group in self.param_groups:  # a state dict of an older release may lack settings
@@ -311,6 +319,10 @@ class KFAC(torch.optim.Optimizer):
 
         Returns:
             The closure's loss, or ``None``.
+
+        A step whose gradients or captured statistics are not all finite changes nothing but
+        ``stats["skipped_steps"]`` (like a step ``GradScaler`` skips): parameters, momentum,
+        factors, inverses and step counters stay as they were.
         """
         loss = None
         if closure is not None:
@@ -318,8 +330,13 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         hps = self.layer_hp()
         blocks = self._blocks_with_grad()
+        self.statistics.wait_averaged(blocks)
+        if not self._all_finite(blocks):
+            self._skip_step()
+            return loss
         self._maybe_update_factors(blocks, hps)
-        self.placement.update_inverses(self._inverses_due(blocks, hps), self.state, hps)
+        due = self._drop_non_finite_factors(self._inverses_due(blocks, hps))
+        self.placement.update_inverses(due, self.state, hps)
         directions = self.placement.precondition(blocks, self.state, hps)
         self._clip(directions, hps)
         self._apply_update(directions)
@@ -332,9 +349,34 @@ class KFAC(torch.optim.Optimizer):
             return []
         return [b for b in self.blocks if all(p.grad is not None for p in b.params)]
 
+    def _all_finite(self, blocks: list[KroneckerBlock]) -> bool:
+        """Whether every gradient and captured statistic is finite (one host sync per step).
+
+        Distributed, the gradients (DDP) and statistics are averaged first, so every rank
+        takes the same decision.
+        """
+        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        tensors += [t for b in blocks for t in b.pending_statistics()]
+        if not tensors:
+            return True
+        peaks = torch._foreach_norm(tensors, ord=math.inf)  # max |x|: inf/NaN propagate
+        return bool(torch.stack([p.to(torch.float32) for p in peaks]).isfinite().all())
+
+    def _skip_step(self) -> None:
+        """Count a skipped step and drop its statistics; nothing else changes."""
+        own = self.state[_OWN]
+        own["skipped_steps"] = own.get("skipped_steps", 0) + 1
+        self.statistics.discard()
+        log_fault(
+            logger,
+            own["skipped_steps"],
+            "KFAC skipped a step: non-finite gradients or curvature statistics; parameters, "
+            "momentum and curvature are unchanged",
+        )
+
     def _maybe_update_factors(self, blocks: list[KroneckerBlock], hps: dict[int, LayerHP]) -> None:
-        """Fold the captured statistics into the factors' EMA (after distributed averaging)."""
-        self.statistics.wait_averaged(blocks)
+        """Fold the captured statistics into the factors' EMA."""
+        self.statistics.warn_if_eval_mode(blocks)
         for block in blocks:
             if block.has_statistics:
                 state = self.state[block.weight]
@@ -360,17 +402,37 @@ class KFAC(torch.optim.Optimizer):
                 due.append(block)
         return due
 
+    def _drop_non_finite_factors(self, due: list[KroneckerBlock]) -> list[KroneckerBlock]:
+        """Reset the ``due`` blocks whose factors are not finite; return the others.
+
+        One host sync, on inverse-update steps only. The factors are averaged over workers,
+        so every rank resets the same blocks.
+        """
+        if not due:
+            return due
+        sums = [self.state[b.weight]["A"].sum() + self.state[b.weight]["G"].sum() for b in due]
+        finite = torch.stack([s.to(torch.float32) for s in sums]).isfinite().tolist()
+        for block, ok in zip(due, finite):
+            if not ok:
+                block.reset_factors(self.state[block.weight])
+        return [b for b, ok in zip(due, finite) if ok]
+
     def _clip(self, directions: dict[int, Tensor], hps: dict[int, LayerHP]) -> None:
-        r"""KL clipping, in place: each group's directions times :math:`\nu` (module docstring)."""
-        vg_sum = None
-        for block in self.blocks:
-            for p in block.params:
-                d = directions.get(id(p))
-                if d is not None:
-                    term = (d * p.grad).sum() * hps[id(block)].lr ** 2
-                    vg_sum = term if vg_sum is None else vg_sum + term
-        if vg_sum is None:
+        r"""KL clipping, in place: each group's directions times :math:`\nu` (module docstring).
+
+        The sum over layers uses finite terms only, so a layer whose direction is not finite
+        cannot change the step of the others.
+        """
+        terms = [
+            (directions[id(p)] * p.grad).sum() * hps[id(block)].lr ** 2
+            for block in self.blocks
+            for p in block.params
+            if id(p) in directions
+        ]
+        if not terms:
             return
+        terms = torch.stack(terms)
+        vg_sum = torch.where(terms.isfinite(), terms, 0.0).sum()
         tiny = torch.finfo(vg_sum.dtype).tiny
         for group in self.param_groups:
             if group["kl_clip"] is not None:
@@ -392,7 +454,7 @@ class KFAC(torch.optim.Optimizer):
                 if momentum != 0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
-                    if buf is None:
+                    if buf is None or buf.dtype != p.dtype:  # new, or the model changed dtype
                         buf = state["momentum_buffer"] = d.detach().clone()
                     else:
                         buf.mul_(momentum).add_(d)

@@ -21,6 +21,7 @@ What is captured, per block and per pass, is decided by the optimizer before the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from kfac_tn.optim.hooks import GradCallback, HookSet
 from kfac_tn.optim.hyperparams import LayerHP
 
 __all__ = ["StatisticsCollector"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class StatisticsCollector:
         self._pending: list[_PendingForward] = []
         self._sampled_grads: dict[int, Tensor] | None = None
         self._hooks = HookSet()
+        self._warned_eval = False
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> None:
@@ -116,6 +120,27 @@ class StatisticsCollector:
         """Finish the distributed averaging of the statistics queued for ``blocks``."""
         if self.comm is not None and any(b.has_statistics for b in blocks):
             self.comm.wait_factors()
+
+    def warn_if_eval_mode(self, blocks: list[KroneckerBlock]) -> None:
+        """Warn once if blocks due for capture got nothing because their layers are in eval mode.
+
+        (``model.eval()`` during training silently turns KFAC into momentum SGD otherwise.)
+        """
+        if self._warned_eval:
+            return
+        idle = [
+            b.name
+            for b in blocks
+            if id(b) in self._plan and not b.has_statistics and not b.module.training
+        ]
+        if idle:
+            self._warned_eval = True
+            logger.warning(
+                "KFAC step with layers in eval mode (%s%s): no curvature statistics were "
+                "captured, so their factors are not updated; call model.train() for training",
+                ", ".join(idle[:3]),
+                ", ..." if len(idle) > 3 else "",
+            )
 
     # ------------------------------------------------------------------ scale
     def grad_scale(self, block: KroneckerBlock) -> float:
@@ -150,7 +175,8 @@ class StatisticsCollector:
         hp = self._plan.get(id(block))
         if hp is None or not output.requires_grad:
             return None
-        a_mean, n = block.input_statistic(x, output, hp.kfac_approx, hp.factor_dtype)
+        dtype = hp.factor_dtype_for(block.weight.dtype)
+        a_mean, n = block.input_statistic(x, output, hp.kfac_approx, dtype)
         if self.fisher_type is not FisherType.EMPIRICAL:
             index = len(self._pending)
             self._pending.append(_PendingForward(block, output, a_mean, n, output._version))
@@ -163,7 +189,7 @@ class StatisticsCollector:
             return on_sampled_grad
 
         def on_grad(g: Tensor) -> None:
-            self._commit(block, a_mean, n, block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype))
+            self._commit(block, a_mean, n, block.grad_statistic(g, hp.kfac_approx, dtype))
 
         return on_grad
 
@@ -218,7 +244,8 @@ class StatisticsCollector:
                 for i, (p, g) in enumerate(zip(pending, grads)):
                     if g is not None:
                         hp = self._plan[id(p.block)]
-                        stats[i].append(p.block.grad_statistic(g, hp.kfac_approx, hp.factor_dtype))
+                        dtype = hp.factor_dtype_for(p.block.weight.dtype)
+                        stats[i].append(p.block.grad_statistic(g, hp.kfac_approx, dtype))
         return stats
 
     def _grads_via_weights(

@@ -396,11 +396,13 @@ def test_stats_counters():
     stats = opt.stats
     assert stats == {
         "steps": 3,
+        "skipped_steps": 0,
         "factor_updates": 9,
         "skipped_factor_updates": 0,
         "inverse_updates": 6,
         "fallback_inversions": 0,
         "failed_inversions": 0,
+        "invalid_factors": 0,
         "kfac_layers": 3,
     }
 
@@ -514,7 +516,53 @@ def test_global_settings_are_in_the_state_dict_and_checked_at_load():
     saved = opt.state_dict()
     assert saved["param_groups"][0]["fisher_type"] == "mc"
     other = KFAC(copy.deepcopy(model))
-    with pytest.raises(ValueError, match="Invalid fisher_type value: 'mc'"):
+    with pytest.raises(ValueError, match="fisher_type: 'mc', but this optimizer has 'empirical'"):
         other.load_state_dict(saved)
     with pytest.raises(ValueError, match="Invalid loss value"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "loss": "mse"})
+
+
+def test_eval_mode_during_training_warns_once(caplog):
+    """Regression (#10): model.eval() silently turned KFAC into SGD."""
+    model = small_cnn()
+    opt = KFAC(model, lr=0.05)
+    model.eval()
+    with caplog.at_level("WARNING", logger="kfac_tn"):
+        train(model, opt, 3)
+    assert sum("eval mode" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_unmatched_layer_settings_pattern_warns(caplog):
+    with caplog.at_level("WARNING", logger="kfac_tn"):
+        KFAC(small_cnn(), layer_settings={"conv*": {"damping": 0.1}, "0": "skip"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("'conv*' matches no module" in m for m in messages)
+    assert not any("'0' matches" in m for m in messages)
+
+
+def test_tied_weight_message_is_true(caplog):
+    """Regression (#10): the second user of a tied weight was said to be 'trained with SGD'."""
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second).double()
+    with caplog.at_level("WARNING", logger="kfac_tn"):
+        opt = KFAC(model)
+    assert [b.name for b in opt.blocks] == ["0"]
+    (message,) = [r.getMessage() for r in caplog.records if "shared" in r.getMessage()]
+    assert "preconditioned with the curvature of 0 only" in message
+    assert "its own bias is trained with SGD" in message
+
+
+def test_factors_follow_the_parameter_dtype():
+    """Regression (#10): after model.to(float64) the factors stayed float32."""
+    model = small_cnn().float()
+    opt = KFAC(model, lr=0.05)
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x.float()), y).backward()
+    opt.step()
+    model.double()
+    train(model, opt, 1, start=1)
+    state = opt.state[model[0].weight]
+    assert state["A"].dtype == state["G"].dtype == torch.float64
+    assert state["momentum_buffer"].dtype == torch.float64
