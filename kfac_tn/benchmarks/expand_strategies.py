@@ -9,7 +9,7 @@ and large channel counts, 1-d, 3-d and 1×7 kernels) it times, interleaved:
 * ``gemm``: one Gram GEMM of the strided patch view (``kfac_tn.tn.kfac._view_expand``);
 * ``lag``: the lag products of :mod:`kfac_tn.tn.lag`;
 
-and prints the cost model's estimate of each (``kfac_tn.tn.kfac._simplified_seconds``), its
+and prints the cost model's estimate of each (``kfac_tn.tn.cost.simplified_seconds``), its
 choice (:func:`kfac_tn.tn.expand_strategy`), the measured winner, and the fraction of the best
 time the choice achieves. The cost model's three constants were fitted (relative least squares)
 to the ``flops`` / ``elements`` / ``calls`` columns and the measured times of this table, one
@@ -28,7 +28,8 @@ import torch
 from kfac_tn.benchmarks._timing import time_calls
 from kfac_tn.tn import expand_strategy
 from kfac_tn.tn._common import make_spec, prod
-from kfac_tn.tn.kfac import _simplified_seconds, _view_expand
+from kfac_tn.tn.cost import simplified_seconds
+from kfac_tn.tn.kfac import _view_expand
 from kfac_tn.tn.lag import lag_cost, lag_expand_gram, lag_plan
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def measure(shape, kernel, padding, repeats: int) -> dict:
         "gemm_flops": 2 * d * d * n * positions * (blocks + 1) / (2 * blocks),
         "gemm_elements": n * d * positions,
         "lag": lag_cost(lag_plan(spec), n, c, 1),
-        "estimated_s": _simplified_seconds(spec, n, c, "cpu"),
+        "estimated_s": simplified_seconds(spec, n, c, "cpu"),
         "measured_s": measured,
         "choice": choice,
         "winner": min(measured, key=measured.__getitem__),

@@ -44,13 +44,13 @@ paths, ``auto`` choices; all ``functools.lru_cache``), so a repeated call re-pla
 of stride-1 convolutions, :mod:`kfac_tn.tn.lag`).
 """
 
+from kfac_tn.tn._common import IMPLS
 from kfac_tn.tn.convolution import conv, conv_transpose, kernel_unfold
+from kfac_tn.tn.cost import choose_impl, expand_strategy
 from kfac_tn.tn.derivatives import conv_input_jvp, conv_input_vjp, conv_weight_jvp, conv_weight_vjp
 from kfac_tn.tn.diagonal import ggn_diagonal, hessian_diagonal
-from kfac_tn.tn.expressions import ROUTINES, Expression, symbolic
+from kfac_tn.tn.expressions import Expression
 from kfac_tn.tn.kfac import (
-    choose_impl,
-    expand_strategy,
     grad_expand_factor,
     grad_reduce_factor,
     kfac_expand_factor,
@@ -59,9 +59,8 @@ from kfac_tn.tn.kfac import (
 from kfac_tn.tn.patterns import index_pattern
 from kfac_tn.tn.sampled import sampled_conv_weight_vjp
 from kfac_tn.tn.spec import ConvSpec, DimCategory, DimSpec, conv_spec, conv_transpose_spec
+from kfac_tn.tn.symbolic import ROUTINES, symbolic
 from kfac_tn.tn.unfolding import fold, unfold, unfold_transpose
-
-IMPLS = ("auto", "tn", "tn_simplified", "standard")
 
 __all__ = [
     "sampled_conv_weight_vjp",

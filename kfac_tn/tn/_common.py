@@ -1,41 +1,77 @@
-"""Shared plumbing of the TN routines: argument checks, cached specs, index names, strided views.
+"""Shared plumbing of the TN routines: argument checks, cached specs, index names.
 
-The strided views are the tensor-level form of the symbolic simplification: after zero
-padding, the contraction of one spatial leg ``i`` with its index pattern ``Π[k, o, i]`` is the
-strided view ``x_pad[S·o + D·k]`` with legs ``(o, k)`` (no copy).  Dense (``K = S``) and
-down-sampling (``S > K``) dimensions are special cases of that view (a reshape and a strided
-slice).  The scatter counterpart ``out_pad[k, S·o + D·k] = x[o]`` writes a transposed
-unfold through one strided view of a zero buffer.
+Everything here works on shapes and hyperparameters, never on tensor data: the routines call
+it while they plan (once per shape, the plans are ``functools.lru_cache``-d), and
+:func:`~kfac_tn.tn.symbolic` calls it with :class:`ShapeOnly` stand-ins for tensors.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 
-from kfac_tn.tn.spec import ConvSpec, DimSpec, conv_spec, conv_transpose_spec
+from kfac_tn.enums import Impl
+from kfac_tn.tn.spec import ConvSpec, IntOrSeq, Padding, conv_spec, conv_transpose_spec
 
-IMPLS: tuple[str, ...] = ("auto", "tn", "tn_simplified", "standard")
+__all__ = [
+    "IMPLS",
+    "Shape",
+    "ShapeOnly",
+    "TensorLike",
+    "cached_call",
+    "check_groups",
+    "check_impl",
+    "hashable",
+    "input_spatial",
+    "join",
+    "make_spec",
+    "names",
+    "prod",
+    "spatial_ndim",
+]
+
+Shape = tuple[int, ...]
+"""A tensor shape as plain ints (hashable: the key of cached plans)."""
+
+IMPLS: tuple[str, ...] = tuple(i.value for i in Impl)
+"""Values of ``impl=`` every routine accepts (:class:`kfac_tn.enums.Impl`)."""
+
+_T = TypeVar("_T")
 
 
 def check_impl(impl: str) -> str:
     """Validate the ``impl`` argument.
 
+    Args:
+        impl: One of :data:`IMPLS` (a :class:`~kfac_tn.enums.Impl` member or its value).
+
+    Returns:
+        ``impl`` unchanged.
+
     Raises:
         ValueError: If ``impl`` is not one of :data:`IMPLS`.
     """
     if impl not in IMPLS:
-        raise ValueError(f"Invalid impl: {impl!r} (allowed: {', '.join(map(repr, IMPLS))})")
+        raise ValueError(f"Invalid impl: {impl!r} (allowed: {Impl.allowed()})")
     return impl
 
 
-def hashable(value):
-    """Turn ints / strings / nested sequences into a hashable form (tuples)."""
+def hashable(value: Any) -> Any:
+    """Turn ints / strings / nested sequences into a hashable form (nested tuples of ints).
+
+    Args:
+        value: ``None``, an int, a string, a ``torch.Size`` or a (nested) sequence of those.
+
+    Returns:
+        The same value with every sequence replaced by a tuple.
+
+    Raises:
+        ValueError: If ``value`` is of any other type.
+    """
     if isinstance(value, (str, int)) or value is None:
         return value
     if isinstance(value, torch.Size):
@@ -45,8 +81,16 @@ def hashable(value):
     raise ValueError(f"Invalid hyperparameter value: {value!r} (expected an int or a sequence)")
 
 
-def spatial_ndim(x: torch.Tensor, kernel_size, name: str = "x") -> int:
+def spatial_ndim(x: TensorLike, kernel_size: IntOrSeq, name: str = "x") -> int:
     """Return the number of spatial dimensions of ``x: [N, C, *spatial]`` given ``kernel_size``.
+
+    Args:
+        x: The tensor (or its shape stand-in) ``[N, C, *spatial]``.
+        kernel_size: Int, or one int per spatial dimension.
+        name: The argument's name in error messages.
+
+    Returns:
+        ``x.ndim - 2``.
 
     Raises:
         ValueError: If ``x`` has fewer than 3 dimensions or its rank does not match a
@@ -70,7 +114,12 @@ def spatial_ndim(x: torch.Tensor, kernel_size, name: str = "x") -> int:
 
 
 def check_groups(channels: int, groups: int, name: str = "x") -> None:
-    """Check that ``groups`` divides ``channels``.
+    """Check that ``groups`` is a positive int that divides ``channels``.
+
+    Args:
+        channels: Channel count of the argument.
+        groups: Channel groups ``G``.
+        name: The argument's name in error messages.
 
     Raises:
         ValueError: Naming ``groups`` and the channel count otherwise.
@@ -83,14 +132,52 @@ def check_groups(channels: int, groups: int, name: str = "x") -> None:
         )
 
 
+def input_spatial(input_size: Sequence[int], nd: int, name: str = "input_size") -> Shape:
+    """Spatial part of ``input_size`` (``N`` spatial sizes, or a full ``[N, C, *spatial]``).
+
+    Args:
+        input_size: ``(I_1, ..., I_N)`` or ``(N, C, I_1, ..., I_N)``.
+        nd: Number of spatial dimensions ``N``.
+        name: The argument's name in error messages.
+
+    Returns:
+        ``(I_1, ..., I_N)``.
+
+    Raises:
+        ValueError: If the length is neither ``nd`` nor ``nd + 2``.
+    """
+    size = tuple(int(v) for v in input_size)
+    if len(size) == nd:
+        return size
+    if len(size) == nd + 2:
+        return size[2:]
+    raise ValueError(
+        f"Invalid {name}: {tuple(input_size)!r} (expected {nd} spatial sizes or a full "
+        f"[N, C, *spatial] shape of length {nd + 2})"
+    )
+
+
 @functools.lru_cache(maxsize=4096)
-def _conv_spec(spatial, kernel_size, stride, padding, dilation, groups) -> ConvSpec:
+def _conv_spec(
+    spatial: Shape,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: Padding,
+    dilation: IntOrSeq,
+    groups: int,
+) -> ConvSpec:
     return conv_spec(spatial, kernel_size, stride, padding, dilation, groups)
 
 
 @functools.lru_cache(maxsize=4096)
 def _conv_transpose_spec(
-    spatial, kernel_size, stride, padding, output_padding, dilation, groups
+    spatial: Shape,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: IntOrSeq,
+    output_padding: IntOrSeq,
+    dilation: IntOrSeq,
+    groups: int,
 ) -> ConvSpec:
     return conv_transpose_spec(
         spatial, kernel_size, stride, padding, output_padding, dilation, groups
@@ -99,19 +186,33 @@ def _conv_transpose_spec(
 
 def make_spec(
     spatial: Sequence[int],
-    kernel_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     transpose: bool = False,
-    output_padding=0,
+    output_padding: IntOrSeq = 0,
 ) -> ConvSpec:
     """Build a cached :func:`conv_spec` / :func:`conv_transpose_spec` on hashable arguments.
 
-    For ``transpose=True`` ``spatial`` is the spatial size of the transposed convolution's
-    input (the associated convolution's output).
+    Args:
+        spatial: Spatial input size; for ``transpose=True`` that of the transposed
+            convolution's input (the associated convolution's output).
+        kernel_size: Int or N ints.
+        stride: Int or N ints.
+        padding: As in :func:`~kfac_tn.tn.spec.conv_spec` (ints only for ``transpose``).
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+        transpose: Build a transposed convolution's spec.
+        output_padding: Int or N ints (``transpose=True`` only).
+
+    Returns:
+        The validated (cached) :class:`~kfac_tn.tn.spec.ConvSpec`.
+
+    Raises:
+        ValueError: On invalid hyperparameters.
     """
     key = (
         tuple(spatial),
@@ -144,18 +245,39 @@ def _spec_from_key(key: tuple) -> ConvSpec:
 
 
 class ShapeOnly:
-    """Stand-in for a tensor when only its shape is known (plans, :func:`symbolic`)."""
+    """Stand-in for a tensor when only its shape is known (plans, :func:`symbolic`).
 
-    def __init__(self, shape):
+    Attributes:
+        shape: The shape, a ``torch.Size``.
+        ndim: Its length.
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        """Wrap ``shape``.
+
+        Args:
+            shape: The tensor's shape.
+        """
         self.shape = torch.Size(shape)
         self.ndim = len(self.shape)
 
 
-def cached_call(builder, *key):
+TensorLike = torch.Tensor | ShapeOnly
+"""What argument checks read of a tensor (only its shape): a tensor or a :class:`ShapeOnly`."""
+
+
+def cached_call(builder: Callable[..., _T], *key: Any) -> _T:
     """Call an ``lru_cache``-d plan ``builder(*key)``, normalising unhashable (list) arguments.
 
     The common case (ints, tuples, strings, ``torch.Size``) hashes as given, so a repeated
     call costs one dictionary lookup.
+
+    Args:
+        builder: The cached plan function.
+        *key: Its arguments (shapes and hyperparameters).
+
+    Returns:
+        ``builder(*key)``.
     """
     try:
         return builder(*key)
@@ -167,12 +289,28 @@ def cached_call(builder, *key):
 
 
 def names(prefix: str, n: int, suffix: str = "") -> list[str]:
-    """Readable einsum leg names ``[prefix0suffix, prefix1suffix, ...]``."""
+    """Readable einsum leg names.
+
+    Args:
+        prefix: Leg kind, e.g. ``'i'``, ``'o'``, ``'k'``.
+        n: Number of spatial dimensions.
+        suffix: Appended to every name (``'_'`` marks a second copy).
+
+    Returns:
+        ``[prefix0suffix, prefix1suffix, ...]``.
+    """
     return [f"{prefix}{j}{suffix}" for j in range(n)]
 
 
 def join(*parts: str | Sequence[str]) -> str:
-    """Join leg names (strings or lists of strings) into one space-separated operand term."""
+    """Join leg names into one space-separated operand term.
+
+    Args:
+        *parts: Space-separated strings or lists of leg names.
+
+    Returns:
+        The legs of all parts, in order, separated by single spaces.
+    """
     out: list[str] = []
     for p in parts:
         if isinstance(p, str):
@@ -183,105 +321,12 @@ def join(*parts: str | Sequence[str]) -> str:
 
 
 def prod(values: Sequence[int]) -> int:
-    """Product of a sequence of ints (1 for an empty sequence)."""
+    """Product of a sequence of ints.
+
+    Args:
+        values: The ints.
+
+    Returns:
+        Their product (1 for an empty sequence).
+    """
     return math.prod(values)
-
-
-def pad(x: torch.Tensor, dims: Sequence[DimSpec]) -> torch.Tensor:
-    """Zero-pad the trailing spatial dimensions of ``x`` by each dimension's ``(P_l, P_r)``."""
-    if all(d.pad_left == 0 and d.pad_right == 0 for d in dims):
-        return x
-    pads: list[int] = []
-    for d in reversed(dims):
-        pads.extend((d.pad_left, d.pad_right))
-    return F.pad(x, pads)
-
-
-def patch_view(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Unfolded input as a strided view: ``[*lead, *I] -> [*lead, *O, *K]``.
-
-    ``out[..., o, k] = x_pad[..., S·o + D·k]`` for every spatial dimension.  Only the padding
-    (if any) copies ``x``; dense and down-sampling dimensions need no padding.
-
-    Args:
-        x: ``[*lead, I_1, ..., I_N]``.
-        spec: The convolution's spec (its ``dims`` describe the trailing dimensions).
-
-    Returns:
-        A view ``[*lead, O_1, ..., O_N, K_1, ..., K_N]``.
-    """
-    n = spec.ndim
-    xp = pad(x, spec.dims)
-    lead = xp.shape[: xp.ndim - n]
-    lead_strides = xp.stride()[: xp.ndim - n]
-    sp_strides = xp.stride()[xp.ndim - n :]
-    size = (*lead, *spec.out_spatial, *spec.kernel_size)
-    stride = (
-        *lead_strides,
-        *(d.stride * s for d, s in zip(spec.dims, sp_strides)),
-        *(d.dilation * s for d, s in zip(spec.dims, sp_strides)),
-    )
-    return xp.as_strided(size, stride, xp.storage_offset())
-
-
-def scatter_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Transposed unfold by one strided write: ``[*lead, *O] -> [*lead, *K, *I]``.
-
-    ``out[..., k, i] = Σ_o Π[k, o, i] x[..., o]``: for fixed ``k`` every ``o`` lands on a
-    distinct ``i = S·o + D·k - P_l``, so a zero buffer of the padded size is written through
-    the strided view ``buf[..., k, S·o + D·k]`` (offset stride ``(I_pad + D)`` per ``k``), then
-    the padding is cropped.
-
-    Args:
-        x: ``[*lead, O_1, ..., O_N]``.
-        spec: Spec of the associated convolution.
-
-    Returns:
-        ``[*lead, K_1, ..., K_N, I_1, ..., I_N]`` (a view of a fresh buffer).
-    """
-    n = spec.ndim
-    lead = x.shape[: x.ndim - n]
-    padded = tuple(d.in_size + d.pad_left + d.pad_right for d in spec.dims)
-    buf = x.new_zeros((*lead, *spec.kernel_size, *padded))
-    st = buf.stride()
-    nl = len(lead)
-    k_strides = st[nl : nl + n]
-    i_strides = st[nl + n :]
-    view = buf.as_strided(
-        (*lead, *spec.kernel_size, *spec.out_spatial),
-        (
-            *st[:nl],
-            *(ks + d.dilation * s for d, ks, s in zip(spec.dims, k_strides, i_strides)),
-            *(d.stride * s for d, s in zip(spec.dims, i_strides)),
-        ),
-    )
-    view.copy_(x.reshape(*lead, *([1] * n), *spec.out_spatial))
-    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in spec.dims)
-    return buf[(Ellipsis, *crop)]
-
-
-def fold_patches(cols: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Adjoint of :func:`patch_view` (col2im): ``[*lead, *O, *K] -> [*lead, *I]``.
-
-    ``out[..., i] = Σ_{k,o} Π[k, o, i] cols[..., o, k]``, accumulated per kernel tap into
-    strided slices of a zero buffer of the padded size (one ``add_`` per tap; taps of
-    different kernel positions may overlap), then the padding is cropped.
-    """
-    n = spec.ndim
-    lead = cols.shape[: cols.ndim - 2 * n]
-    padded = tuple(d.in_size + d.pad_left + d.pad_right for d in spec.dims)
-    buf = cols.new_zeros((*lead, *padded))
-    for taps in _taps(spec.kernel_size):
-        target = tuple(
-            slice(d.dilation * k, d.dilation * k + d.stride * (d.out_size - 1) + 1, d.stride)
-            for d, k in zip(spec.dims, taps)
-        )
-        source = cols[(Ellipsis, *taps)]
-        buf[(Ellipsis, *target)] += source
-    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in spec.dims)
-    return buf[(Ellipsis, *crop)]
-
-
-def _taps(kernel: Sequence[int]):
-    """All kernel tap index tuples."""
-    return itertools.product(*(range(k) for k in kernel))

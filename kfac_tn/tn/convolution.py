@@ -8,7 +8,7 @@
   ``conv(x)[n, g] == T[g] @ x[n, g].flatten()``:
   ``g c_out c_in k…, k o i (per dim) -> g (c_out o…) (c_in i…)``.
 
-``impl``: ``'tn'`` contracts the plain network (:mod:`kfac_tn.tn.symbolic`);
+``impl``: ``'tn'`` contracts the plain network (:mod:`kfac_tn.tn.networks`);
 ``'tn_simplified'`` replaces every Π by a strided view of the padded input (forward) or a
 per-tap strided accumulation (transposed) / one strided write (Toeplitz); ``'standard'`` is
 torch's own kernel (for N > 3, where torch has none, an unfold followed by a matmul);
@@ -19,39 +19,69 @@ network otherwise.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from kfac_tn.tn import networks
 from kfac_tn.tn._common import (
+    Shape,
     ShapeOnly,
+    TensorLike,
     cached_call,
     check_groups,
     check_impl,
-    fold_patches,
+    input_spatial,
     make_spec,
     names,
-    patch_view,
     prod,
     spatial_ndim,
 )
 from kfac_tn.tn.einsum import to_letters
 from kfac_tn.tn.expressions import evaluate, routine_expression
-from kfac_tn.tn.spec import ConvSpec
+from kfac_tn.tn.spec import ConvSpec, IntOrSeq, Padding
+from kfac_tn.tn.views import fold_patches, patch_view, scatter_kernel
 
-__all__ = ["conv", "conv_transpose", "kernel_unfold"]
+__all__ = [
+    "check_weight",
+    "conv",
+    "conv_simplified",
+    "conv_transpose",
+    "conv_transpose_simplified",
+    "kernel_unfold",
+    "prepare_conv",
+    "prepare_conv_transpose",
+    "prepare_kernel_unfold",
+]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+_TorchConvArgs = tuple  # (conv function, pad list or None, stride, padding, dilation, groups)
 
 
 # --------------------------------------------------------------------------------------------
 # argument preparation (shared with symbolic())
 # --------------------------------------------------------------------------------------------
-def check_weight(x, weight, groups: int, *, transpose: bool = False, x_name: str = "x") -> None:
+def check_weight(
+    x: TensorLike,
+    weight: TensorLike,
+    groups: int,
+    *,
+    transpose: bool = False,
+    x_name: str = "x",
+) -> None:
     """Check ``weight`` against ``x`` and ``groups``.
 
     Conv weights are ``[C_out, C_in/G, *K]``, ConvTranspose weights ``[C_in, C_out/G, *K]``.
+
+    Args:
+        x: The input ``[N, C_in, *spatial]`` (a tensor or its shape).
+        weight: The kernel (a tensor or its shape).
+        groups: Channel groups ``G``.
+        transpose: ``weight`` is a ConvTranspose weight.
+        x_name: The input's name in error messages.
 
     Raises:
         ValueError: Naming the mismatching argument and its shape.
@@ -74,17 +104,65 @@ def check_weight(x, weight, groups: int, *, transpose: bool = False, x_name: str
     check_groups(weight.shape[0], groups, "weight (output channels)")
 
 
-def prepare_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Validate :func:`conv`'s arguments; return ``(spec, (x.shape, weight.shape))``."""
+def prepare_conv(
+    x: TensorLike,
+    weight: TensorLike,
+    bias: TensorLike | None = None,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+) -> tuple[ConvSpec, tuple[Shape, Shape]]:
+    """Validate :func:`conv`'s arguments (also those of the JVPs).
+
+    Args:
+        x: Input ``[N, C_in, *I]`` (a tensor or its shape).
+        weight: Kernel ``[C_out, C_in/G, *K]`` (a tensor or its shape).
+        bias: Unused (not part of the network).
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (x.shape, weight.shape))``.
+
+    Raises:
+        ValueError: On invalid shapes or hyperparameters.
+    """
     check_weight(x, weight, groups)
     spec = make_spec(x.shape[2:], tuple(weight.shape[2:]), stride, padding, dilation, groups)
     return spec, (tuple(x.shape), tuple(weight.shape))
 
 
 def prepare_conv_transpose(
-    x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
-):
-    """Validate :func:`conv_transpose`'s arguments; return ``(spec, (x.shape, weight.shape))``."""
+    x: TensorLike,
+    weight: TensorLike,
+    bias: TensorLike | None = None,
+    stride: IntOrSeq = 1,
+    padding: IntOrSeq = 0,
+    output_padding: IntOrSeq = 0,
+    groups: int = 1,
+    dilation: IntOrSeq = 1,
+) -> tuple[ConvSpec, tuple[Shape, Shape]]:
+    """Validate :func:`conv_transpose`'s arguments.
+
+    Args:
+        x: Input ``[N, C_in, *O]`` (a tensor or its shape).
+        weight: Kernel ``[C_in, C_out/G, *K]`` (a tensor or its shape).
+        bias: Unused (not part of the network).
+        stride: Int or N ints.
+        padding: Int or N ints (symmetric).
+        output_padding: Int or N ints.
+        groups: Channel groups ``G``.
+        dilation: Int or N ints.
+
+    Returns:
+        ``(spec, (x.shape, weight.shape))``.
+
+    Raises:
+        ValueError: On invalid shapes or hyperparameters.
+    """
     check_weight(x, weight, groups, transpose=True)
     spec = make_spec(
         x.shape[2:],
@@ -99,25 +177,30 @@ def prepare_conv_transpose(
     return spec, (tuple(x.shape), tuple(weight.shape))
 
 
-def input_spatial(input_size, nd: int, name: str = "input_size") -> tuple[int, ...]:
-    """Spatial part of ``input_size`` (``N`` spatial sizes, or a full ``[N, C, *spatial]``).
+def prepare_kernel_unfold(
+    weight: TensorLike,
+    input_size: Sequence[int],
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+) -> tuple[ConvSpec, tuple[Shape]]:
+    """Validate :func:`kernel_unfold`'s arguments.
+
+    Args:
+        weight: Kernel ``[C_out, C_in/G, *K]`` (a tensor or its shape).
+        input_size: Spatial input size ``(I_1, ..., I_N)`` or a full ``[N, C_in, *I]`` shape.
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (weight.shape,))``.
 
     Raises:
-        ValueError: If the length is neither ``nd`` nor ``nd + 2``.
+        ValueError: On invalid shapes or hyperparameters.
     """
-    size = tuple(int(v) for v in input_size)
-    if len(size) == nd:
-        return size
-    if len(size) == nd + 2:
-        return size[2:]
-    raise ValueError(
-        f"Invalid {name}: {tuple(input_size)!r} (expected {nd} spatial sizes or a full "
-        f"[N, C, *spatial] shape of length {nd + 2})"
-    )
-
-
-def prepare_kernel_unfold(weight, input_size, stride=1, padding=0, dilation=1, groups=1):
-    """Validate :func:`kernel_unfold`'s arguments; return ``(spec, (weight.shape,))``."""
     if weight.ndim < 3:
         raise ValueError(
             f"Invalid weight: shape {tuple(weight.shape)} (expected [C_out, C_in/G, *K])"
@@ -135,9 +218,9 @@ def conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -164,8 +247,19 @@ def conv(
     return plan(x, weight, bias)
 
 
+_ConvCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 @functools.lru_cache(maxsize=4096)
-def _conv_plan(x_shape, w_shape, stride, padding, dilation, groups, impl):
+def _conv_plan(
+    x_shape: torch.Size,
+    w_shape: torch.Size,
+    stride: IntOrSeq,
+    padding: Padding,
+    dilation: IntOrSeq,
+    groups: int,
+    impl: str,
+) -> _ConvCall:
     """Validate once per shapes / hyperparameters and return ``(x, weight, bias) -> y``."""
     check_impl(impl)
     x, w = ShapeOnly(x_shape), ShapeOnly(w_shape)
@@ -176,44 +270,20 @@ def _conv_plan(x_shape, w_shape, stride, padding, dilation, groups, impl):
     if impl == "standard" and nd <= 3:
         return functools.partial(_torch_conv_call, _torch_conv_args(spec))
     if impl == "tn":
-        expr = routine_expression("conv", spec, shapes)
+        expr = routine_expression(networks.conv, spec, shapes)
         return lambda x, w, b: _add_bias(evaluate(expr, spec, {"x": x, "weight": w}), b, nd)
     return lambda x, w, b: _add_bias(conv_simplified(x, w, spec), b, nd)
-
-
-def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, nd: int) -> torch.Tensor:
-    return y if bias is None else y.add_(bias.view(1, -1, *([1] * nd)))
-
-
-def _torch_conv_args(spec: ConvSpec) -> tuple:
-    """``(conv function, pad list or None, stride, padding, dilation, groups)`` for torch."""
-    dims = spec.dims
-    symmetric = all(d.pad_left == d.pad_right for d in dims)
-    pads = None
-    if not symmetric:
-        pads = [p for d in reversed(dims) for p in (d.pad_left, d.pad_right)]
-    padding = tuple(d.pad_left for d in dims) if symmetric else 0
-    stride = tuple(d.stride for d in dims)
-    dilation = tuple(d.dilation for d in dims)
-    return _CONV[spec.ndim], pads, stride, padding, dilation, spec.groups
-
-
-def _torch_conv_call(args: tuple, x, weight, bias=None):
-    fn, pads, stride, padding, dilation, groups = args
-    if pads is not None:
-        x = F.pad(x, pads)
-    return fn(x, weight, bias, stride, padding, dilation, groups)
 
 
 def conv_transpose(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    output_padding=0,
+    stride: IntOrSeq = 1,
+    padding: IntOrSeq = 0,
+    output_padding: IntOrSeq = 0,
     groups: int = 1,
-    dilation=1,
+    dilation: IntOrSeq = 1,
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -243,39 +313,21 @@ def conv_transpose(
     if impl == "auto":
         impl = "standard" if spec.ndim <= 3 else "tn_simplified"
     if impl == "standard" and spec.ndim <= 3:
-        return _CONV_T[spec.ndim](
-            x,
-            weight,
-            bias,
-            tuple(d.stride for d in spec.dims),
-            tuple(d.pad_left for d in spec.dims),
-            spec.output_padding,
-            groups,
-            tuple(d.dilation for d in spec.dims),
-        )
+        return _torch_conv_transpose(x, weight, bias, spec)
     if impl == "tn":
-        expr = routine_expression("conv_transpose", spec, shapes)
+        expr = routine_expression(networks.conv_transpose, spec, shapes)
         y = evaluate(expr, spec, {"x": x, "weight": weight})
     else:
-        n, c_in = x.shape[:2]
-        g = groups
-        xv = x.reshape(n, g, c_in // g, -1)  # [N, G, Ci, ΠO]
-        wv = weight.reshape(g, c_in // g, -1)  # [G, Ci, Co·ΠK]
-        cols = torch.einsum("ngco,gcd->ngdo", xv, wv)  # [N, G, Co·ΠK, ΠO]
-        c_out = weight.shape[1]
-        cols = cols.reshape(n, g, c_out, *spec.kernel_size, *spec.out_spatial)
-        nd = spec.ndim
-        cols = cols.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
-        y = fold_patches(cols, spec).reshape(n, g * c_out, *spec.in_spatial)
-    return y if bias is None else y.add_(bias.view(1, -1, *([1] * spec.ndim)))
+        y = conv_transpose_simplified(x, weight, spec)
+    return _add_bias(y, bias, spec.ndim)
 
 
 def kernel_unfold(
     weight: torch.Tensor,
-    input_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    input_size: Sequence[int],
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -300,24 +352,27 @@ def kernel_unfold(
     check_impl(impl)
     spec, shapes = prepare_kernel_unfold(weight, input_size, stride, padding, dilation, groups)
     if impl == "tn":
-        return evaluate(routine_expression("kernel_unfold", spec, shapes), spec, {"weight": weight})
+        expr = routine_expression(networks.kernel_unfold, spec, shapes)
+        return evaluate(expr, spec, {"weight": weight})
     if impl == "standard" and spec.ndim <= 3:
         return _kernel_unfold_standard(weight, spec)
-    return _kernel_unfold_simplified(weight, spec)
+    return scatter_kernel(weight, spec)
 
 
 # --------------------------------------------------------------------------------------------
 # implementations
 # --------------------------------------------------------------------------------------------
-def _torch_conv(
-    x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Torch's convolution kernel (asymmetric padding applied explicitly)."""
-    return _torch_conv_call(_torch_conv_args(spec), x, weight, bias)
-
-
 def conv_simplified(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Forward convolution through the strided patch view (no Π): ``[N, C_out, *O]``."""
+    """Forward convolution through the strided patch view of the input (no Π).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        weight: Kernel ``[C_out, C_in/G, *K]``.
+        spec: The convolution's spec.
+
+    Returns:
+        ``[N, C_out, *O]`` (no bias).
+    """
     n, c_in = x.shape[:2]
     g, nd = spec.groups, spec.ndim
     c_out = weight.shape[0]
@@ -328,29 +383,75 @@ def conv_simplified(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> to
     return torch.einsum(to_letters(eq), view, w).reshape(n, c_out, *spec.out_spatial)
 
 
-def _kernel_unfold_simplified(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """One strided write: ``T[g, d, o, c, S·o + D·k - P] = W[g, d, c, k]``."""
+def conv_transpose_simplified(
+    x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec
+) -> torch.Tensor:
+    """Transposed convolution: one matmul into columns ``(o, k)``, then col2im (fold).
+
+    Args:
+        x: Input ``[N, C_in, *O]``.
+        weight: Kernel ``[C_in, C_out/G, *K]``.
+        spec: The transposed convolution's spec.
+
+    Returns:
+        ``[N, C_out, *I]`` (no bias).
+    """
+    n, c_in = x.shape[:2]
     g, nd = spec.groups, spec.ndim
-    c_out, c_in = weight.shape[0] // g, weight.shape[1]
-    padded = tuple(d.in_size + d.pad_left + d.pad_right for d in spec.dims)
-    buf = weight.new_zeros((g, c_out, *spec.out_spatial, c_in, *padded))
-    st = buf.stride()
-    o_st, c_st, i_st = st[2 : 2 + nd], st[2 + nd], st[3 + nd :]
-    view = buf.as_strided(
-        (g, c_out, *spec.out_spatial, c_in, *spec.kernel_size),
-        (
-            st[0],
-            st[1],
-            *(os + d.stride * s for d, os, s in zip(spec.dims, o_st, i_st)),
-            c_st,
-            *(d.dilation * s for d, s in zip(spec.dims, i_st)),
-        ),
+    xv = x.reshape(n, g, c_in // g, -1)  # [N, G, Ci, ΠO]
+    wv = weight.reshape(g, c_in // g, -1)  # [G, Ci, Co·ΠK]
+    cols = torch.einsum("ngco,gcd->ngdo", xv, wv)  # [N, G, Co·ΠK, ΠO]
+    c_out = weight.shape[1]
+    cols = cols.reshape(n, g, c_out, *spec.kernel_size, *spec.out_spatial)
+    cols = cols.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
+    return fold_patches(cols, spec).reshape(n, g * c_out, *spec.in_spatial)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, nd: int) -> torch.Tensor:
+    """Add ``bias: [C]`` in place to ``y: [N, C, *spatial]`` (a fresh result), if given."""
+    return y if bias is None else y.add_(bias.view(1, -1, *([1] * nd)))
+
+
+def _torch_conv_args(spec: ConvSpec) -> _TorchConvArgs:
+    """``(conv function, pad list or None, stride, padding, dilation, groups)`` for torch."""
+    dims = spec.dims
+    symmetric = all(d.pad_left == d.pad_right for d in dims)
+    pads = None
+    if not symmetric:
+        pads = [p for d in reversed(dims) for p in (d.pad_left, d.pad_right)]
+    padding = tuple(d.pad_left for d in dims) if symmetric else 0
+    stride = tuple(d.stride for d in dims)
+    dilation = tuple(d.dilation for d in dims)
+    return _CONV[spec.ndim], pads, stride, padding, dilation, spec.groups
+
+
+def _torch_conv_call(
+    args: _TorchConvArgs,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch's convolution kernel with prepared arguments (asymmetric padding applied first)."""
+    fn, pads, stride, padding, dilation, groups = args
+    if pads is not None:
+        x = F.pad(x, pads)
+    return fn(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _torch_conv_transpose(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec
+) -> torch.Tensor:
+    """Torch's transposed-convolution kernel (N <= 3)."""
+    return _CONV_T[spec.ndim](
+        x,
+        weight,
+        bias,
+        tuple(d.stride for d in spec.dims),
+        tuple(d.pad_left for d in spec.dims),
+        spec.output_padding,
+        spec.groups,
+        tuple(d.dilation for d in spec.dims),
     )
-    w = weight.reshape(g, c_out, *([1] * nd), c_in, *spec.kernel_size)
-    view.copy_(w.expand(view.shape))
-    crop = tuple(slice(d.pad_left, d.pad_left + d.in_size) for d in spec.dims)
-    out = buf[(Ellipsis, *crop)]
-    return out.reshape(g, c_out * prod(spec.out_spatial), c_in * prod(spec.in_spatial))
 
 
 def _kernel_unfold_standard(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -360,6 +461,6 @@ def _kernel_unfold_standard(weight: torch.Tensor, spec: ConvSpec) -> torch.Tenso
     basis = c_in * prod(spec.in_spatial)
     eye = torch.eye(basis, dtype=weight.dtype, device=weight.device)
     eye = eye.reshape(basis, c_in, *spec.in_spatial).repeat(1, g, *([1] * nd))
-    y = _torch_conv(eye, weight, spec)  # [B, G·Co, *O]
+    y = _torch_conv_call(_torch_conv_args(spec), eye, weight)  # [B, G·Co, *O]
     y = y.reshape(basis, g, c_out * prod(spec.out_spatial))
     return y.permute(1, 2, 0).contiguous()

@@ -19,22 +19,22 @@ import functools
 
 import torch
 
+from kfac_tn.tn import networks
 from kfac_tn.tn._common import (
     ShapeOnly,
     cached_call,
     check_groups,
     check_impl,
-    fold_patches,
+    input_spatial,
     make_spec,
     names,
-    pad,
-    patch_view,
     spatial_ndim,
 )
-from kfac_tn.tn.convolution import conv, input_spatial
+from kfac_tn.tn.convolution import conv
 from kfac_tn.tn.einsum import to_letters
 from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.spec import ConvSpec
+from kfac_tn.tn.views import fold_patches, pad, patch_view
 
 __all__ = ["conv_input_jvp", "conv_input_vjp", "conv_weight_jvp", "conv_weight_vjp"]
 
@@ -113,7 +113,7 @@ def conv_input_vjp(
         _input_vjp_plan, v.shape, weight.shape, input_size, stride, padding, dilation, groups, impl
     )
     if impl == "tn":
-        expr = routine_expression("conv_input_vjp", spec, shapes)
+        expr = routine_expression(networks.conv_input_vjp, spec, shapes)
         return evaluate(expr, spec, {"v": v, "weight": weight})
     if impl == "standard" and spec.ndim <= 3:
         return _backward(v, None, weight, spec, input_mask=True)
@@ -153,7 +153,8 @@ def conv_weight_vjp(
         _weight_vjp_plan, x.shape, v.shape, kernel_size, stride, padding, dilation, groups, impl
     )
     if impl == "tn":
-        return evaluate(routine_expression("conv_weight_vjp", spec, shapes), spec, {"x": x, "v": v})
+        expr = routine_expression(networks.conv_weight_vjp, spec, shapes)
+        return evaluate(expr, spec, {"x": x, "v": v})
     if impl == "standard" and spec.ndim <= 3:
         return _backward(v, x, None, spec, input_mask=False)
     return weight_vjp_simplified(x, v, spec)

@@ -32,12 +32,20 @@ from __future__ import annotations
 
 import torch
 
-from kfac_tn.tn._common import check_groups, check_impl, make_spec, names, patch_view
+from kfac_tn.tn import networks
+from kfac_tn.tn._common import (
+    check_groups,
+    check_impl,
+    make_spec,
+    names,
+    spatial_ndim,
+)
 from kfac_tn.tn.convolution import check_weight
 from kfac_tn.tn.derivatives import conv_input_vjp, conv_weight_vjp
 from kfac_tn.tn.einsum import to_letters
 from kfac_tn.tn.expressions import evaluate, routine_expression
-from kfac_tn.tn.kfac import standard_unfold
+from kfac_tn.tn.unfolding import standard_unfold
+from kfac_tn.tn.views import patch_view
 
 __all__ = ["ggn_diagonal", "hessian_diagonal"]
 
@@ -48,8 +56,6 @@ def prepare_ggn_diagonal(x, s, kernel_size, stride=1, padding=0, dilation=1, gro
     Raises:
         ValueError: If ``s`` is not ``[M, N, C_out, *O]`` for ``x`` and the geometry.
     """
-    from kfac_tn.tn._common import spatial_ndim
-
     spatial_ndim(x, kernel_size)
     check_groups(x.shape[1], groups)
     spec = make_spec(x.shape[2:], kernel_size, stride, padding, dilation, groups)
@@ -111,7 +117,8 @@ def ggn_diagonal(
     check_impl(impl)
     spec, shapes = prepare_ggn_diagonal(x, s, kernel_size, stride, padding, dilation, groups)
     if impl == "tn":
-        return evaluate(routine_expression("ggn_diagonal", spec, shapes), spec, {"x": x, "s": s})
+        expr = routine_expression(networks.ggn_diagonal, spec, shapes)
+        return evaluate(expr, spec, {"x": x, "s": s})
     m, n, c_out = s.shape[:3]
     c_in, g, nd = x.shape[1], groups, spec.ndim
     sv = s.reshape(m, n, g, c_out // g, -1)
@@ -162,8 +169,8 @@ def hessian_diagonal(
     spec, shapes = prepare_hessian_diagonal(x, weight, h, stride, padding, dilation, groups)
     x2, w2 = x.square(), weight.square()
     if impl == "tn":
-        e_w = routine_expression("hessian_diagonal_weight", spec, shapes)
-        e_x = routine_expression("hessian_diagonal_input", spec, shapes)
+        e_w = routine_expression(networks.hessian_diagonal_weight, spec, shapes)
+        e_x = routine_expression(networks.hessian_diagonal_input, spec, shapes)
         return (
             evaluate(e_w, spec, {"x_squared": x2, "h": h}),
             evaluate(e_x, spec, {"h": h, "weight_squared": w2}),

@@ -49,42 +49,45 @@ the property does not depend on the BLAS kernel. ``"standard"`` stays what the p
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from kfac_tn.tn import networks
 from kfac_tn.tn._common import (
+    Shape,
+    TensorLike,
     check_groups,
     check_impl,
     join,
     make_spec,
     names,
-    pad,
-    patch_view,
     prod,
-    scatter_patches,
     spatial_ndim,
 )
-from kfac_tn.tn.einsum import contract, contraction_path
+from kfac_tn.tn.cost import _choose, expand_strategy
+from kfac_tn.tn.einsum import contract
 from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.gram import mirror_upper_, symmetric_gram
-from kfac_tn.tn.lag import lag_cost, lag_expand_gram, lag_plan
-from kfac_tn.tn.patterns import cached_index_pattern, cached_summed_index_pattern
-from kfac_tn.tn.spec import ConvSpec, DimCategory
+from kfac_tn.tn.lag import lag_expand_gram
+from kfac_tn.tn.patterns import cached_summed_index_pattern
+from kfac_tn.tn.spec import ConvSpec, DimCategory, IntOrSeq, Padding
+from kfac_tn.tn.unfolding import standard_unfold, standard_unfold_transpose
+from kfac_tn.tn.views import patch_view, scatter_patches
 
 __all__ = [
-    "choose_impl",
-    "expand_strategy",
     "grad_expand_factor",
     "grad_reduce_factor",
     "kfac_expand_factor",
     "kfac_reduce_factor",
-    "standard_unfold",
-    "standard_unfold_transpose",
+    "prepare_factor",
+    "prepare_grad_factor",
     "summed_patches",
     "summed_transpose_patches",
 ]
+
+ExpandPath = Callable[[torch.Tensor, ConvSpec, bool], torch.Tensor]
+"""One implementation of the expand factor: ``(x, spec, bias) -> [G, D(+1), D(+1)]``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +95,15 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 def kfac_expand_factor(
     x: torch.Tensor,
-    kernel_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     bias: bool = False,
     transpose: bool = False,
-    output_padding=0,
+    output_padding: IntOrSeq = 0,
     impl: str = "auto",
 ) -> torch.Tensor:
     r"""KFC / KFAC-expand input factor :math:`\frac{1}{N O}\sum_{n,o} u u^\top` per group.
@@ -128,49 +131,21 @@ def kfac_expand_factor(
     spec = _factor_spec(
         x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
     )
-    impl = _resolve("expand", impl, spec, x)
-    n, c = x.shape[:2]
-    cg = c // groups
-    positions = prod(spec.in_spatial if transpose else spec.out_spatial)
-    scale = 1.0 / (n * positions)
-    if impl == "standard":
-        u = _standard_columns(x, spec)  # [N, G, D, L]
-        a = _gram_expand(u, symmetric=False, alpha=scale)
-        mean = u.mean(dim=(0, 3)) if bias else None
-    elif impl == "tn":
-        expr = routine_expression("kfac_expand_factor", spec, (tuple(x.shape),))
-        a = mirror_upper_(evaluate(expr, spec, {"x": x}))
-        mean = _tn_summed(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
-    else:
-        if transpose:
-            cols = scatter_patches(x, spec).reshape(n, groups, cg * prod(spec.kernel_size), -1)
-            a = _gram_expand(cols, symmetric=True, alpha=scale)
-            mean = cols.mean(dim=(0, 3)) if bias else None
-        else:
-            mean = summed_patches(x, spec).mean(0).reshape(groups, -1) / positions if bias else None
-            if expand_strategy(spec, n, c, x.device) == "lag":
-                if not bias:
-                    return lag_expand_gram(x, spec, groups, scale=scale)
-                # the Gram is written straight into the augmented factor (no copy)
-                d = cg * prod(spec.kernel_size)
-                out = x.new_empty(groups, d + 1, d + 1)
-                lag_expand_gram(x, spec, groups, scale=scale, out=out[:, :d, :d])
-                return _fill_bias(out, mean)
-            a = _view_expand(x, spec, groups, scale)
-    return _augment(a, mean) if bias else a
+    path = _expand_path(_resolve("expand", impl, spec, x), spec, x)
+    return path(x, spec, bias)
 
 
 def kfac_reduce_factor(
     x: torch.Tensor,
-    kernel_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     bias: bool = False,
     transpose: bool = False,
-    output_padding=0,
+    output_padding: IntOrSeq = 0,
     impl: str = "auto",
 ) -> torch.Tensor:
     r"""KFAC-reduce input factor :math:`\frac{1}{N}\sum_n \bar u_n \bar u_n^\top` per group.
@@ -178,6 +153,18 @@ def kfac_reduce_factor(
     :math:`\bar u_n` is the spatial mean of the unfolded input (over output positions; for
     ``transpose=True`` over the transposed convolution's output positions).  Arguments as in
     :func:`kfac_expand_factor`.
+
+    Args:
+        x: Layer input ``[N, C_in, *spatial]``.
+        kernel_size: Kernel size, int or N ints.
+        stride: Stride, int or N ints.
+        padding: As in :func:`kfac_expand_factor`.
+        dilation: Dilation, int or N ints.
+        groups: Channel groups ``G`` (must divide ``C_in``).
+        bias: Append a constant-one entry to every column (last row/column).
+        transpose: Treat the layer as a transposed convolution.
+        output_padding: Output padding of the transposed convolution.
+        impl: ``'auto'``, ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
 
     Returns:
         ``[G, C_in/G·ΠK (+1), C_in/G·ΠK (+1)]``, symmetric.
@@ -189,25 +176,13 @@ def kfac_reduce_factor(
         x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
     )
     impl = _resolve("reduce", impl, spec, x)
-    n = x.shape[0]
-    positions = prod(spec.in_spatial if transpose else spec.out_spatial)
+    if impl == "tn":
+        return _reduce_tn(x, spec, bias)
     if impl == "standard":
-        ubar = _standard_columns(x, spec).mean(dim=3)  # [N, G, D]
-    elif impl == "tn":
-        expr = routine_expression("kfac_reduce_factor", spec, (tuple(x.shape),))
-        a = mirror_upper_(evaluate(expr, spec, {"x": x}))
-        if not bias:
-            return a
-        ubar = _tn_summed(x, spec).reshape(n, groups, -1) / positions
-        return _augment(a, ubar.mean(0))
-    else:
-        summed = summed_transpose_patches(x, spec) if transpose else summed_patches(x, spec)
-        ubar = summed.reshape(n, groups, -1) / positions
-    if bias:  # a ones entry per column yields [[A, mean], [mean^T, 1]] in the same GEMM
-        ubar = torch.cat([ubar, ubar.new_ones(*ubar.shape[:2], 1)], dim=2)  # [N, G, D+1]
-    ubar_t = ubar.permute(1, 2, 0)  # [G, D(+1), N]
-    a = torch.bmm(ubar_t, ubar_t.transpose(1, 2)).div_(n)
-    return a if impl == "standard" else mirror_upper_(a)
+        return _mean_gram(_standard_columns(x, spec).mean(dim=3), bias)
+    summed = summed_transpose_patches(x, spec) if transpose else summed_patches(x, spec)
+    ubar = summed.reshape(x.shape[0], groups, -1) / _positions(spec)
+    return mirror_upper_(_mean_gram(ubar, bias))
 
 
 def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") -> torch.Tensor:
@@ -229,7 +204,7 @@ def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     n, c = g.shape[:2]
     if impl == "tn":
         spec, shapes = prepare_grad_factor(g, groups)
-        expr = routine_expression("grad_expand_factor", spec, shapes)
+        expr = routine_expression(networks.grad_expand_factor, spec, shapes)
         return mirror_upper_(evaluate(expr, spec, {"g": g}))
     cg = c // groups
     gv = g.reshape(n, groups, cg, -1)
@@ -263,7 +238,7 @@ def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
     n, c = g.shape[:2]
     if impl == "tn":
         spec, shapes = prepare_grad_factor(g, groups)
-        expr = routine_expression("grad_reduce_factor", spec, shapes)
+        expr = routine_expression(networks.grad_reduce_factor, spec, shapes)
         return mirror_upper_(evaluate(expr, spec, {"g": g}))
     s = g.reshape(n, groups, c // groups, -1).sum(-1)  # [N, G, C/G]
     st = s.permute(1, 0, 2)  # [G, N, C/G]
@@ -272,143 +247,39 @@ def grad_reduce_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
 
 
 # --------------------------------------------------------------------------------------------
-# implementation choice
-# --------------------------------------------------------------------------------------------
-def choose_impl(
-    kind: str, spec: ConvSpec, batch_size: int, channels: int, dtype: torch.dtype, device
-) -> str:
-    """Pick the implementation ``impl='auto'`` uses for a factor, from shapes alone (cached).
-
-    Cost model (calibrated on a 2-core CPU, one thread; see
-    ``python -m kfac_tn.benchmarks.tn``):
-
-    * KFAC-reduce: ``'tn_simplified'``.  It never materialises the unfolded input: 1×1
-      dimensions are summed on strided views, all others contracted with the 0/1 band matrix
-      ``Π̄`` — about one pass over the input (10-40x faster than unfold + mean on 3×3 / 7×7
-      layers, and no auxiliary memory).
-    * KFAC-expand: ``'tn_simplified'`` has two strategies (:func:`expand_strategy`): the single
-      GEMM copies the strided patch view once, straight into the matmul layout
-      ``[G, (c k…), (n o…)]`` (the standard way copies twice: im2col, then the rearrangement)
-      and costs ``2·G·D²·N·O`` FLOPs; on CPUs, stride-1 layers can instead contract lag
-      products (:mod:`kfac_tn.tn.lag`: the Π-pair contraction is Toeplitz, so ``(2K-1)^N``
-      shared lags replace ``K^{2N}`` block products; 2-5x faster on 3×3 / 5×5 layers with
-      ``C ≥ 8``).  The plain network can be cheaper when correlating the input *before*
-      applying Π saves work (long kernels on small inputs, e.g. InceptionV3's 7×1 on GPUs):
-      its opt_einsum ``dp`` path is chosen when its largest intermediate is at most twice the
-      unfolded input and, on CPUs, its estimated time (FLOPs at 70% of the GEMM rate,
-      intermediates, pairwise contractions) is below the simplified strategy's; on GPUs, when
-      it needs under 70% of the single GEMM's FLOPs.
-
-    Estimated time ``= FLOPs·8.5e-12 s + elements moved·8.9e-10 s + GEMM calls·7.6e-5 s``
-    (relative least-squares fit over 25 layer shapes at batch 32-128, one thread:
-    ``python -m kfac_tn.benchmarks.expand_strategies``; it picks the faster strategy wherever
-    the two differ by more than the run-to-run noise).
-
-    Args:
-        kind: ``'expand'`` or ``'reduce'``.
-        spec: The layer's spec.
-        batch_size: ``N``.
-        channels: Input channels ``C_in``.
-        dtype: Input dtype.
-        device: Input device.
-
-    Returns:
-        ``'tn'`` or ``'tn_simplified'``.
-
-    Raises:
-        ValueError: If ``kind`` is not ``'expand'`` or ``'reduce'``.
-    """
-    return _choose(kind, spec, batch_size, channels, dtype, torch.device(device).type)
-
-
-# expand cost model: seconds per FLOP, per element copied or accumulated, per GEMM call
-_SECONDS_PER_FLOP = 8.5e-12
-_SECONDS_PER_ELEMENT = 8.9e-10
-_SECONDS_PER_CALL = 7.6e-5
-
-
-def _seconds(flops: float, elements: float, calls: float) -> float:
-    return flops * _SECONDS_PER_FLOP + elements * _SECONDS_PER_ELEMENT + calls * _SECONDS_PER_CALL
-
-
-@functools.lru_cache(maxsize=4096)
-def _choose(
-    kind: str, spec: ConvSpec, batch: int, channels: int, dtype: torch.dtype, device_type: str
-) -> str:
-    if kind not in ("expand", "reduce"):
-        raise ValueError(f"Invalid kind: {kind!r} (allowed: 'expand', 'reduce')")
-    if kind == "reduce" or spec.ndim > 4:  # N > 4: skip the (exponential) dp path search
-        return "tn_simplified"
-    spatial = spec.out_spatial if spec.transpose else spec.in_spatial
-    expr = routine_expression("kfac_expand_factor", spec, ((batch, channels, *spatial),))
-    info = contraction_path(expr.equation, [shape for _, shape in expr.operands])
-    positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
-    unfolded = batch * channels * prod(spec.kernel_size) * positions
-    # the plain network's pairwise einsums run at ~70% of the GEMM's FLOP rate (measured)
-    if device_type == "cpu":  # time model: the simplified strategies include lag products
-        simplified = _simplified_seconds(spec, batch, channels, device_type)
-        plain = _seconds(
-            float(info.opt_cost) / 0.7, sum(info.size_list), len(info.contraction_list)
-        )
-        cheaper = plain < min(simplified.values())
-    else:  # accelerators: FLOPs only, as measured on the H100
-        d = channels // spec.groups * prod(spec.kernel_size)
-        cheaper = float(info.opt_cost) < 0.7 * 2 * spec.groups * d * d * batch * positions
-    if cheaper and info.largest_intermediate <= 2 * unfolded:
-        return "tn"
-    return "tn_simplified"
-
-
-def expand_strategy(spec: ConvSpec, batch_size: int, channels: int, device) -> str:
-    """Strategy of ``kfac_expand_factor(..., impl='tn_simplified')`` for these shapes (cached).
-
-    Returns:
-        ``'lag'`` (lag products, :mod:`kfac_tn.tn.lag`; stride-1 convolutions on CPU, where the
-        cost model estimates them faster) or ``'gemm'`` (one Gram GEMM of the patch view).
-    """
-    times = _simplified_seconds(spec, batch_size, channels, torch.device(device).type)
-    return min(times, key=times.__getitem__)
-
-
-@functools.lru_cache(maxsize=4096)
-def _simplified_seconds(
-    spec: ConvSpec, batch: int, channels: int, device_type: str
-) -> dict[str, float]:
-    """Estimated seconds of the simplified expand strategies that apply (``'gemm'`` always)."""
-    positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
-    d = channels // spec.groups * prod(spec.kernel_size)
-    blocks = 1 if d < 512 or device_type != "cpu" else (3 if d < 2048 else 4)  # symmetric_gram
-    flops = 2 * spec.groups * d * d * batch * positions * (blocks + 1) / (2 * blocks)
-    out = {"gemm": _seconds(flops, batch * channels * prod(spec.kernel_size) * positions, 1)}
-    plan = lag_plan(spec) if device_type == "cpu" else None  # lag: never measured on GPUs
-    if plan is not None:
-        out["lag"] = _seconds(**lag_cost(plan, batch, channels, spec.groups))
-    return out
-
-
-def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
-    check_impl(impl)
-    if impl == "auto":
-        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type)
-    return impl
-
-
-# --------------------------------------------------------------------------------------------
-# building blocks
+# argument preparation (shared with symbolic())
 # --------------------------------------------------------------------------------------------
 def prepare_factor(
-    x,
-    kernel_size,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
+    x: TensorLike,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
     *,
-    bias=False,
-    transpose=False,
-    output_padding=0,
-):
-    """Validate the input-factor arguments; return ``(spec, (x.shape,))``."""
+    bias: bool = False,
+    transpose: bool = False,
+    output_padding: IntOrSeq = 0,
+) -> tuple[ConvSpec, tuple[Shape]]:
+    """Validate the input-factor arguments (those of :func:`kfac_expand_factor`).
+
+    Args:
+        x: Layer input ``[N, C_in, *spatial]`` (a tensor or its shape).
+        kernel_size: Int or N ints.
+        stride: Int or N ints.
+        padding: As in :func:`kfac_expand_factor`.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+        bias: Unused (the networks are those without bias).
+        transpose: The layer is a transposed convolution.
+        output_padding: Output padding of the transposed convolution.
+
+    Returns:
+        ``(spec, (x.shape,))``.
+
+    Raises:
+        ValueError: On invalid hyperparameters, input rank or groups.
+    """
     spatial_ndim(x, kernel_size)
     check_groups(x.shape[1], groups)
     spec = make_spec(
@@ -424,10 +295,19 @@ def prepare_factor(
     return spec, (tuple(x.shape),)
 
 
-def prepare_grad_factor(g, groups=1):
-    """Validate the gradient-factor arguments; return ``(spec, (g.shape,))``.
+def prepare_grad_factor(g: TensorLike, groups: int = 1) -> tuple[ConvSpec, tuple[Shape]]:
+    """Validate the gradient-factor arguments.
 
-    The spec is that of a 1×1 convolution on ``g``'s spatial size (it only carries ``groups``).
+    Args:
+        g: Output gradients ``[N, C_out, *spatial]`` (a tensor or its shape).
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (g.shape,))``: the spec is that of a 1×1 convolution on ``g``'s spatial size
+        (it only carries ``groups``).
+
+    Raises:
+        ValueError: If ``g`` has rank < 3 or ``groups`` does not divide ``C_out``.
     """
     if g.ndim < 3:
         raise ValueError(
@@ -438,7 +318,16 @@ def prepare_grad_factor(g, groups=1):
     return make_spec(g.shape[2:], 1, groups=groups), (tuple(g.shape),)
 
 
-def _factor_spec(x, kernel_size, stride, padding, dilation, groups, transpose, output_padding):
+def _factor_spec(
+    x: torch.Tensor,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: Padding,
+    dilation: IntOrSeq,
+    groups: int,
+    transpose: bool,
+    output_padding: IntOrSeq,
+) -> ConvSpec:
     spec, _ = prepare_factor(
         x,
         kernel_size,
@@ -452,10 +341,113 @@ def _factor_spec(x, kernel_size, stride, padding, dilation, groups, transpose, o
     return spec
 
 
+def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
+    """Check ``impl``; ``'auto'`` becomes the cost model's choice (:mod:`kfac_tn.tn.cost`)."""
+    check_impl(impl)
+    if impl == "auto":
+        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type)
+    return impl
+
+
 def _check_grad(g: torch.Tensor, groups: int, impl: str) -> str:
+    """Check the gradient-factor arguments; ``'auto'`` is the simplified network."""
     check_impl(impl)
     prepare_grad_factor(g, groups)
     return "tn_simplified" if impl == "auto" else impl
+
+
+def _positions(spec: ConvSpec) -> int:
+    """Count the positions a column is taken at: ``O`` (``I`` for transposed convolutions)."""
+    return prod(spec.in_spatial if spec.transpose else spec.out_spatial)
+
+
+def _expand_scale(x: torch.Tensor, spec: ConvSpec) -> float:
+    """Return the expand factor's normalisation ``1 / (N·O)``."""
+    return 1.0 / (x.shape[0] * _positions(spec))
+
+
+# --------------------------------------------------------------------------------------------
+# the five implementations of the expand factor
+# --------------------------------------------------------------------------------------------
+def _expand_path(impl: str, spec: ConvSpec, x: torch.Tensor) -> ExpandPath:
+    """Pick the implementation of the expand factor for a resolved ``impl``."""
+    if impl == "standard":
+        return _expand_standard
+    if impl == "tn":
+        return _expand_tn
+    if spec.transpose:
+        return _expand_scattered
+    if expand_strategy(spec, x.shape[0], x.shape[1], x.device) == "lag":
+        return _expand_lag
+    return _expand_gemm
+
+
+def _expand_standard(x: torch.Tensor, spec: ConvSpec, bias: bool) -> torch.Tensor:
+    """``impl='standard'``: unfold (torch), one batched matmul, then the scaling (not mirrored)."""
+    u = _standard_columns(x, spec)  # [N, G, D, L]
+    a = _gram_expand(u, symmetric=False, alpha=_expand_scale(x, spec))
+    return _augment(a, u.mean(dim=(0, 3))) if bias else a
+
+
+def _expand_tn(x: torch.Tensor, spec: ConvSpec, bias: bool) -> torch.Tensor:
+    """``impl='tn'``: the plain network, mirrored from its upper triangle."""
+    expr = routine_expression(networks.kfac_expand_factor, spec, (tuple(x.shape),))
+    a = mirror_upper_(evaluate(expr, spec, {"x": x}))
+    if not bias:
+        return a
+    return _augment(a, _tn_summed(x, spec).mean(0).reshape(spec.groups, -1) / _positions(spec))
+
+
+def _expand_scattered(x: torch.Tensor, spec: ConvSpec, bias: bool) -> torch.Tensor:
+    """Transposed convolutions: the transpose-unfolded columns by one strided write, one Gram."""
+    n, c = x.shape[:2]
+    d = c // spec.groups * prod(spec.kernel_size)
+    cols = scatter_patches(x, spec).reshape(n, spec.groups, d, -1)
+    a = _gram_expand(cols, symmetric=True, alpha=_expand_scale(x, spec))
+    return _augment(a, cols.mean(dim=(0, 3))) if bias else a
+
+
+def _expand_gemm(x: torch.Tensor, spec: ConvSpec, bias: bool) -> torch.Tensor:
+    """Convolutions: one Gram GEMM of the strided patch view (:func:`_view_expand`)."""
+    a = _view_expand(x, spec, spec.groups, _expand_scale(x, spec))
+    return _augment(a, _column_mean(x, spec)) if bias else a
+
+
+def _expand_lag(x: torch.Tensor, spec: ConvSpec, bias: bool) -> torch.Tensor:
+    """Stride-1 convolutions on CPU: the lag products (:mod:`kfac_tn.tn.lag`)."""
+    scale, groups = _expand_scale(x, spec), spec.groups
+    if not bias:
+        return lag_expand_gram(x, spec, groups, scale=scale)
+    # the Gram is written straight into the augmented factor (no copy)
+    d = x.shape[1] // groups * prod(spec.kernel_size)
+    out = x.new_empty(groups, d + 1, d + 1)
+    lag_expand_gram(x, spec, groups, scale=scale, out=out[:, :d, :d])
+    return _fill_bias(out, _column_mean(x, spec))
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+def _reduce_tn(x: torch.Tensor, spec: ConvSpec, bias: bool) -> torch.Tensor:
+    """``impl='tn'`` of the reduce factor: the plain network, mirrored from its upper triangle."""
+    expr = routine_expression(networks.kfac_reduce_factor, spec, (tuple(x.shape),))
+    a = mirror_upper_(evaluate(expr, spec, {"x": x}))
+    if not bias:
+        return a
+    ubar = _tn_summed(x, spec).reshape(x.shape[0], spec.groups, -1) / _positions(spec)
+    return _augment(a, ubar.mean(0))
+
+
+def _mean_gram(ubar: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``(1/N) Σ_n ū ūᵀ`` per group from the mean columns ``ubar: [N, G, D]``, ``[G, D, D]``.
+
+    With ``bias`` a ones entry per column yields ``[[A, mean], [mean^T, 1]]`` in the same GEMM.
+    """
+    n = ubar.shape[0]
+    if bias:
+        ubar = torch.cat([ubar, ubar.new_ones(*ubar.shape[:2], 1)], dim=2)  # [N, G, D+1]
+    ubar_t = ubar.permute(1, 2, 0)  # [G, D(+1), N]
+    return torch.bmm(ubar_t, ubar_t.transpose(1, 2)).div_(n)
 
 
 def _augment(a: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -502,6 +494,27 @@ def _view_expand(x: torch.Tensor, spec: ConvSpec, groups: int, scale: float) -> 
     return symmetric_gram(flat, scale)
 
 
+def _column_mean(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Mean of the unfolded columns over samples and positions, per group: ``[G, D]``."""
+    return summed_patches(x, spec).mean(0).reshape(spec.groups, -1) / _positions(spec)
+
+
+def _tn_summed(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Plain-TN sum of the unfolded columns over positions: ``[N, G, C/G, *K]``."""
+    expr = routine_expression(networks.factor_column_sum, spec, (tuple(x.shape),))
+    return evaluate(expr, spec, {"x": x})
+
+
+def _standard_columns(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Unfolded columns of a (transposed) convolution, ``[N, G, C/G·ΠK, L]``."""
+    n = x.shape[0]
+    u = standard_unfold_transpose(x, spec) if spec.transpose else standard_unfold(x, spec)
+    return u.reshape(n, spec.groups, -1, u.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# the unfolded input summed over positions, never materialised (KFAC-reduce, bias entries)
+# --------------------------------------------------------------------------------------------
 def summed_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """Sum the unfolded input over output positions without materialising it.
 
@@ -576,114 +589,3 @@ def summed_transpose_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
         return x.expand(*x.shape[:nl], *spec.kernel_size)
     out = contract(f"{', '.join(terms)} -> {join(lead_names, out_legs)}", *operands)
     return out.expand(*out.shape[:nl], *spec.kernel_size)
-
-
-def _tn_operands(x: torch.Tensor, spec: ConvSpec, suffix: str, share: str):
-    """Terms and operands of one unfolded-input copy in the plain TN (x with its Π's).
-
-    ``share`` names the leg the two copies share (``'o'`` for conv expand, ``'i'`` for
-    transpose expand, ``''`` for reduce: all private).
-    """
-    n, c = x.shape[:2]
-    g = spec.groups
-    nd = spec.ndim
-    xv = x.reshape(n, g, c // g, *x.shape[2:])
-    i = names("i", nd, "" if share == "i" else suffix)
-    o = names("o", nd, "" if share == "o" else suffix)
-    k = names("k", nd, suffix)
-    x_legs = o if spec.transpose else i
-    terms = [join("n g", "c" + suffix, x_legs)]
-    operands = [xv]
-    for j, d in enumerate(spec.dims):
-        terms.append(f"{k[j]} {o[j]} {i[j]}")
-        operands.append(cached_index_pattern(d, x.dtype, x.device))
-    return terms, operands, join("c" + suffix, k)
-
-
-def _tn_summed(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Plain-TN sum of the unfolded columns over positions: ``[N, G, C/G, *K]``."""
-    terms, ops, out = _tn_operands(x, spec, "", "")
-    return contract(f"{', '.join(terms)} -> {join('n g', out)}", *ops)
-
-
-def standard_unfold(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Unfold the standard way: ``F.unfold`` (2-d) or a one-hot grouped convolution (1-d, 3-d).
-
-    For N > 3, where torch has no convolution, the strided patch view is copied.
-
-    Args:
-        x: ``[N, C, *I]``.
-        spec: The convolution's spec (any grouping is ignored).
-
-    Returns:
-        ``[N, C·ΠK, ΠO]`` with rows ordered ``(c, k_1, ..., k_N)``.
-    """
-    n, c = x.shape[:2]
-    nd = spec.ndim
-    kk = prod(spec.kernel_size)
-    if nd > 3:
-        view = patch_view(x, spec)  # [N, C, *O, *K]
-        perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-        return view.permute(perm).reshape(n, c * kk, -1)
-    symmetric, padding, stride, dilation = _torch_args(spec)
-    if not symmetric:
-        x = pad(x, spec.dims)
-    if nd == 2:
-        return F.unfold(x, spec.kernel_size, dilation=dilation, padding=padding, stride=stride)
-    weight = _one_hot_kernel(c, spec.kernel_size, x.dtype, x.device)
-    conv = F.conv1d if nd == 1 else F.conv3d
-    out = conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=c)
-    return out.reshape(n, c * kk, -1)
-
-
-@functools.lru_cache(maxsize=4096)
-def _torch_args(spec: ConvSpec):
-    """``(symmetric, padding, stride, dilation)`` tuples for torch (padding 0 if asymmetric)."""
-    dims = spec.dims
-    symmetric = all(d.pad_left == d.pad_right for d in dims)
-    padding = tuple(d.pad_left for d in dims) if symmetric else (0,) * spec.ndim
-    return symmetric, padding, tuple(d.stride for d in dims), tuple(d.dilation for d in dims)
-
-
-def standard_unfold_transpose(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Transpose-unfold the standard way: ``conv_transpose`` with a one-hot kernel (BackPACK).
-
-    Args:
-        x: ConvTranspose input ``[N, C, *O]``.
-        spec: The transposed convolution's spec.
-
-    Returns:
-        ``[N, C·ΠK, ΠI]`` with rows ordered ``(c, k_1, ..., k_N)``.
-    """
-    n, c = x.shape[:2]
-    kk = prod(spec.kernel_size)
-    if spec.ndim > 3:
-        return scatter_patches(x, spec).reshape(n, c * kk, -1)
-    weight = _one_hot_kernel(c, spec.kernel_size, x.dtype, x.device).reshape(
-        c, kk, *spec.kernel_size
-    )
-    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spec.ndim - 1]
-    out = conv_t(
-        x,
-        weight,
-        stride=tuple(d.stride for d in spec.dims),
-        padding=tuple(d.pad_left for d in spec.dims),
-        output_padding=spec.output_padding,
-        groups=c,
-        dilation=tuple(d.dilation for d in spec.dims),
-    )
-    return out.reshape(n, c * kk, -1)
-
-
-def _one_hot_kernel(channels: int, kernel: tuple[int, ...], dtype, device) -> torch.Tensor:
-    """``[C·ΠK, 1, *K]`` (same memory for ``[C, ΠK, *K]``): one-hot taps repeated per channel."""
-    kk = prod(kernel)
-    eye = torch.eye(kk, dtype=dtype, device=device).reshape(kk, 1, *kernel)
-    return eye.repeat(channels, *([1] * (len(kernel) + 1)))
-
-
-def _standard_columns(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Unfolded columns of a (transposed) convolution, ``[N, G, C/G·ΠK, L]``."""
-    n = x.shape[0]
-    u = standard_unfold_transpose(x, spec) if spec.transpose else standard_unfold(x, spec)
-    return u.reshape(n, spec.groups, -1, u.shape[-1])

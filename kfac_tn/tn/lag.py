@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kfac_tn.tn._common import pad, prod
+from kfac_tn.tn._common import prod
 from kfac_tn.tn.spec import ConvSpec, DimSpec
+from kfac_tn.tn.views import pad
 
 __all__ = ["LagPlan", "lag_cost", "lag_expand_gram", "lag_plan"]
 

@@ -9,7 +9,7 @@ from conftest import assert_close, randn
 import kfac_tn.tn as tn
 from kfac_tn.tn import einsum as tn_einsum
 from kfac_tn.tn import expressions, patterns
-from kfac_tn.tn.kfac import _choose
+from kfac_tn.tn.cost import _choose
 
 
 def test_conv_expression_is_readable_and_unpacks():
