@@ -167,18 +167,6 @@ def test_factors_non_contiguous_and_float32(fn, impl, generator):
     assert_close(x32, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "shape", [(2, 700, 5), (1, 2100, 3), (3, 40, 7)], ids=["3blocks", "4blocks", "small"]
-)
-def test_symmetric_gram(shape, generator):
-    from kfac_tn.tn.kfac import symmetric_gram
-
-    flat = randn(*shape, generator=generator)
-    out = symmetric_gram(flat)
-    assert_close(out, torch.einsum("gdl,gel->gde", flat, flat))
-    assert torch.equal(out, out.transpose(1, 2))
-
-
 def test_expand_factor_wide_layer_uses_blocks(generator):
     """D = 64·9 = 576 >= 512: the block-triangular Gram path, vs the loop reference."""
     case = Case("wide", (1, 64, 4, 4), 3, padding=1)
