@@ -42,6 +42,18 @@ paths, ``auto`` choices; all ``functools.lru_cache``), so a repeated call re-pla
 :func:`choose_impl` exposes the ``auto`` cost model of the KFAC factors and
 :func:`expand_strategy` the simplified KFAC-expand strategy (one Gram GEMM, or the lag products
 of stride-1 convolutions, :mod:`kfac_tn.tn.lag`).
+
+Modules, from the ground up (each imports only modules of the rows above it)::
+
+    spec, einsum, gram        hyperparameters; named-index einsum; exactly symmetric Grams
+    patterns, views, _common  Π tensors; strided views / writes; argument checks, index names
+    expressions               Expression, evaluate (impl="tn"), routine_expression (cache)
+    networks, lag             the plain network of every routine; lag products (KFAC-expand)
+    simplify                  Simplification rules: the simplified networks (inspection)
+    convolution, unfolding    routines; unfolding also owns the standard unfold
+    derivatives, cost         VJPs / JVPs; cost models of impl="auto" and the expand strategy
+    kfac, diagonal, sampled   KFAC factors; curvature diagonals; sampled weight VJPs
+    symbolic                  REGISTRY (one Routine record per routine) and symbolic()
 """
 
 from kfac_tn.tn._common import IMPLS

@@ -446,11 +446,11 @@ def _torch_conv_transpose(
         x,
         weight,
         bias,
-        tuple(d.stride for d in spec.dims),
+        spec.strides,
         tuple(d.pad_left for d in spec.dims),
         spec.output_padding,
         spec.groups,
-        tuple(d.dilation for d in spec.dims),
+        spec.dilations,
     )
 
 

@@ -16,12 +16,15 @@ torch's kernels where they exist, the simplified network for N > 3.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
 from kfac_tn.tn import networks
 from kfac_tn.tn._common import (
+    Shape,
     ShapeOnly,
+    TensorLike,
     cached_call,
     check_groups,
     check_impl,
@@ -33,14 +36,43 @@ from kfac_tn.tn._common import (
 from kfac_tn.tn.convolution import conv
 from kfac_tn.tn.einsum import to_letters
 from kfac_tn.tn.expressions import evaluate, routine_expression
-from kfac_tn.tn.spec import ConvSpec
+from kfac_tn.tn.spec import ConvSpec, IntOrSeq, Padding
 from kfac_tn.tn.views import fold_patches, pad, patch_view
 
-__all__ = ["conv_input_jvp", "conv_input_vjp", "conv_weight_jvp", "conv_weight_vjp"]
+__all__ = [
+    "conv_input_jvp",
+    "conv_input_vjp",
+    "conv_weight_jvp",
+    "conv_weight_vjp",
+    "input_vjp_simplified",
+    "prepare_input_vjp",
+    "prepare_weight_vjp",
+    "weight_vjp_simplified",
+]
 
 
-def prepare_input_vjp(v, weight, input_size, stride=1, padding=0, dilation=1, groups=1):
-    """Validate :func:`conv_input_vjp`'s arguments; return ``(spec, (v.shape, weight.shape))``.
+def prepare_input_vjp(
+    v: TensorLike,
+    weight: TensorLike,
+    input_size: Sequence[int],
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+) -> tuple[ConvSpec, tuple[Shape, Shape]]:
+    """Validate :func:`conv_input_vjp`'s arguments.
+
+    Args:
+        v: Output cotangent ``[N, C_out, *O]`` (a tensor or its shape).
+        weight: Kernel ``[C_out, C_in/G, *K]`` (a tensor or its shape).
+        input_size: Spatial input size ``(I_1, …, I_N)`` or a full ``[N, C_in, *I]`` shape.
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (v.shape, weight.shape))``.
 
     Raises:
         ValueError: If shapes do not match each other or the geometry.
@@ -62,8 +94,28 @@ def prepare_input_vjp(v, weight, input_size, stride=1, padding=0, dilation=1, gr
     return spec, (tuple(v.shape), tuple(weight.shape))
 
 
-def prepare_weight_vjp(x, v, kernel_size, stride=1, padding=0, dilation=1, groups=1):
-    """Validate :func:`conv_weight_vjp`'s arguments; return ``(spec, (x.shape, v.shape))``.
+def prepare_weight_vjp(
+    x: TensorLike,
+    v: TensorLike,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+) -> tuple[ConvSpec, tuple[Shape, Shape]]:
+    """Validate :func:`conv_weight_vjp`'s arguments.
+
+    Args:
+        x: Input ``[N, C_in, *I]`` (a tensor or its shape).
+        v: Output cotangent ``[N, C_out, *O]`` (a tensor or its shape).
+        kernel_size: Int or N ints.
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (x.shape, v.shape))``.
 
     Raises:
         ValueError: If shapes do not match each other or the geometry.
@@ -83,10 +135,10 @@ def prepare_weight_vjp(x, v, kernel_size, stride=1, padding=0, dilation=1, group
 def conv_input_vjp(
     v: torch.Tensor,
     weight: torch.Tensor,
-    input_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    input_size: Sequence[int],
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -123,10 +175,10 @@ def conv_input_vjp(
 def conv_weight_vjp(
     x: torch.Tensor,
     v: torch.Tensor,
-    kernel_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -161,7 +213,16 @@ def conv_weight_vjp(
 
 
 @functools.lru_cache(maxsize=4096)
-def _input_vjp_plan(v_shape, w_shape, input_size, stride, padding, dilation, groups, impl):
+def _input_vjp_plan(
+    v_shape: torch.Size,
+    w_shape: torch.Size,
+    input_size: Sequence[int],
+    stride: IntOrSeq,
+    padding: Padding,
+    dilation: IntOrSeq,
+    groups: int,
+    impl: str,
+) -> tuple[ConvSpec, tuple[Shape, Shape], str]:
     """Validate once per shapes / hyperparameters: ``(spec, shapes, resolved impl)``."""
     check_impl(impl)
     v, w = ShapeOnly(v_shape), ShapeOnly(w_shape)
@@ -170,7 +231,16 @@ def _input_vjp_plan(v_shape, w_shape, input_size, stride, padding, dilation, gro
 
 
 @functools.lru_cache(maxsize=4096)
-def _weight_vjp_plan(x_shape, v_shape, kernel_size, stride, padding, dilation, groups, impl):
+def _weight_vjp_plan(
+    x_shape: torch.Size,
+    v_shape: torch.Size,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: Padding,
+    dilation: IntOrSeq,
+    groups: int,
+    impl: str,
+) -> tuple[ConvSpec, tuple[Shape, Shape], str]:
     """Validate once per shapes / hyperparameters: ``(spec, shapes, resolved impl)``."""
     check_impl(impl)
     x, v = ShapeOnly(x_shape), ShapeOnly(v_shape)
@@ -186,9 +256,9 @@ def _auto(spec: ConvSpec) -> str:
 def conv_input_jvp(
     x_dot: torch.Tensor,
     weight: torch.Tensor,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -213,9 +283,9 @@ def conv_input_jvp(
 def conv_weight_jvp(
     x: torch.Tensor,
     weight_dot: torch.Tensor,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -238,7 +308,16 @@ def conv_weight_jvp(
 
 
 def input_vjp_simplified(v: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Matmul into columns ``[N, G, C_in/G, *O, *K]``, then col2im by strided accumulation."""
+    """Input VJP: one matmul into columns ``[N, G, C_in/G, *O, *K]``, then col2im (fold).
+
+    Args:
+        v: Output cotangent ``[N, C_out, *O]``.
+        weight: Kernel ``[C_out, C_in/G, *K]``.
+        spec: The convolution's spec.
+
+    Returns:
+        ``[N, C_in, *I]``.
+    """
     n, c_out = v.shape[:2]
     g, nd = spec.groups, spec.ndim
     c_in = weight.shape[1]
@@ -251,7 +330,16 @@ def input_vjp_simplified(v: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) 
 
 
 def weight_vjp_simplified(x: torch.Tensor, v: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Contract the strided patch view of ``x`` with ``v`` (no Π): ``[C_out, C_in/G, *K]``."""
+    """Weight VJP: contract the strided patch view of ``x`` with ``v`` (no Π).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        v: Output cotangent ``[N, C_out, *O]``.
+        spec: The convolution's spec.
+
+    Returns:
+        ``[C_out, C_in/G, *K]``.
+    """
     n, c_in = x.shape[:2]
     g, nd = spec.groups, spec.ndim
     c_out = v.shape[1]
@@ -262,7 +350,14 @@ def weight_vjp_simplified(x: torch.Tensor, v: torch.Tensor, spec: ConvSpec) -> t
     return torch.einsum(to_letters(eq), view, vv).reshape(c_out, c_in // g, *spec.kernel_size)
 
 
-def _backward(v, x, weight, spec: ConvSpec, *, input_mask: bool) -> torch.Tensor:
+def _backward(
+    v: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    spec: ConvSpec,
+    *,
+    input_mask: bool,
+) -> torch.Tensor:
     """Torch's own ``aten.convolution_backward`` for one of the two gradients."""
     symmetric, padded, stride, padding, dilation, zeros = _backward_args(spec)
     if input_mask:
@@ -296,7 +391,10 @@ def _backward(v, x, weight, spec: ConvSpec, *, input_mask: bool) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=4096)
-def _backward_args(spec: ConvSpec):
+def _backward_args(
+    spec: ConvSpec,
+) -> tuple[bool, Shape, list[int], list[int], list[int], list[int]]:
+    """``(symmetric, padded size, stride, padding, dilation, output padding)`` for aten."""
     dims = spec.dims
     symmetric = all(d.pad_left == d.pad_right for d in dims)
     padded = tuple(d.in_size + d.pad_left + d.pad_right for d in dims)

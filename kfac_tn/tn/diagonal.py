@@ -34,6 +34,8 @@ import torch
 
 from kfac_tn.tn import networks
 from kfac_tn.tn._common import (
+    Shape,
+    TensorLike,
     check_groups,
     check_impl,
     make_spec,
@@ -44,14 +46,35 @@ from kfac_tn.tn.convolution import check_weight
 from kfac_tn.tn.derivatives import conv_input_vjp, conv_weight_vjp
 from kfac_tn.tn.einsum import to_letters
 from kfac_tn.tn.expressions import evaluate, routine_expression
+from kfac_tn.tn.spec import ConvSpec, IntOrSeq, Padding
 from kfac_tn.tn.unfolding import standard_unfold
 from kfac_tn.tn.views import patch_view
 
-__all__ = ["ggn_diagonal", "hessian_diagonal"]
+__all__ = ["ggn_diagonal", "hessian_diagonal", "prepare_ggn_diagonal", "prepare_hessian_diagonal"]
 
 
-def prepare_ggn_diagonal(x, s, kernel_size, stride=1, padding=0, dilation=1, groups=1):
-    """Validate :func:`ggn_diagonal`'s arguments; return ``(spec, (x.shape, s.shape))``.
+def prepare_ggn_diagonal(
+    x: TensorLike,
+    s: TensorLike,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+) -> tuple[ConvSpec, tuple[Shape, Shape]]:
+    """Validate :func:`ggn_diagonal`'s arguments.
+
+    Args:
+        x: Layer input ``[N, C_in, *I]`` (a tensor or its shape).
+        s: Loss-Hessian square root at the output ``[M, N, C_out, *O]`` (or its shape).
+        kernel_size: Int or N ints.
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (x.shape, s.shape))``.
 
     Raises:
         ValueError: If ``s`` is not ``[M, N, C_out, *O]`` for ``x`` and the geometry.
@@ -68,8 +91,28 @@ def prepare_ggn_diagonal(x, s, kernel_size, stride=1, padding=0, dilation=1, gro
     return spec, (tuple(x.shape), tuple(s.shape))
 
 
-def prepare_hessian_diagonal(x, weight, h, stride=1, padding=0, dilation=1, groups=1):
-    """Validate :func:`hessian_diagonal`'s arguments; return the spec and the three shapes.
+def prepare_hessian_diagonal(
+    x: TensorLike,
+    weight: TensorLike,
+    h: TensorLike,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+) -> tuple[ConvSpec, tuple[Shape, Shape, Shape]]:
+    """Validate :func:`hessian_diagonal`'s arguments.
+
+    Args:
+        x: Layer input ``[N, C_in, *I]`` (a tensor or its shape).
+        weight: Kernel ``[C_out, C_in/G, *K]`` (a tensor or its shape).
+        h: Diagonal of the output curvature ``[N, C_out, *O]`` (a tensor or its shape).
+        stride: Int or N ints.
+        padding: Int, N ints, N (left, right) pairs, ``'valid'`` or ``'same'``.
+        dilation: Int or N ints.
+        groups: Channel groups ``G``.
+
+    Returns:
+        ``(spec, (x.shape, weight.shape, h.shape))``.
 
     Raises:
         ValueError: If ``h`` does not have the convolution's output shape.
@@ -87,10 +130,10 @@ def prepare_hessian_diagonal(x, weight, h, stride=1, padding=0, dilation=1, grou
 def ggn_diagonal(
     x: torch.Tensor,
     s: torch.Tensor,
-    kernel_size,
-    stride=1,
-    padding=0,
-    dilation=1,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -137,9 +180,9 @@ def hessian_diagonal(
     x: torch.Tensor,
     weight: torch.Tensor,
     h: torch.Tensor,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
     groups: int = 1,
     *,
     impl: str = "auto",
@@ -175,18 +218,7 @@ def hessian_diagonal(
             evaluate(e_w, spec, {"x_squared": x2, "h": h}),
             evaluate(e_x, spec, {"h": h, "weight_squared": w2}),
         )
-    pads = tuple((d.pad_left, d.pad_right) for d in spec.dims)
-    hyper = dict(stride=spec_strides(spec), padding=pads, dilation=spec_dilations(spec))
+    hyper = dict(stride=spec.strides, padding=spec.padding_pairs, dilation=spec.dilations)
     weight_diag = conv_weight_vjp(x2, h, spec.kernel_size, **hyper, groups=groups, impl=impl)
     input_diag = conv_input_vjp(h, w2, spec.in_spatial, **hyper, groups=groups, impl=impl)
     return weight_diag, input_diag
-
-
-def spec_strides(spec) -> tuple[int, ...]:
-    """Stride per dimension of a spec."""
-    return tuple(d.stride for d in spec.dims)
-
-
-def spec_dilations(spec) -> tuple[int, ...]:
-    """Dilation per dimension of a spec."""
-    return tuple(d.dilation for d in spec.dims)

@@ -46,7 +46,9 @@ def _to_letters(equation: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _expression(equation: str, shapes: tuple[tuple[int, ...], ...], optimize: str):
+def _expression(
+    equation: str, shapes: tuple[tuple[int, ...], ...], optimize: str
+) -> opt_einsum.contract.ContractExpression:
     return opt_einsum.contract_expression(to_letters(equation), *shapes, optimize=optimize)
 
 
@@ -68,7 +70,16 @@ def contract(equation: str, *operands: torch.Tensor, optimize: str = "dp") -> to
 def contraction_path(
     equation: str, shapes: Sequence[Sequence[int]], optimize: str = "dp"
 ) -> opt_einsum.contract.PathInfo:
-    """Return opt_einsum's path info (FLOPs, largest intermediate) for inspection."""
+    """Return opt_einsum's path info (FLOPs, largest intermediate) for inspection.
+
+    Args:
+        equation: Named-index equation (see module docstring).
+        shapes: One shape per operand.
+        optimize: opt_einsum path strategy.
+
+    Returns:
+        opt_einsum's ``PathInfo`` (``opt_cost``, ``largest_intermediate``, ``size_list``, ...).
+    """
     _, info = opt_einsum.contract_path(
         to_letters(equation), *[tuple(s) for s in shapes], shapes=True, optimize=optimize
     )

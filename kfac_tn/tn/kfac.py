@@ -518,11 +518,16 @@ def _standard_columns(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 def summed_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """Sum the unfolded input over output positions without materialising it.
 
-    ``[*lead, *I] -> [*lead, *K]``.
-
     ``out[..., k] = Σ_o x_pad[..., S·o + D·k]``.  One-tap dense / down-sampling dimensions
     (1×1 convolutions, strided or not) are summed on a strided view; all other dimensions are
-    contracted with the 0/1 matrix ``Π̄ = Σ_o Π`` ``[K, I]`` along a cached path.
+    contracted with the 0/1 matrix ``Π̄ = Σ_o Π`` ``[K, I]``, one matmul per dimension.
+
+    Args:
+        x: ``[*lead, I_1, ..., I_N]``.
+        spec: The convolution's spec.
+
+    Returns:
+        ``[*lead, K_1, ..., K_N]``.
     """
     nd = spec.ndim
     lead = x.shape[: x.ndim - nd]
@@ -564,11 +569,18 @@ def summed_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 
 
 def summed_transpose_patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Transpose-unfolded input summed over its positions: ``[*lead, *O] -> [*lead, *K]``.
+    """Sum the transpose-unfolded input over its positions without materialising it.
 
     ``out[..., k] = Σ_o x[..., o] Σ_i Π[k, o, i]``.  Without padding every tap of every ``o``
     lands inside the output, so the sum over ``o`` is taken first and broadcast over ``k``;
     padded dimensions are contracted with ``Σ_i Π`` (``[K, O]``).
+
+    Args:
+        x: ConvTranspose input ``[*lead, O_1, ..., O_N]``.
+        spec: The transposed convolution's spec.
+
+    Returns:
+        ``[*lead, K_1, ..., K_N]`` (a broadcast view along unpadded dimensions).
     """
     nd = spec.ndim
     nl = x.ndim - nd

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -107,16 +108,32 @@ class LagPlan:
         return len(self.tasks)
 
     def units(self) -> int:
-        """Channel-Gram units ``Σ |cell|·|lags|`` (FLOPs ``= 2·G·C_g²·N·units``)."""
+        """Count the channel-Gram units of the plan.
+
+        Returns:
+            ``Σ |cell|·|lags|`` over the tasks (FLOPs ``= 2·G·C_g²·N·units``).
+        """
         return sum(prod(t.length) * prod(t.lag_count) for t in self.tasks)
 
     def contributions(self) -> int:
-        """Accumulated ``C_g×C_g`` blocks ``Σ |dst|``."""
+        """Count the accumulated ``C_g×C_g`` blocks.
+
+        Returns:
+            ``Σ |dst|`` over the tasks.
+        """
         return sum(len(t.dst) for t in self.tasks)
 
 
 def segments(dim: DimSpec) -> tuple[Segment, ...]:
-    """Segments of one stride-1 dimension, without those that lie completely in the padding."""
+    """Split the windows of one stride-1 dimension into segments.
+
+    Args:
+        dim: Geometry of the dimension (stride 1).
+
+    Returns:
+        The segments between consecutive window edges, in order, without those that lie
+        completely in the padding or outside every window.
+    """
     d, k, o = dim.dilation, dim.kernel, dim.out_size
     edges = sorted({d * j for j in range(k)} | {d * j + o for j in range(k)})
     data = (dim.pad_left, dim.pad_left + dim.in_size)
@@ -147,10 +164,16 @@ def _half_rectangles(lo: list[int], hi: list[int]) -> list[tuple[list[int], list
 
 @functools.lru_cache(maxsize=512)
 def lag_plan(spec: ConvSpec) -> LagPlan | None:
-    """Return the plan for ``spec``, or ``None`` where the lag structure does not apply.
+    """Plan the lag products of ``spec`` (cached).
 
-    It applies to convolutions (not transposed) with stride 1 in every dimension; padding and
-    dilation are arbitrary.
+    The lag structure applies to convolutions (not transposed) with stride 1 in every
+    dimension; padding and dilation are arbitrary.
+
+    Args:
+        spec: The convolution's spec.
+
+    Returns:
+        The plan, or ``None`` where the lag structure does not apply.
     """
     if spec.transpose or any(d.stride != 1 for d in spec.dims):
         return None
@@ -184,7 +207,8 @@ def lag_plan(spec: ConvSpec) -> LagPlan | None:
     return LagPlan(spec, tuple(tasks))
 
 
-def _flat(index, sizes) -> int:
+def _flat(index: Sequence[int], sizes: Sequence[int]) -> int:
+    """Row-major flat index of ``index`` in a grid of ``sizes``."""
     out = 0
     for i, s in zip(index, sizes):
         out = out * s + i
@@ -193,6 +217,12 @@ def _flat(index, sizes) -> int:
 
 def lag_cost(plan: LagPlan, batch: int, channels: int, groups: int) -> dict[str, float]:
     """FLOPs, elements moved and tasks of :func:`lag_expand_gram` (inputs of the cost model).
+
+    Args:
+        plan: The plan (see :func:`lag_plan`).
+        batch: ``N``.
+        channels: Input channels ``C_in``.
+        groups: Channel groups ``G``.
 
     Returns:
         ``{'flops', 'elements', 'calls'}``: GEMM FLOPs; elements copied or accumulated (the
@@ -247,74 +277,156 @@ def lag_expand_gram(
     plan = lag_plan(spec)
     if plan is None:
         raise ValueError(f"Invalid spec for lag_expand_gram: {spec} (needs stride 1, no transpose)")
-    n, c = x.shape[:2]
-    cg, nd = c // groups, spec.ndim
-    kn = prod(spec.kernel_size)
+    cg, kn = x.shape[1] // groups, prod(spec.kernel_size)
+    d = cg * kn
+    if out is not None and tuple(out.shape) != (groups, d, d):
+        raise ValueError(f"Invalid out: shape {tuple(out.shape)} (expected {(groups, d, d)})")
     # [N, *P, C]: a cell of one sample is a block of contiguous channel vectors, and the lag
     # shifts of the last dimension are adjacent in memory (cheap copies).
     xt = pad(x, spec.dims).movedim(1, -1).contiguous()
-    n_stride, sp_stride = xt.stride()[0], xt.stride()[1 : 1 + nd]
-    lag_stride = tuple(d.dilation * s for d, s in zip(spec.dims, sp_stride))
+    layout = _Layout.of(xt, spec, groups)
     acc = x.new_zeros(kn * kn, groups * cg * cg)  # rows (k, k'), entries (g, c, c')
     for task in plan.tasks:
-        lags = prod(task.lag_count)
-        base = sum(a * s for a, s in zip(task.start, sp_stride))
-        offset = base + sum(m * s for m, s in zip(task.lag_lo, lag_stride))
-        # The lags of the first spatial dimension are row offsets: with the rows ordered
-        # (i_1, n, i_2, ...), the operand of lag m_1 is a contiguous row block of one copy that
-        # spans the cell extended by D_1·(r_1 - 1) positions; only the other lags are copied.
-        len1, rest = task.length[0], task.length[1:]
-        r1, rest_lags = task.lag_count[0], task.lag_count[1:]
-        dil1 = spec.dims[0].dilation
-        ext1 = len1 + dil1 * (r1 - 1)
-        cell_rest, lags_rest = prod(rest), prod(rest_lags)
-        left = xt.as_strided(
-            (groups, len1, n, *rest, cg), (cg, sp_stride[0], n_stride, *sp_stride[1:], 1), base
-        )
-        right = xt.as_strided(
-            (groups, ext1, n, *rest, *rest_lags, cg),
-            (cg, sp_stride[0], n_stride, *sp_stride[1:], *lag_stride[1:], 1),
-            offset,
-        )
-        # chunks over the batch keep the copies in cache and bound their memory
-        per_sample = groups * ext1 * cell_rest * lags_rest * cg
-        chunk = max(1, min(n, _CHUNK_ELEMENTS // per_sample))
-        lbuf = x.new_empty(groups, len1, chunk, *rest, cg)
-        rbuf = x.new_empty(groups, ext1, chunk, *rest, *rest_lags, cg)
-        prods = x.new_zeros(r1, groups, cg, lags_rest * cg)
-        for n0 in range(0, n, chunk):
-            n1 = min(n, n0 + chunk)
-            lb, rb = lbuf, rbuf
-            if n1 - n0 < chunk:  # last, short chunk: buffers of its size
-                lb = x.new_empty(groups, len1, n1 - n0, *rest, cg)
-                rb = x.new_empty(groups, ext1, n1 - n0, *rest, *rest_lags, cg)
-            lb.copy_(left[:, :, n0:n1])
-            rb.copy_(right[:, :, n0:n1])
-            lc = lb.reshape(groups, -1, cg).mT
-            rows = len1 * (n1 - n0) * cell_rest
-            rflat = rb.reshape(groups, ext1 * (n1 - n0) * cell_rest, lags_rest * cg)
-            step = (n1 - n0) * cell_rest  # rows per position of the first dimension
-            for j in range(r1):
-                r0 = dil1 * j * step
-                prods[j].baddbmm_(lc, rflat[:, r0 : r0 + rows])
-        prods = prods.view(r1, groups, cg, lags_rest, cg).permute(0, 3, 1, 2, 4)
-        blocks = prods.reshape(lags, -1)
+        blocks = _task_products(xt, layout, task)
         src, dst = task.src.to(x.device), task.dst.to(x.device)  # no copy on CPU
         acc.index_add_(0, dst, blocks.index_select(0, src), alpha=scale)
-    d = cg * kn
-    if out is None:
-        out = x.new_empty(groups, d, d)
-    elif tuple(out.shape) != (groups, d, d):
-        raise ValueError(f"Invalid out: shape {tuple(out.shape)} (expected {(groups, d, d)})")
+    return _write_symmetric(acc, x.new_empty(groups, d, d) if out is None else out, kn)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Sizes and strides of the padded channels-last input ``xt: [N, *P, C]``.
+
+    Attributes:
+        groups: Channel groups ``G``.
+        channels: Channels per group ``C_g``.
+        n_stride: Stride of the batch dimension.
+        sp_stride: Stride of each spatial dimension.
+        lag_stride: Stride of one lag step (dilation × spatial stride) per dimension.
+        dilation: Dilation of the first spatial dimension (its lags are row offsets).
+    """
+
+    groups: int
+    channels: int
+    n_stride: int
+    sp_stride: tuple[int, ...]
+    lag_stride: tuple[int, ...]
+    dilation: int
+
+    @classmethod
+    def of(cls, xt: torch.Tensor, spec: ConvSpec, groups: int) -> _Layout:
+        """Read the layout of ``xt: [N, *P, C]`` for ``spec``.
+
+        Args:
+            xt: The padded input, channels last.
+            spec: The convolution's spec.
+            groups: Channel groups ``G``.
+
+        Returns:
+            The layout.
+        """
+        nd = spec.ndim
+        sp_stride = xt.stride()[1 : 1 + nd]
+        lag_stride = tuple(d.dilation * s for d, s in zip(spec.dims, sp_stride))
+        return cls(
+            groups,
+            xt.shape[-1] // groups,
+            xt.stride()[0],
+            sp_stride,
+            lag_stride,
+            spec.dims[0].dilation,
+        )
+
+
+def _task_products(xt: torch.Tensor, layout: _Layout, task: LagTask) -> torch.Tensor:
+    """Contract one task (a cell against a rectangle of lags), unscaled.
+
+    The lags of the first spatial dimension are row offsets: with the rows ordered
+    ``(i_1, n, i_2, ...)``, the operand of lag ``m_1`` is a contiguous row block of one copy
+    that spans the cell extended by ``D_1·(r_1 - 1)`` positions; only the other lags are copied.
+
+    Returns:
+        ``[lags, G·C_g·C_g]``, lags in the rectangle's row-major order.
+    """
+    g, cg, sp = layout.groups, layout.channels, layout.sp_stride
+    base = sum(a * s for a, s in zip(task.start, sp))
+    offset = base + sum(m * s for m, s in zip(task.lag_lo, layout.lag_stride))
+    len1, rest = task.length[0], task.length[1:]
+    r1, rest_lags = task.lag_count[0], task.lag_count[1:]
+    ext1 = len1 + layout.dilation * (r1 - 1)
+    n = xt.shape[0]
+    left = xt.as_strided((g, len1, n, *rest, cg), (cg, sp[0], layout.n_stride, *sp[1:], 1), base)
+    right = xt.as_strided(
+        (g, ext1, n, *rest, *rest_lags, cg),
+        (cg, sp[0], layout.n_stride, *sp[1:], *layout.lag_stride[1:], 1),
+        offset,
+    )
+    lags_rest = prod(rest_lags)
+    prods = _chunked_products(left, right, r1, layout.dilation, lags_rest)
+    prods = prods.view(r1, g, cg, lags_rest, cg).permute(0, 3, 1, 2, 4)
+    return prods.reshape(prod(task.lag_count), -1)
+
+
+def _chunked_products(
+    left: torch.Tensor, right: torch.Tensor, r1: int, dil1: int, lags_rest: int
+) -> torch.Tensor:
+    """``Σ_{n, cell} left ⊗ right`` for every first-dimension lag, in batch chunks.
+
+    Args:
+        left: The cell, ``[G, L_1, N, *rest, C_g]`` (a strided view).
+        right: Its lag-shifted neighbourhood, ``[G, L_1 + D_1·(r_1-1), N, *rest, *lags, C_g]``.
+        r1: Number of first-dimension lags.
+        dil1: Dilation ``D_1`` of the first dimension.
+        lags_rest: Number of lags of the other dimensions.
+
+    Returns:
+        ``[r_1, G, C_g, lags_rest·C_g]``.
+    """
+    g, len1, n = left.shape[:3]
+    rest, cg = left.shape[3:-1], left.shape[-1]
+    ext1, cell_rest = right.shape[1], prod(rest)
+    # chunks over the batch keep the copies in cache and bound their memory
+    per_sample = g * ext1 * cell_rest * lags_rest * cg
+    chunk = max(1, min(n, _CHUNK_ELEMENTS // per_sample))
+    lbuf = left.new_empty(g, len1, chunk, *rest, cg)
+    rbuf = left.new_empty(g, ext1, chunk, *right.shape[3:])
+    prods = left.new_zeros(r1, g, cg, lags_rest * cg)
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        lb, rb = lbuf, rbuf
+        if n1 - n0 < chunk:  # last, short chunk: buffers of its size
+            lb = left.new_empty(g, len1, n1 - n0, *rest, cg)
+            rb = left.new_empty(g, ext1, n1 - n0, *right.shape[3:])
+        lb.copy_(left[:, :, n0:n1])
+        rb.copy_(right[:, :, n0:n1])
+        lc = lb.reshape(g, -1, cg).mT
+        rows = len1 * (n1 - n0) * cell_rest
+        rflat = rb.reshape(g, ext1 * (n1 - n0) * cell_rest, lags_rest * cg)
+        step = (n1 - n0) * cell_rest  # rows per position of the first dimension
+        for j in range(r1):
+            r0 = dil1 * j * step
+            prods[j].baddbmm_(lc, rflat[:, r0 : r0 + rows])
+    return prods
+
+
+def _write_symmetric(acc: torch.Tensor, out: torch.Tensor, kn: int) -> torch.Tensor:
+    """Write the half-lag accumulator ``acc: [(k, k'), (g, c, c')]`` into ``out: [G, D, D]``.
+
+    Lags with a negative first non-zero entry are transposed copies: ``A[k, k'] = half[k, k'] +
+    half[k', k]^T`` (one of the two is zero); lag 0 (``k = k'``) appears twice, so it is halved.
+    Summing in the accumulator's layout first, then one permuted copy, is 1-6x faster than
+    adding two permuted views straight into ``out`` (measured for ``C_g = 64 ... 512``).
+
+    Returns:
+        ``out``, exactly symmetric.
+    """
+    groups, d = out.shape[0], out.shape[-1]
+    cg = d // kn
     # out[g, (c, k), (c', k')] as [G, C_g, K^N, C_g, K^N]
     s_g, s_row, s_col = out.stride()
     view = out.as_strided(
         (groups, cg, kn, cg, kn), (s_g, s_row * kn, s_row, s_col * kn, s_col), out.storage_offset()
     )
-    # lags with a negative first non-zero entry are transposed copies: A[k, k'] = half[k, k'] +
-    # half[k', k]^T (one of the two is zero); lag 0 (k = k') appears twice, so it is halved.
-    # Summing in the accumulator's layout first, then one permuted copy, is 1-6x faster than
-    # adding two permuted views straight into ``out`` (measured for C_g = 64 ... 512).
     half = acc.view(kn, kn, groups, cg, cg)
     full = half + half.permute(1, 0, 2, 4, 3)
     full.diagonal(dim1=0, dim2=1).mul_(0.5)

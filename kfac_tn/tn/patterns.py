@@ -40,12 +40,30 @@ def _cached_pattern(dim: DimSpec, dtype: torch.dtype, device: torch.device) -> t
 
 
 def cached_index_pattern(dim: DimSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Like :func:`index_pattern`, but returns a shared cached tensor (do not modify it)."""
+    """Like :func:`index_pattern`, but returns a shared cached tensor (do not modify it).
+
+    Args:
+        dim: Geometry of the dimension.
+        dtype: Floating dtype of the result.
+        device: Device of the result.
+
+    Returns:
+        Π of shape ``[K, O, I]`` (shared).
+    """
     return _cached_pattern(dim, dtype, torch.device(device))
 
 
 def summed_index_pattern(dim: DimSpec, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Π summed over its output leg, ``Π̄[k, i] = Σ_o Π[k, o, i]`` (KFAC-reduce), ``[K, I]``."""
+    """Build Π summed over its output leg, ``Π̄[k, i] = Σ_o Π[k, o, i]`` (KFAC-reduce).
+
+    Args:
+        dim: Geometry of the dimension.
+        dtype: Floating dtype of the result.
+        device: Device of the result.
+
+    Returns:
+        ``Π̄`` of shape ``[K, I]`` (a fresh tensor).
+    """
     return _cached_pattern(dim, dtype, torch.device(device)).sum(1)
 
 
@@ -62,6 +80,9 @@ def cached_summed_index_pattern(
             convolution); ``'i'`` gives ``Σ_i Π[k, o, i]`` ``[K, O]`` (KFAC-reduce of a
             transposed convolution).
 
+    Returns:
+        ``[K, I]`` (``over='o'``) or ``[K, O]`` (``over='i'``), shared.
+
     Raises:
         ValueError: If ``over`` is not ``'o'`` or ``'i'``.
     """
@@ -71,5 +92,7 @@ def cached_summed_index_pattern(
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_summed(dim: DimSpec, dtype: torch.dtype, device: torch.device, over: str):
+def _cached_summed(
+    dim: DimSpec, dtype: torch.dtype, device: torch.device, over: str
+) -> torch.Tensor:
     return _cached_pattern(dim, dtype, device).sum(1 if over == "o" else 2)

@@ -94,7 +94,12 @@ class Sample:
         return self.indices[0].numel() / self.input_shape[1]
 
     def kept_shape(self) -> tuple[int, ...]:
-        """Shape of :func:`gather`'s result."""
+        """Shape of :func:`gather`'s result.
+
+        Returns:
+            ``(N, C_in, M)`` for ``"position"``, ``(N, C_in, M_1, ..., M_N)`` for ``"dims"``,
+            ``(N, M, *spatial)`` for ``"channel"``.
+        """
         n, c, *spatial = self.input_shape
         if self.mode == "position":
             return (n, c, self.indices[0].numel())
@@ -406,9 +411,9 @@ def _vjp_channel(x_kept: Tensor, sample: Sample, v: Tensor, spec: ConvSpec) -> T
             x_kept,
             v,
             spec.kernel_size,
-            tuple(d.stride for d in spec.dims),
-            tuple((d.pad_left, d.pad_right) for d in spec.dims),
-            tuple(d.dilation for d in spec.dims),
+            spec.strides,
+            spec.padding_pairs,
+            spec.dilations,
         )
         out[0].index_copy_(1, channels, kept.flatten(2))
         return out

@@ -102,6 +102,21 @@ class ConvSpec:
         return tuple(d.kernel for d in self.dims)
 
     @property
+    def strides(self) -> tuple[int, ...]:
+        """Stride per dimension."""
+        return tuple(d.stride for d in self.dims)
+
+    @property
+    def dilations(self) -> tuple[int, ...]:
+        """Dilation per dimension."""
+        return tuple(d.dilation for d in self.dims)
+
+    @property
+    def padding_pairs(self) -> tuple[tuple[int, int], ...]:
+        """``(left, right)`` padding per dimension."""
+        return tuple((d.pad_left, d.pad_right) for d in self.dims)
+
+    @property
     def in_spatial(self) -> tuple[int, ...]:
         """Spatial input size of the associated convolution, ``(I_1, ..., I_N)``."""
         return tuple(d.in_size for d in self.dims)
@@ -160,7 +175,19 @@ def _tuple(name: str, value: IntOrSeq, n: int, *, minimum: int) -> tuple[int, ..
 def output_size(
     in_size: int, kernel: int, stride: int, dilation: int, pad_left: int, pad_right: int
 ) -> int:
-    """Output size ``O = 1 + floor((I + P_l + P_r - D·(K-1) - 1) / S)`` of one dimension."""
+    """Output size of one dimension.
+
+    Args:
+        in_size: Input size ``I``.
+        kernel: Kernel size ``K``.
+        stride: Stride ``S``.
+        dilation: Dilation ``D``.
+        pad_left: Padding ``P_l``.
+        pad_right: Padding ``P_r``.
+
+    Returns:
+        ``O = 1 + floor((I + P_l + P_r - D·(K-1) - 1) / S)``.
+    """
     return 1 + (in_size + pad_left + pad_right - dilation * (kernel - 1) - 1) // stride
 
 
