@@ -21,13 +21,19 @@ import functools
 import torch
 
 from kfac_tn.tn import networks
-from kfac_tn.tn._common import prod
+from kfac_tn.tn._common import check_impl, prod
 from kfac_tn.tn.einsum import contraction_path
 from kfac_tn.tn.expressions import routine_expression
 from kfac_tn.tn.lag import lag_cost, lag_plan
 from kfac_tn.tn.spec import ConvSpec
 
-__all__ = ["choose_impl", "estimated_seconds", "expand_strategy", "simplified_seconds"]
+__all__ = [
+    "choose_impl",
+    "estimated_seconds",
+    "expand_strategy",
+    "resolve_impl",
+    "simplified_seconds",
+]
 
 # expand cost model: seconds per FLOP, per element copied or accumulated, per GEMM call
 _SECONDS_PER_FLOP = 8.5e-12
@@ -82,6 +88,27 @@ def choose_impl(
         ValueError: If ``kind`` is not ``'expand'`` or ``'reduce'``.
     """
     return _choose(kind, spec, batch_size, channels, dtype, torch.device(device).type)
+
+
+def resolve_impl(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
+    """Check a factor's ``impl``; ``'auto'`` becomes :func:`choose_impl`'s choice for ``x``.
+
+    Args:
+        kind: ``'expand'`` or ``'reduce'``.
+        impl: The ``impl`` argument of the factor.
+        spec: The layer's spec.
+        x: The layer input ``[N, C_in, *spatial]``.
+
+    Returns:
+        ``'tn'``, ``'tn_simplified'`` or ``'standard'``.
+
+    Raises:
+        ValueError: If ``impl`` is invalid.
+    """
+    check_impl(impl)
+    if impl == "auto":
+        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type)
+    return impl
 
 
 @functools.lru_cache(maxsize=4096)

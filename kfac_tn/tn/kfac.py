@@ -65,7 +65,7 @@ from kfac_tn.tn._common import (
     prod,
     spatial_ndim,
 )
-from kfac_tn.tn.cost import _choose, expand_strategy
+from kfac_tn.tn.cost import expand_strategy, resolve_impl
 from kfac_tn.tn.einsum import contract
 from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.gram import mirror_upper_, symmetric_gram
@@ -131,7 +131,7 @@ def kfac_expand_factor(
     spec = _factor_spec(
         x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
     )
-    path = _expand_path(_resolve("expand", impl, spec, x), spec, x)
+    path = _expand_path(resolve_impl("expand", impl, spec, x), spec, x)
     return path(x, spec, bias)
 
 
@@ -175,7 +175,7 @@ def kfac_reduce_factor(
     spec = _factor_spec(
         x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
     )
-    impl = _resolve("reduce", impl, spec, x)
+    impl = resolve_impl("reduce", impl, spec, x)
     if impl == "tn":
         return _reduce_tn(x, spec, bias)
     if impl == "standard":
@@ -339,14 +339,6 @@ def _factor_spec(
         output_padding=output_padding,
     )
     return spec
-
-
-def _resolve(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
-    """Check ``impl``; ``'auto'`` becomes the cost model's choice (:mod:`kfac_tn.tn.cost`)."""
-    check_impl(impl)
-    if impl == "auto":
-        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type)
-    return impl
 
 
 def _check_grad(g: torch.Tensor, groups: int, impl: str) -> str:
