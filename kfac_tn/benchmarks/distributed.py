@@ -109,7 +109,7 @@ def _factor_and_inverse_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, in
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from kfac_tn.models import Net3c3d
+    from kfac_tn.training.models import Net3c3d
 
     rank, world = args.worker_rank, args.world_size
     if args.device == "cuda":

@@ -8,9 +8,9 @@ runs one forward pass with forward-pre-hooks on every convolution to record the 
 returns one :class:`ConvLayer` per unique configuration of a network. Extraction of all nine
 networks takes a few seconds (mostly importing torchvision), so nothing is cached on disk.
 
-The DeepOBS networks come from :mod:`kfac_tn.models` (layouts of design.md §5; TensorFlow's
-asymmetric 'same' padding of DeepOBS's strided layers is replaced there by PyTorch's symmetric
-padding with the same output size).
+The DeepOBS networks come from :mod:`kfac_tn.training.models` (layouts of design.md §5;
+TensorFlow's asymmetric 'same' padding of DeepOBS's strided layers is replaced there by PyTorch's
+symmetric padding with the same output size).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from math import prod
 import torch
 from torch import nn
 
-from kfac_tn.models import AllCNNC, Net2c2d, Net3c3d
 from kfac_tn.tn.spec import ConvSpec, conv_spec
+from kfac_tn.training.models import AllCNNC, Net2c2d, Net3c3d
 
 log = logging.getLogger(__name__)
 

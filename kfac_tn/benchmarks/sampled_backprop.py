@@ -13,9 +13,9 @@ Reproduces the paper's experiment (Dangel 2024, §5 / design.md §3) with the pa
    ``saved`` counts the bytes of every non-parameter tensor the convolutions save for the
    backward pass (via :func:`torch.autograd.graph.saved_tensors_hooks`; includes the int64
    indices of the kept slices).
-2. **Training.** The small digits CNN (:class:`kfac_tn.models.DigitsCNN`, 16×16 digits) trained
-   with SGD using exact backpropagation and sampled backpropagation at ``keep_prob=0.5``
-   (spatial, spatial per-dimension, channel): test accuracy per epoch.
+2. **Training.** The small digits CNN (:class:`kfac_tn.training.models.DigitsCNN`, 16×16 digits)
+   trained with SGD using exact backpropagation and sampled backpropagation at
+   ``keep_prob=0.5`` (spatial, spatial per-dimension, channel): test accuracy per epoch.
 
 Outputs ``results.json``, ``error_vs_memory.png`` and ``training.png`` in ``--out`` and a table
 on stdout. Run ``python -m kfac_tn.benchmarks.sampled_backprop [--quick] [--out DIR]
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_tn.data import load_digits_tensors
-from kfac_tn.models import AllCNNC, DigitsCNN
 from kfac_tn.nn import convert_mask_relu, convert_sampled
 from kfac_tn.tn.sampled import position_contribution_norms
+from kfac_tn.training.data import load_digits_tensors
+from kfac_tn.training.models import AllCNNC, DigitsCNN
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def build(name: str) -> nn.Module:
         ValueError: For an unknown name.
     """
     if name == "3c3d":
-        from kfac_tn.models import Net3c3d
+        from kfac_tn.training.models import Net3c3d
 
         return Net3c3d(3, 32, 10)
     if name in ("resnet18", "resnet50"):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from kfac_tn.checkpoint import CheckpointError
-from kfac_tn.config import ConfigError, ScheduleConfig, ScheduleName, load_config
-from kfac_tn.train import lr_factor, read_metrics, resolve_device, train
+from kfac_tn.training.checkpoint import CheckpointError
+from kfac_tn.training.config import ConfigError, ScheduleConfig, ScheduleName, load_config
+from kfac_tn.training.train import lr_factor, read_metrics, resolve_device, train
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 ROW_KEYS = {
     "epoch",
     "train_loss",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from kfac_tn.config import (
+from kfac_tn.training.config import (
     KFAC_KEYS,
     KFAC_LAYER_KEYS,
     OPTIMIZER_KEYS,
@@ -25,7 +25,7 @@ from kfac_tn.config import (
     read_yaml,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
@@ -373,7 +373,7 @@ def test_config_reference_lists_every_key():
 
 
 def test_saved_yaml_reloads(tmp_path):
-    from kfac_tn.config import save_config
+    from kfac_tn.training.config import save_config
 
     cfg = load_config(
         None, ["optimizer.name=adamw", "optimizer.betas=[0.8, 0.9]", "model.name=3c3d"]
@@ -397,7 +397,7 @@ _ENUM_PAIRS = [
 def test_config_choices_equal_library_enums(pair):
     import importlib
 
-    from kfac_tn import config
+    from kfac_tn.training import config
 
     _, config_name, module, library_name = pair
     config_enum = getattr(config, config_name)

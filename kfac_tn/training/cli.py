@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    from kfac_tn.config import ConfigError
+    from kfac_tn.training.config import ConfigError
 
     configs = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
@@ -121,8 +121,8 @@ def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from kfac_tn.config import load_config
-    from kfac_tn.train import CONFIG_NAME, train
+    from kfac_tn.training.config import load_config
+    from kfac_tn.training.train import CONFIG_NAME, train
 
     config_path, overrides = _split_args(ns.args)
     for flag, key in (
@@ -157,7 +157,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
-    from kfac_tn.plots import compare_runs, summarize_runs
+    from kfac_tn.training.plots import compare_runs, summarize_runs
 
     summary = summarize_runs(ns.run_dirs, ns.target)
     out = compare_runs(ns.run_dirs, ns.out)
@@ -169,7 +169,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 def _cmd_reference(ns: argparse.Namespace) -> int:
     import yaml
 
-    from kfac_tn.config import TrainConfig, config_reference, config_to_dict
+    from kfac_tn.training.config import TrainConfig, config_reference, config_to_dict
 
     if ns.format == "markdown":
         print(config_reference())
@@ -204,9 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Exit status: 0 on success, 2 on an invalid config/arguments/checkpoint, 1 on a failed
     distributed run.
     """
-    from kfac_tn.checkpoint import CheckpointError
-    from kfac_tn.config import ConfigError
-    from kfac_tn.train import DistributedRunError
+    from kfac_tn.training.checkpoint import CheckpointError
+    from kfac_tn.training.config import ConfigError
+    from kfac_tn.training.train import DistributedRunError
 
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kfac_tn.cli import build_parser, main
+from kfac_tn.training.cli import build_parser, main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -156,12 +156,12 @@ def test_reference_lists_keys(capsys):
     assert main(["reference", "--format", "yaml"]) == 0
     import yaml
 
-    from kfac_tn.config import TrainConfig, config_from_dict
+    from kfac_tn.training.config import TrainConfig, config_from_dict
 
     assert config_from_dict(yaml.safe_load(capsys.readouterr().out)) == TrainConfig()
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLE_RUNS = [
     ("quickstart", ["quickstart.py", "--epochs", "1"], "epoch 1: test loss"),
     (
@@ -313,7 +313,7 @@ def test_dead_peer_gives_clear_error(tmp_path):
 @pytest.mark.parametrize("status", [0, 2, 1], ids=["ok", "config_error", "distributed_failure"])
 def test_console_main_exit_status(status, monkeypatch):
     """A failed distributed run leaves via os._exit (no interpreter shutdown), others sys.exit."""
-    from kfac_tn import cli
+    from kfac_tn.training import cli
 
     class HardExit(Exception):
         pass

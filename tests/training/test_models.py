@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_tn.config import ModelConfig
-from kfac_tn.models import AllCNNC, ConvAutoencoder, Net2c2d, Net3c3d, build_model
+from kfac_tn.training.config import ModelConfig
+from kfac_tn.training.models import AllCNNC, ConvAutoencoder, Net2c2d, Net3c3d, build_model
 
 
 def conv_signature(model: nn.Module) -> list[tuple]:

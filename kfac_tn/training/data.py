@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from kfac_tn.config import DataConfig, DataName
+from kfac_tn.training.config import DataConfig, DataName
 
 __all__ = [
     "DataBundle",

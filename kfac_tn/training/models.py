@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from kfac_tn.config import BUILTIN_MODELS, WIDTH_RESNETS, ModelConfig
+from kfac_tn.training.config import BUILTIN_MODELS, WIDTH_RESNETS, ModelConfig
 
 __all__ = [
     "AllCNNC",

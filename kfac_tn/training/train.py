@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kfac_tn.checkpoint import (
+from kfac_tn.optim.placement import consolidated_state_dict
+from kfac_tn.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     capture_rng_state,
@@ -45,7 +46,7 @@ from kfac_tn.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from kfac_tn.config import (
+from kfac_tn.training.config import (
     ConfigError,
     Distributed,
     OptimizerName,
@@ -57,9 +58,8 @@ from kfac_tn.config import (
     config_to_dict,
     save_config,
 )
-from kfac_tn.data import build_datasets, build_loaders
-from kfac_tn.models import build_model, is_reconstruction
-from kfac_tn.optim.placement import consolidated_state_dict
+from kfac_tn.training.data import build_datasets, build_loaders
+from kfac_tn.training.models import build_model, is_reconstruction
 
 __all__ = [
     "DistributedRunError",
@@ -597,7 +597,7 @@ def _loop(
     if hasattr(optimizer, "remove_hooks"):
         optimizer.remove_hooks()
     if ctx.is_main and rows:
-        from kfac_tn.plots import plot_run
+        from kfac_tn.training.plots import plot_run
 
         plot_run(run_dir, run_dir / PLOT_NAME)
         logger.info("wrote %s", run_dir / PLOT_NAME)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_tn import checkpoint as ckpt
-from kfac_tn.checkpoint import (
+from kfac_tn.training import checkpoint as ckpt
+from kfac_tn.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_tn.config import DataConfig, DataName
-from kfac_tn.data import (
+from kfac_tn.training.config import DataConfig, DataName
+from kfac_tn.training.data import (
     DIGITS_TEST_SIZE,
     build_datasets,
     build_loaders,
