@@ -23,6 +23,15 @@ from typing import Any, Union
 
 import yaml
 
+from kfac_tn.enums import (
+    Choice,
+    DistributedStrategy,
+    DtypeName,
+    FisherType,
+    Inversion,
+    KFACApprox,
+)
+
 __all__ = [
     "BUILTIN_MODELS",
     "ConfigError",
@@ -52,12 +61,7 @@ class ConfigError(ValueError):
     """A configuration problem; the message names each bad key, its value and what is allowed."""
 
 
-class _StrEnum(str, enum.Enum):
-    def __str__(self) -> str:
-        return str(self.value)
-
-
-class DataName(_StrEnum):
+class DataName(Choice):
     """Data sets: offline digits, CIFAR (python-pickle format), ImageNet (ImageFolder), FakeData."""
 
     DIGITS = "digits"
@@ -67,7 +71,7 @@ class DataName(_StrEnum):
     FAKE = "fake"
 
 
-class OptimizerName(_StrEnum):
+class OptimizerName(Choice):
     """Optimizers."""
 
     KFAC = "kfac"
@@ -76,45 +80,7 @@ class OptimizerName(_StrEnum):
     ADAMW = "adamw"
 
 
-class KfacApprox(_StrEnum):
-    """KFAC approximation for weight-sharing layers."""
-
-    EXPAND = "expand"
-    REDUCE = "reduce"
-
-
-class FisherType(_StrEnum):
-    """Curvature estimate behind the output-gradient factor."""
-
-    EMPIRICAL = "empirical"
-    MC = "mc"
-    TYPE2 = "type2"
-
-
-class Inversion(_StrEnum):
-    """How damped factors are inverted."""
-
-    EIGEN = "eigen"
-    CHOLESKY = "cholesky"
-
-
-class DistStrategy(_StrEnum):
-    """KFAC inverse placement across workers."""
-
-    REPLICATE = "replicate"
-    SHARD = "shard"
-
-
-class FactorDtype(_StrEnum):
-    """Dtype names allowed for KFAC factor storage/inversion."""
-
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-
-
-class ScheduleName(_StrEnum):
+class ScheduleName(Choice):
     """Learning-rate schedules (stepped every iteration; ``warmup_epochs`` applies to all)."""
 
     NONE = "none"
@@ -124,7 +90,7 @@ class ScheduleName(_StrEnum):
     ONECYCLE = "onecycle"
 
 
-class Precision(_StrEnum):
+class Precision(Choice):
     """Forward/backward precision: fp32, bf16 autocast, or fp16 autocast with a GradScaler."""
 
     FP32 = "fp32"
@@ -132,14 +98,14 @@ class Precision(_StrEnum):
     FP16 = "fp16"
 
 
-class Distributed(_StrEnum):
+class Distributed(Choice):
     """Multi-process training: off, or DistributedDataParallel launched by torchrun."""
 
     OFF = "off"
     DDP = "ddp"
 
 
-class SampleAxis(_StrEnum):
+class SampleAxis(Choice):
     """Leg sampled by randomized backpropagation in the weight VJP."""
 
     SPATIAL = "spatial"
@@ -230,15 +196,15 @@ class OptimizerConfig:
     factor_decay: float = 0.95
     factor_update_period: int = 1
     inverse_update_period: int = 10
-    kfac_approx: KfacApprox = KfacApprox.EXPAND
+    kfac_approx: KFACApprox = KFACApprox.EXPAND
     fisher_type: FisherType = FisherType.EMPIRICAL
     mc_samples: int = 1
     inversion: Inversion = Inversion.EIGEN
     kl_clip: float | None = 1e-3
-    factor_dtype: FactorDtype | None = None
-    inverse_dtype: FactorDtype | None = None
+    factor_dtype: DtypeName | None = None
+    inverse_dtype: DtypeName | None = None
     layer_settings: dict[str, Any] | None = None
-    distributed_strategy: DistStrategy = DistStrategy.REPLICATE
+    distributed_strategy: DistributedStrategy = DistributedStrategy.REPLICATE
     bucket_cap_mb: float = 25.0
 
 
