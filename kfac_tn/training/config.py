@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 
 from kfac_tn.enums import (
@@ -31,6 +32,8 @@ from kfac_tn.enums import (
     Inversion,
     KFACApprox,
 )
+from kfac_tn.optim import hyperparams
+from kfac_tn.optim.hyperparams import Number
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -51,6 +54,7 @@ __all__ = [
     "config_from_dict",
     "config_reference",
     "config_to_dict",
+    "kfac_arguments",
     "load_config",
     "parse_override",
     "save_config",
@@ -208,38 +212,15 @@ class OptimizerConfig:
     bucket_cap_mb: float = 25.0
 
 
-KFAC_KEYS: tuple[str, ...] = (
-    "lr",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "damping",
-    "factor_decay",
-    "factor_update_period",
-    "inverse_update_period",
-    "kfac_approx",
-    "fisher_type",
-    "mc_samples",
-    "inversion",
-    "kl_clip",
-    "factor_dtype",
-    "inverse_dtype",
-    "layer_settings",
-    "distributed_strategy",
-    "bucket_cap_mb",
+KFAC_KEYS: tuple[str, ...] = tuple(
+    f.name
+    for f in dataclasses.fields(OptimizerConfig)
+    if f.name in hyperparams.KFAC_KEYS or f.name == "layer_settings"
 )
-"""Keys passed to :class:`kfac_tn.KFAC` (``loss``/``loss_reduction`` come from the task)."""
+"""Keys passed to :class:`kfac_tn.KFAC` (``loss``/``loss_reduction`` come from the task): the
+optimizer's :data:`~kfac_tn.optim.hyperparams.KFAC_KEYS` and ``layer_settings``, in schema order."""
 
-KFAC_LAYER_KEYS: tuple[str, ...] = (
-    "damping",
-    "factor_decay",
-    "factor_update_period",
-    "inverse_update_period",
-    "kfac_approx",
-    "inversion",
-    "factor_dtype",
-    "inverse_dtype",
-)
+KFAC_LAYER_KEYS: tuple[str, ...] = hyperparams.LAYER_KEYS
 """Keys an ``optimizer.layer_settings`` entry may override (besides the value ``skip``)."""
 
 OPTIMIZER_KEYS: dict[OptimizerName, tuple[str, ...]] = {
@@ -500,30 +481,89 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Semantic checks
+# Semantic checks: one function per section. The KFAC keys' ranges and choices are the
+# optimizer's own rules (kfac_tn.optim.hyperparams); the config's other keys have rules below.
 # ----------------------------------------------------------------------------------------------
+
+_RANGES: dict[str, dict[str, Number]] = {
+    "model": {"width": Number(0.0, low_open=True), "dropout": Number(0.0, 1.0, high_open=True)},
+    "data": {
+        "image_size": Number(1, nullable=True),
+        "train_subset": Number(1, nullable=True),
+        "test_subset": Number(1, nullable=True),
+        "limit_batches": Number(1, nullable=True),
+        "fake_train_size": Number(1),
+        "fake_test_size": Number(1),
+        "num_workers": Number(0),
+        "fake_num_classes": Number(2),
+    },
+    "optimizer": {  # SGD/Adam-only keys; the KFAC keys are hyperparams.RULES
+        "eps": Number(0.0, low_open=True),
+        "dampening": Number(0.0, 1.0, high_open=True),
+    },
+    "schedule": {
+        "warmup_epochs": Number(0.0),
+        "min_lr_ratio": Number(0.0, 1.0),
+        "step_epochs": Number(1),
+        "gamma": Number(0.0, 1.0, low_open=True),
+        "pct_start": Number(0.0, 1.0, low_open=True, high_open=True),
+    },
+    "sampled_backprop": {"keep_prob": Number(0.0, 1.0, low_open=True)},
+    "": {
+        "epochs": Number(1),
+        "batch_size": Number(1),
+        "test_batch_size": Number(1),
+        "checkpoint_period": Number(0),
+        "log_every": Number(1),
+        "dist_timeout_s": Number(0.0, low_open=True),
+    },
+}
+"""Range of every numeric config key that is not a KFAC hyperparameter, by section."""
+
+_BETA = Number(0.0, 1.0, high_open=True)
+_DTYPE_KEYS = frozenset(k for k, r in hyperparams.RULES.items() if isinstance(r, hyperparams.Dtype))
 
 
 def _torchvision_models() -> list[str]:
     try:
         import torchvision.models as tvm
-    except ImportError:  # pragma: no cover - torchvision is an optional extra
+    except ImportError:  # pragma: no cover - torchvision is part of the train extra
         return []
     return sorted(tvm.list_models(module=tvm))
 
 
-def _check_range(errors: list[str], key: str, value: Any, ok: bool, allowed: str) -> None:
-    if value is not None and not ok:
-        errors.append(f"{key}: {value!r} is out of range; allowed: {allowed}")
+def _out_of_range(key: str, value: Any, allowed: str) -> str:
+    return f"{key}: {value!r} is out of range; allowed: {allowed}"
+
+
+def _range_errors(section: Any, name: str) -> list[str]:
+    """Out-of-range messages for the keys of ``section`` that :data:`_RANGES` has rules for."""
+    prefix = f"{name}." if name else ""
+    return [
+        _out_of_range(prefix + key, getattr(section, key), rule.allowed)
+        for key, rule in _RANGES[name].items()
+        if not rule.accepts(getattr(section, key))
+    ]
 
 
 def _semantic_errors(cfg: TrainConfig, raw: Mapping[str, Any]) -> list[str]:
+    """Every problem of a well-typed config, section by section."""
+    raw_optimizer = raw.get("optimizer") if isinstance(raw, Mapping) else None
+    return [
+        *_model_errors(cfg.model, cfg.data),
+        *_range_errors(cfg.data, "data"),
+        *_data_path_errors(cfg.data),
+        *_optimizer_errors(cfg.optimizer, raw_optimizer),
+        *_schedule_errors(cfg.schedule),
+        *_range_errors(cfg.sampled_backprop, "sampled_backprop"),
+        *_run_errors(cfg),
+    ]
+
+
+def _model_errors(m: ModelConfig, d: DataConfig) -> list[str]:
     errors: list[str] = []
-    m, d, o, s, sb = cfg.model, cfg.data, cfg.optimizer, cfg.schedule, cfg.sampled_backprop
-    # model
-    if isinstance(m.name, str) and m.name not in BUILTIN_MODELS:
-        tv = _torchvision_models()
-        if m.name not in tv:
+    if m.name not in BUILTIN_MODELS:
+        if m.name not in _torchvision_models():
             errors.append(
                 f"model.name: {m.name!r} is not a built-in model {list(BUILTIN_MODELS)} "
                 f"nor a torchvision classification model (e.g. resnet18, resnet50)"
@@ -535,158 +575,9 @@ def _semantic_errors(cfg: TrainConfig, raw: Mapping[str, Any]) -> list[str]:
             )
     elif m.cifar_stem:
         errors.append(f"model.cifar_stem: True is only supported for {list(WIDTH_RESNETS)}")
-    _check_range(errors, "model.width", m.width, m.width is None or m.width > 0, "> 0")
-    _check_range(
-        errors, "model.dropout", m.dropout, m.dropout is None or 0 <= m.dropout < 1, "[0, 1)"
-    )
+    errors.extend(_range_errors(m, "model"))
     if m.name == "autoencoder" and d.name == DataName.IMAGENET:
         errors.append("model.name: 'autoencoder' is for digits/CIFAR/fake data, not imagenet")
-    # data
-    for key in ("image_size", "train_subset", "test_subset", "limit_batches"):
-        v = getattr(d, key)
-        _check_range(errors, f"data.{key}", v, v is None or v >= 1, ">= 1 or null")
-    for key in ("fake_train_size", "fake_test_size", "num_workers"):
-        v = getattr(d, key)
-        lo = 0 if key == "num_workers" else 1
-        _check_range(errors, f"data.{key}", v, v is None or v >= lo, f">= {lo}")
-    _check_range(
-        errors,
-        "data.fake_num_classes",
-        d.fake_num_classes,
-        d.fake_num_classes is None or d.fake_num_classes >= 2,
-        ">= 2",
-    )
-    errors.extend(_data_path_errors(d))
-    # optimizer: only keys that apply to the chosen optimizer may be set
-    raw_opt = raw.get("optimizer") if isinstance(raw, Mapping) else None
-    if isinstance(raw_opt, Mapping) and isinstance(o.name, OptimizerName):
-        allowed = OPTIMIZER_KEYS[o.name]
-        for k in raw_opt:
-            if k != "name" and k not in allowed:
-                errors.append(
-                    f"optimizer.{k}: does not apply to optimizer.name {o.name.value!r}; "
-                    f"allowed keys: {['name', *allowed]}"
-                )
-    positive = {"lr": o.lr, "damping": o.damping, "bucket_cap_mb": o.bucket_cap_mb, "eps": o.eps}
-    for k, v in positive.items():
-        _check_range(errors, f"optimizer.{k}", v, v is None or v > 0, "> 0")
-    for k in ("momentum", "factor_decay", "dampening"):
-        v = getattr(o, k)
-        _check_range(errors, f"optimizer.{k}", v, v is None or 0 <= v < 1, "[0, 1)")
-    _check_range(
-        errors,
-        "optimizer.weight_decay",
-        o.weight_decay,
-        o.weight_decay is None or o.weight_decay >= 0,
-        ">= 0",
-    )
-    for k in ("factor_update_period", "inverse_update_period", "mc_samples"):
-        v = getattr(o, k)
-        _check_range(errors, f"optimizer.{k}", v, v is None or v >= 1, ">= 1")
-    _check_range(
-        errors, "optimizer.kl_clip", o.kl_clip, o.kl_clip is None or o.kl_clip > 0, "> 0 or null"
-    )
-    if o.betas is not None and all(b is not None for b in o.betas):
-        _check_range(
-            errors,
-            "optimizer.betas",
-            list(o.betas),
-            all(0 <= b < 1 for b in o.betas),
-            "two values in [0, 1)",
-        )
-    if o.layer_settings:
-        errors.extend(_layer_settings_errors(o.layer_settings))
-    # schedule
-    _check_range(
-        errors,
-        "schedule.warmup_epochs",
-        s.warmup_epochs,
-        s.warmup_epochs is None or s.warmup_epochs >= 0,
-        ">= 0",
-    )
-    _check_range(
-        errors,
-        "schedule.min_lr_ratio",
-        s.min_lr_ratio,
-        s.min_lr_ratio is None or 0 <= s.min_lr_ratio <= 1,
-        "[0, 1]",
-    )
-    _check_range(
-        errors,
-        "schedule.step_epochs",
-        s.step_epochs,
-        s.step_epochs is None or s.step_epochs >= 1,
-        ">= 1",
-    )
-    _check_range(errors, "schedule.gamma", s.gamma, s.gamma is None or 0 < s.gamma <= 1, "(0, 1]")
-    _check_range(
-        errors,
-        "schedule.pct_start",
-        s.pct_start,
-        s.pct_start is None or 0 < s.pct_start < 1,
-        "(0, 1)",
-    )
-    if s.milestones and any(mi is not None and mi < 1 for mi in s.milestones):
-        errors.append(
-            f"schedule.milestones: {s.milestones!r} is out of range; allowed: epochs >= 1"
-        )
-    # sampled backprop
-    _check_range(
-        errors,
-        "sampled_backprop.keep_prob",
-        sb.keep_prob,
-        sb.keep_prob is None or 0 < sb.keep_prob <= 1,
-        "(0, 1]",
-    )
-    # run
-    for key, lo in (
-        ("epochs", 1),
-        ("batch_size", 1),
-        ("test_batch_size", 1),
-        ("checkpoint_period", 0),
-        ("log_every", 1),
-    ):
-        v = getattr(cfg, key)
-        _check_range(errors, key, v, v is None or v >= lo, f">= {lo}")
-    _check_range(
-        errors,
-        "dist_timeout_s",
-        cfg.dist_timeout_s,
-        cfg.dist_timeout_s is None or cfg.dist_timeout_s > 0,
-        "> 0",
-    )
-    if isinstance(cfg.device, str) and not _valid_device(cfg.device):
-        errors.append(
-            f"device: {cfg.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"
-        )
-    return errors
-
-
-def _valid_device(device: str) -> bool:
-    if device in ("auto", "cpu", "cuda", "mps"):
-        return True
-    head, _, idx = device.partition(":")
-    return head == "cuda" and idx.isdigit()
-
-
-def _layer_settings_errors(settings: Mapping[str, Any]) -> list[str]:
-    errors: list[str] = []
-    hints = typing.get_type_hints(OptimizerConfig)
-    per_layer = list(KFAC_LAYER_KEYS)
-    for pattern, override in settings.items():
-        key = f"optimizer.layer_settings[{pattern!r}]"
-        if override == "skip":
-            continue
-        if not isinstance(override, Mapping):
-            errors.append(
-                f"{key}: {override!r} is neither 'skip' nor a mapping of KFAC keys {per_layer}"
-            )
-            continue
-        for k, v in override.items():
-            if k not in per_layer:
-                errors.append(f"{key}.{k}: unknown key; allowed keys: {per_layer}")
-            else:
-                _convert(v, hints[k], f"{key}.{k}", errors)
     return errors
 
 
@@ -715,6 +606,130 @@ def _data_path_errors(d: DataConfig) -> list[str]:
                 f"ImageFolder root with train/<class>/* and val/<class>/*"
             ]
     return []
+
+
+def _optimizer_errors(o: OptimizerConfig, raw: Any) -> list[str]:
+    """Keys that do not apply to ``o.name``, then the values the rules reject."""
+    errors: list[str] = []
+    if isinstance(raw, Mapping):  # only keys that apply to the chosen optimizer may be set
+        allowed = OPTIMIZER_KEYS[o.name]
+        errors.extend(
+            f"optimizer.{k}: does not apply to optimizer.name {o.name.value!r}; "
+            f"allowed keys: {['name', *allowed]}"
+            for k in raw
+            if k != "name" and k not in allowed
+        )
+    values = {k: _library_value(k, getattr(o, k)) for k in hyperparams.KFAC_KEYS}
+    errors.extend(_problem_message(p, "optimizer.") for p in hyperparams.problems(values))
+    errors.extend(_range_errors(o, "optimizer"))
+    if not all(_BETA.accepts(b) for b in o.betas):
+        errors.append(
+            _out_of_range("optimizer.betas", list(o.betas), f"two values in {_BETA.allowed}")
+        )
+    if o.layer_settings:
+        errors.extend(_layer_settings_errors(o.layer_settings))
+    return errors
+
+
+def _problem_message(problem: hyperparams.Problem, prefix: str) -> str:
+    if problem.reason == "out of range":
+        return _out_of_range(prefix + problem.key, problem.value, problem.allowed)
+    return f"{prefix}{problem.key}: {problem.value!r} {problem.reason} ({prefix}{problem.allowed})"
+
+
+def _layer_settings_errors(settings: Mapping[str, Any]) -> list[str]:
+    errors: list[str] = []
+    typed = _typed_layer_settings(settings, errors)
+    per_layer = list(hyperparams.LAYER_KEYS)
+    for p in hyperparams.layer_settings_problems(typed):
+        key = f"optimizer.layer_settings[{p.pattern!r}]"
+        if p.reason == "not an override":
+            errors.append(
+                f"{key}: {p.value!r} is neither 'skip' nor a mapping of KFAC keys {per_layer}"
+            )
+        elif p.reason == "unknown key":
+            errors.append(f"{key}.{p.key}: unknown key; allowed keys: {per_layer}")
+        else:
+            errors.append(_problem_message(p, f"{key}."))
+    return errors
+
+
+def _typed_layer_settings(settings: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
+    """``layer_settings`` with each known override converted to the library's value.
+
+    A value of the wrong type is reported in ``errors`` and left out (so that the rules do not
+    report it again); unknown keys and entries that are not mappings are kept for the rules.
+    """
+    hints = typing.get_type_hints(OptimizerConfig)
+    out: dict[str, Any] = {}
+    for pattern, override in settings.items():
+        if not isinstance(override, Mapping):
+            out[pattern] = override
+            continue
+        entry: dict[str, Any] = {}
+        for k, v in override.items():
+            if k not in hyperparams.LAYER_KEYS:
+                entry[k] = v
+                continue
+            count = len(errors)
+            value = _convert(v, hints[k], f"optimizer.layer_settings[{pattern!r}].{k}", errors)
+            if len(errors) == count:
+                entry[k] = _library_value(k, value)
+        out[pattern] = entry
+    return out
+
+
+def _library_value(key: str, value: Any) -> Any:
+    """Return a config value as :class:`kfac_tn.KFAC` takes it (choice strings, torch dtypes)."""
+    if key in _DTYPE_KEYS and value is not None:
+        return getattr(torch, DtypeName(value).value)
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _schedule_errors(s: ScheduleConfig) -> list[str]:
+    errors = _range_errors(s, "schedule")
+    if any(m < 1 for m in s.milestones):
+        errors.append(
+            f"schedule.milestones: {s.milestones!r} is out of range; allowed: epochs >= 1"
+        )
+    return errors
+
+
+def _run_errors(cfg: TrainConfig) -> list[str]:
+    errors = _range_errors(cfg, "")
+    if not _valid_device(cfg.device):
+        errors.append(
+            f"device: {cfg.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"
+        )
+    return errors
+
+
+def _valid_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda", "mps"):
+        return True
+    head, _, idx = device.partition(":")
+    return head == "cuda" and idx.isdigit()
+
+
+def kfac_arguments(o: OptimizerConfig) -> dict[str, Any]:
+    """Keyword arguments of :class:`kfac_tn.KFAC` from a validated ``optimizer`` section.
+
+    Args:
+        o: The section (its KFAC keys are :data:`kfac_tn.optim.hyperparams.KFAC_KEYS` and
+            ``layer_settings``).
+
+    Returns:
+        ``{key: value}`` for those keys, choices as their string values and dtype names as torch
+        dtypes (also inside ``layer_settings``; an empty ``layer_settings`` becomes ``None``).
+        ``loss``, ``loss_reduction`` and ``grad_scaler`` follow from the task and are not set.
+    """
+    kwargs = {k: _library_value(k, getattr(o, k)) for k in hyperparams.KFAC_KEYS}
+    errors: list[str] = []
+    layers = _typed_layer_settings(o.layer_settings, errors) if o.layer_settings else None
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    kwargs["layer_settings"] = layers
+    return kwargs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -908,7 +923,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def config_reference() -> str:
-    """Markdown reference of every config key: type, default, choices, description."""
+    """Markdown reference of every config key: type, default, allowed range, description."""
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
@@ -926,7 +941,17 @@ def config_reference() -> str:
                 desc = _OPTIMIZER_DOCS[f.name]
                 if f.name != "name":
                     desc += " Used by: " + ", ".join(users) + "."
+            rule = _range_rule(prefix.rstrip("."), f.name)
+            if rule is not None:
+                desc += f" Allowed: {rule.allowed}."
             lines.append(f"| `{key}` | {_type_name(tp)} | `{_default_repr(f)}` | {desc} |")
 
     walk(TrainConfig, "")
     return "\n".join(lines)
+
+
+def _range_rule(section: str, key: str) -> Number | None:
+    """Return the range rule of a numeric key (the optimizer's for KFAC keys), or ``None``."""
+    rule = hyperparams.RULES.get(key) if section == "optimizer" else None
+    rule = rule or _RANGES.get(section, {}).get(key)
+    return rule if isinstance(rule, Number) else None

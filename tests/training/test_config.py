@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from kfac_tn.optim.hyperparams import RULES, Number
 from kfac_tn.training.config import (
     KFAC_KEYS,
     KFAC_LAYER_KEYS,
@@ -20,6 +22,7 @@ from kfac_tn.training.config import (
     config_from_dict,
     config_reference,
     config_to_dict,
+    kfac_arguments,
     load_config,
     parse_override,
     read_yaml,
@@ -124,7 +127,7 @@ BAD_CONFIGS = [
     (
         "negative_lr",
         {"optimizer": {"lr": -0.1}},
-        "optimizer.lr: -0.1 is out of range; allowed: > 0",
+        "optimizer.lr: -0.1 is out of range; allowed: >= 0",
     ),
     ("momentum_one", {"optimizer": {"momentum": 1.0}}, "optimizer.momentum: 1.0 is out of range"),
     ("zero_epochs", {"epochs": 0}, "epochs: 0 is out of range; allowed: >= 1"),
@@ -324,6 +327,61 @@ def test_layer_keys_match_kfac():
     from kfac_tn.optim import hyperparams
 
     assert tuple(KFAC_LAYER_KEYS) == tuple(hyperparams.LAYER_KEYS)
+
+
+def test_lr_zero_is_allowed_as_by_the_optimizer():
+    assert config_from_dict({"optimizer": {"lr": 0}}).optimizer.lr == 0.0
+
+
+_NUMBER_RULES = [k for k, r in RULES.items() if isinstance(r, Number) and k in KFAC_KEYS]
+
+
+@pytest.mark.parametrize("key", _NUMBER_RULES)
+def test_config_ranges_are_the_optimizers_rules(key):
+    """A value the optimizer's rule rejects is rejected by the config with the rule's text."""
+    from kfac_tn.optimizer import KFAC
+
+    rule = RULES[key]
+    bad = rule.low if rule.low_open else rule.low - 1
+    shown = float(bad) if isinstance(rule.low, float) else bad
+    message = f"optimizer.{key}: {shown!r} is out of range; allowed: {rule.allowed}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"optimizer": {key: bad}})
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError):
+        KFAC(model, **{key: bad})
+
+
+def test_layer_setting_values_follow_the_rules():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"optimizer": {"layer_settings": {"fc": {"damping": 0, "inversion": 1}}}})
+    text = str(info.value)
+    assert "optimizer.layer_settings['fc'].damping: 0.0 is out of range; allowed: > 0" in text
+    assert "optimizer.layer_settings['fc'].inversion: 1 is not one of" in text
+    assert "inversion: 1 is out of range" not in text  # a type error is reported once
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match="optimizer.nesterov: True needs momentum > 0"):
+        config_from_dict({"optimizer": {"name": "sgd", "nesterov": True, "momentum": 0.0}})
+
+
+def test_kfac_arguments_are_library_values():
+    cfg = load_config(
+        None,
+        [
+            "optimizer.factor_dtype=float64",
+            "optimizer.kfac_approx=reduce",
+            "optimizer.layer_settings={'fc*': {inverse_dtype: float32, inversion: cholesky}}",
+        ],
+    )
+    kwargs = kfac_arguments(cfg.optimizer)
+    assert set(kwargs) == set(KFAC_KEYS)
+    assert kwargs["factor_dtype"] is torch.float64 and kwargs["inverse_dtype"] is None
+    assert kwargs["kfac_approx"] == "reduce" and type(kwargs["kfac_approx"]) is str
+    fc = {"inverse_dtype": torch.float32, "inversion": "cholesky"}
+    assert kwargs["layer_settings"] == {"fc*": fc}
+    assert kfac_arguments(TrainConfig().optimizer)["layer_settings"] is None
 
 
 def test_torch_optimizer_keys_match_signatures():
