@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kfac_tn import KFAC
 from kfac_tn.optim.placement import consolidated_state_dict
 from kfac_tn.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -47,6 +48,7 @@ from kfac_tn.training.checkpoint import (
     save_checkpoint,
 )
 from kfac_tn.training.config import (
+    OPTIMIZER_KEYS,
     ConfigError,
     Distributed,
     OptimizerName,
@@ -56,13 +58,16 @@ from kfac_tn.training.config import (
     TrainConfig,
     config_from_dict,
     config_to_dict,
+    kfac_arguments,
     save_config,
 )
-from kfac_tn.training.data import build_datasets, build_loaders
+from kfac_tn.training.data import DataBundle, build_datasets, build_loaders
 from kfac_tn.training.models import build_model, is_reconstruction
 
 __all__ = [
+    "DistContext",
     "DistributedRunError",
+    "Run",
     "RunResult",
     "build_optimizer",
     "lr_factor",
@@ -175,8 +180,11 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int)
     return float(f * warm_factor)
 
 
-def _torch_dtype(name: Any) -> torch.dtype | None:
-    return None if name is None else getattr(torch, str(name))
+_TORCH_OPTIMIZERS: dict[OptimizerName, type[torch.optim.Optimizer]] = {
+    OptimizerName.SGD: torch.optim.SGD,
+    OptimizerName.ADAM: torch.optim.Adam,
+    OptimizerName.ADAMW: torch.optim.AdamW,
+}
 
 
 def build_optimizer(
@@ -188,67 +196,33 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Instantiate the configured optimizer for ``model``.
 
-    For KFAC the keyword arguments are the ``optimizer`` section's KFAC keys plus
-    ``loss`` (``mse`` for reconstruction, else ``cross_entropy``) and ``loss_reduction="mean"``,
-    matching the loss the loop minimises, and the loop's ``grad_scaler`` (fp16), whose scale KFAC
-    divides out of its gradient factors.
+    SGD/Adam/AdamW take the section's keys for them
+    (:data:`~kfac_tn.training.config.OPTIMIZER_KEYS`). For KFAC the keyword arguments are
+    :func:`~kfac_tn.training.config.kfac_arguments` (the hyperparameters of
+    :data:`kfac_tn.optim.hyperparams.KFAC_KEYS` and ``layer_settings``) plus ``loss`` (``mse``
+    for reconstruction, else ``cross_entropy``) and ``loss_reduction="mean"``, matching the loss
+    the loop minimises, and the loop's ``grad_scaler`` (fp16), whose scale KFAC divides out of
+    its gradient factors.
+
+    Args:
+        cfg: The validated config (only ``cfg.optimizer`` is read).
+        model: The network (not wrapped in DistributedDataParallel).
+        reconstruction: Whether the task is reconstruction (MSE) rather than classification.
+        grad_scaler: The fp16 loss scaler of the loop, if any.
+
+    Returns:
+        The optimizer over ``model``'s trainable parameters.
     """
     o = cfg.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == OptimizerName.SGD:
-        return torch.optim.SGD(
-            params,
-            lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-            weight_decay=o.weight_decay,
-            dampening=o.dampening,
-        )
-    if o.name in (OptimizerName.ADAM, OptimizerName.ADAMW):
-        cls = torch.optim.Adam if o.name == OptimizerName.ADAM else torch.optim.AdamW
-        return cls(
-            params,
-            lr=o.lr,
-            betas=o.betas,
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            amsgrad=o.amsgrad,
-        )
-    from kfac_tn.optimizer import KFAC
-
-    layer_settings = None
-    if o.layer_settings:
-        layer_settings = {
-            pattern: override
-            if override == "skip"
-            else {
-                k: _torch_dtype(v) if k in ("factor_dtype", "inverse_dtype") else v
-                for k, v in override.items()
-            }
-            for pattern, override in o.layer_settings.items()
-        }
+    if o.name in _TORCH_OPTIMIZERS:
+        params = [p for p in model.parameters() if p.requires_grad]
+        kwargs = {k: getattr(o, k) for k in OPTIMIZER_KEYS[o.name]}
+        return _TORCH_OPTIMIZERS[o.name](params, **kwargs)
     return KFAC(
         model,
-        lr=o.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        weight_decay=o.weight_decay,
-        damping=o.damping,
-        factor_decay=o.factor_decay,
-        factor_update_period=o.factor_update_period,
-        inverse_update_period=o.inverse_update_period,
-        kfac_approx=o.kfac_approx.value,
-        fisher_type=o.fisher_type.value,
-        mc_samples=o.mc_samples,
+        **kfac_arguments(o),
         loss="mse" if reconstruction else "cross_entropy",
         loss_reduction="mean",
-        inversion=o.inversion.value,
-        kl_clip=o.kl_clip,
-        factor_dtype=_torch_dtype(o.factor_dtype),
-        inverse_dtype=_torch_dtype(o.inverse_dtype),
-        layer_settings=layer_settings,
-        distributed_strategy=o.distributed_strategy.value,
-        bucket_cap_mb=o.bucket_cap_mb,
         grad_scaler=grad_scaler,
     )
 
@@ -293,7 +267,16 @@ def _seed_everything(seed: int) -> None:
 
 
 @dataclasses.dataclass
-class _DistContext:
+class DistContext:
+    """Where this process stands in a (possibly distributed) run.
+
+    Attributes:
+        enabled: Whether a process group was initialised (``distributed: ddp``).
+        rank: Global rank (0 when not distributed).
+        world_size: Number of processes.
+        local_rank: Rank on this node (picks the CUDA device).
+    """
+
     enabled: bool = False
     rank: int = 0
     world_size: int = 1
@@ -301,14 +284,15 @@ class _DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the one that writes the run directory."""
         return self.rank == 0
 
 
-def _init_distributed(cfg: TrainConfig) -> tuple[_DistContext, torch.device]:
+def _init_distributed(cfg: TrainConfig) -> tuple[DistContext, torch.device]:
     import os
 
     if cfg.distributed == Distributed.OFF:
-        return _DistContext(), resolve_device(cfg.device)
+        return DistContext(), resolve_device(cfg.device)
     from kfac_tn.distributed import init_process_group_from_env
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -317,10 +301,10 @@ def _init_distributed(cfg: TrainConfig) -> tuple[_DistContext, torch.device]:
     rank, world, _ = init_process_group_from_env(backend, timeout_s=cfg.dist_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return _DistContext(True, rank, world, local_rank), device
+    return DistContext(True, rank, world, local_rank), device
 
 
-def _all_reduce_sum(t: torch.Tensor, ctx: _DistContext) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         import torch.distributed as dist
 
@@ -391,7 +375,10 @@ def train(
         ConfigError: on an invalid config or an occupied run directory.
         CheckpointError: on a missing, corrupt or mismatched checkpoint.
         DistributedRunError: when a distributed run fails (e.g. a peer died).
+        ValueError: if ``stop_after`` is below 1.
     """
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after: {stop_after!r} is out of range; allowed: >= 1 or None")
     ctx, device = _init_distributed(cfg)
     try:
         return _train(cfg, resume, ctx, device, stop_after)
@@ -422,186 +409,349 @@ def train(
 def _train(
     cfg: TrainConfig,
     resume: str | Path | None,
-    ctx: _DistContext,
+    ctx: DistContext,
     device: torch.device,
     stop_after: int | None,
 ) -> RunResult:
-    state = None
-    if resume is not None:
-        run_dir = Path(resume).expanduser()
-        state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location="cpu")
-        try:
-            saved_cfg = config_from_dict(state["config"])
-        except ConfigError as exc:
-            raise CheckpointError(f"checkpoint: stored config is invalid: {exc}") from exc
-        mismatch = _config_mismatch(config_to_dict(saved_cfg), config_to_dict(cfg))
-        if mismatch:
-            raise CheckpointError(
-                f"checkpoint: {str(run_dir / CHECKPOINT_NAME)!r} belongs to a different run:\n  "
-                + "\n  ".join(mismatch)
-            )
-    else:
-        run_dir = _new_run_dir(cfg) if ctx.is_main else None
-
+    state, run_dir = _open_run(cfg, resume, ctx)
     with _file_logging(run_dir / LOG_NAME if ctx.is_main and run_dir else None):
         if ctx.is_main:
             save_config(cfg, run_dir / CONFIG_NAME)
             logger.info(
                 "run directory %s (device %s, world size %d)", run_dir, device, ctx.world_size
             )
-        return _loop(cfg, state, run_dir, ctx, device, stop_after)
+        run = Run(cfg, ctx, device, run_dir)
+        if state is not None:
+            run.restore(state)
+        return run.execute(stop_after)
 
 
-def _loop(
-    cfg: TrainConfig,
-    state: dict[str, Any] | None,
-    run_dir: Path | None,
-    ctx: _DistContext,
-    device: torch.device,
-    stop_after: int | None = None,
-) -> RunResult:
-    if stop_after is not None and stop_after < 1:
-        raise ValueError(f"stop_after: {stop_after!r} is out of range; allowed: >= 1 or None")
-    _seed_everything(cfg.seed)
-    recon = is_reconstruction(cfg.model)
-    bundle = build_datasets(cfg.data)
-    loaders = build_loaders(
-        bundle,
-        batch_size=cfg.batch_size,
-        test_batch_size=cfg.test_batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        pin_memory=device.type == "cuda",
-    )
+def _open_run(
+    cfg: TrainConfig, resume: str | Path | None, ctx: DistContext
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """Return the checkpoint to resume (checked against ``cfg``) or ``None``, and the run dir."""
+    if resume is None:
+        return None, (_new_run_dir(cfg) if ctx.is_main else None)
+    run_dir = Path(resume).expanduser()
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location="cpu")
+    try:
+        saved_cfg = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint: stored config is invalid: {exc}") from exc
+    mismatch = _config_mismatch(config_to_dict(saved_cfg), config_to_dict(cfg))
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint: {str(run_dir / CHECKPOINT_NAME)!r} belongs to a different run:\n  "
+            + "\n  ".join(mismatch)
+        )
+    return state, run_dir
+
+
+class Run:
+    """One training run: the model, data, optimizer and counters that its epochs share.
+
+    Built (in this order, which fixes the random streams) from a seeded config: data sets and
+    loaders, model (sampled conv layers, device, DDP wrapper), loss scaler, loss, optimizer,
+    per-iteration schedule. :meth:`restore` continues from a checkpoint; :meth:`execute` runs the
+    remaining epochs, writing metrics and checkpoints on rank 0, and plots the curves.
+
+    Attributes:
+        cfg: The validated config.
+        ctx: The distributed context (rank 0 of 1 when not distributed).
+        device: Where the model and batches live.
+        run_dir: The run directory on rank 0, ``None`` on other ranks.
+        recon: Whether the task is reconstruction (MSE on the input) instead of classification.
+        model: The network (its state is checkpointed; evaluation runs it).
+        train_model: ``model``, wrapped in DistributedDataParallel in a distributed run.
+        loaders: The training loader of each epoch and the test loader.
+        steps_per_epoch: Training iterations per epoch (``data.limit_batches`` applied).
+        scaler: The GradScaler (enabled for fp16 only).
+        loss_fn: Cross-entropy, or MSE for reconstruction (mean reduction).
+        optimizer: The configured optimizer (:func:`build_optimizer`).
+        scheduler: Multiplies the learning rate by :func:`lr_factor` every iteration.
+        start_epoch: Epochs done before this invocation.
+        elapsed: Wall-clock seconds of training and evaluation so far (all invocations).
+        rows: One metrics row per epoch done (see the module docstring).
+        show_bar: Whether epochs show a progress bar (rank 0, a terminal, not ``quiet``).
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, ctx: DistContext, device: torch.device, run_dir: Path | None
+    ) -> None:
+        """Seed every generator with ``cfg.seed`` and build the run (see the class docstring)."""
+        self.cfg, self.ctx, self.device, self.run_dir = cfg, ctx, device, run_dir
+        _seed_everything(cfg.seed)
+        self.recon = is_reconstruction(cfg.model)
+        bundle = build_datasets(cfg.data)
+        self.loaders = build_loaders(
+            bundle,
+            batch_size=cfg.batch_size,
+            test_batch_size=cfg.test_batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        self.model = _build_model(cfg, bundle, device)
+        self.train_model = _wrap_ddp(self.model, ctx, device)
+        self.steps_per_epoch = len(self.loaders.train_loader(0))
+        if cfg.data.limit_batches is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.data.limit_batches)
+        amp_dtype = torch.bfloat16 if cfg.precision == Precision.BF16 else torch.float16
+        self._autocast = {
+            "device_type": device.type,
+            "dtype": amp_dtype,
+            "enabled": cfg.precision != Precision.FP32,
+        }
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == Precision.FP16)
+        self.loss_fn: nn.Module = nn.MSELoss() if self.recon else nn.CrossEntropyLoss()
+        self.optimizer = build_optimizer(
+            cfg, self.model, reconstruction=self.recon, grad_scaler=self.scaler
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(cfg.schedule, step, self.steps_per_epoch, cfg.epochs),
+        )
+        self.start_epoch, self.elapsed, self.rows = 0, 0.0, []
+        self.show_bar = ctx.is_main and not cfg.quiet and sys.stderr.isatty()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: states, RNGs, epoch, elapsed time and metrics rows.
+
+        On rank 0, ``metrics.jsonl`` is rewritten with the checkpoint's rows (rows a crashed
+        run wrote after its last checkpoint are dropped).
+
+        Raises:
+            CheckpointError: if the states do not fit the configured model/optimizer.
+        """
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint: state does not fit the configured model/optimizer ({exc})"
+            ) from exc
+        restore_rng_state(state["rng"])
+        self.start_epoch, self.elapsed = state["epoch"], state["elapsed_s"]
+        self.rows = list(state["metrics"])
+        logger.info("resumed from epoch %d", self.start_epoch)
+        if self.ctx.is_main:
+            _write_metrics(self.run_dir, self.rows)
+
+    def execute(self, stop_after: int | None = None) -> RunResult:
+        """Run the remaining epochs (at most ``stop_after`` of them), then plot the curves.
+
+        Each epoch appends a metrics row; a checkpoint is written every ``checkpoint_period``
+        epochs and after the last epoch of this invocation.
+
+        Returns:
+            The run directory and every metrics row (also those before a resume).
+        """
+        cfg = self.cfg
+        end = cfg.epochs if stop_after is None else min(cfg.epochs, self.start_epoch + stop_after)
+        for epoch in range(self.start_epoch, end):
+            row = self.epoch(epoch)
+            self.rows.append(row)
+            self._log(row)
+            period = cfg.checkpoint_period
+            last = epoch + 1 == end
+            self._record(row, save=last or (period > 0 and (epoch + 1) % period == 0))
+        if hasattr(self.optimizer, "remove_hooks"):
+            self.optimizer.remove_hooks()
+        if self.ctx.is_main and self.rows:
+            from kfac_tn.training.plots import plot_run
+
+            plot_run(self.run_dir, self.run_dir / PLOT_NAME)
+            logger.info("wrote %s", self.run_dir / PLOT_NAME)
+        return RunResult(self.run_dir, self.rows)
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch (0-based ``epoch``), evaluate, and return its metrics row."""
+        device = self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        train_stats = self.train_epoch(epoch)
+        train_time = time.perf_counter() - t0
+        test_stats = self.evaluate()
+        self.elapsed += time.perf_counter() - t0
+        return {
+            "epoch": epoch + 1,
+            "train_loss": train_stats["loss"],
+            "train_acc": train_stats["acc"],
+            "test_loss": test_stats["loss"],
+            "test_acc": test_stats["acc"],
+            "wall_clock_s": self.elapsed,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": train_stats["images"] / max(train_time, 1e-9),
+            "max_memory_mib": (
+                torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            ),
+        }
+
+    def train_epoch(self, epoch: int) -> dict[str, float | None]:
+        """Train ``steps_per_epoch`` iterations of epoch ``epoch`` (0-based).
+
+        Returns:
+            ``loss`` (mean over the epoch's samples on all ranks), ``acc`` (``None`` for
+            reconstruction) and ``images`` (samples seen on all ranks).
+        """
+        self.train_model.train()
+        device = self.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        progress = _Progress(
+            self.steps_per_epoch,
+            f"epoch {epoch + 1}/{self.cfg.epochs}",
+            enabled=self.show_bar,
+            every=self.cfg.log_every,
+            accuracy=not self.recon,
+        )
+        for step, (x, y) in enumerate(self.loaders.train_loader(epoch)):
+            if step >= self.steps_per_epoch:
+                break
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            out, loss = self._step(x, y)
+            seen += x.shape[0]
+            loss_sum += loss.detach().double() * x.shape[0]
+            if not self.recon:
+                correct += (out.detach().argmax(1) == y).sum()
+            progress.update(step, loss_sum, correct, seen)
+        progress.close()
+        _sync(device)
+        count = torch.tensor(float(seen), device=device, dtype=torch.float64)
+        totals = _all_reduce_sum(torch.stack([loss_sum, correct.double(), count]), self.ctx)
+        total_loss, total_correct, total_seen = totals.tolist()
+        return {
+            "loss": total_loss / total_seen,
+            "acc": None if self.recon else total_correct / total_seen,
+            "images": total_seen,
+        }
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on the batch ``(x, y)``; returns the output and the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(**self._autocast):
+            out = self.train_model(x)
+            loss = self.loss_fn(out.float(), x if self.recon else y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return out, loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Evaluate ``model`` on this rank's test shard, summed over all ranks.
+
+        Returns:
+            ``loss`` (mean over all test samples) and ``acc`` (``None`` for reconstruction).
+        """
+        self.model.eval()
+        device = self.device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        for x, y in self.loaders.test:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(**self._autocast):
+                out = self.model(x)
+                loss = self.loss_fn(out.float(), x if self.recon else y)
+            totals[0] += loss.double() * x.shape[0]
+            if not self.recon:
+                totals[1] += (out.argmax(1) == y).sum()
+            totals[2] += x.shape[0]
+        loss_sum, n_correct, count = _all_reduce_sum(totals, self.ctx).tolist()
+        count = max(count, 1.0)
+        return {"loss": loss_sum / count, "acc": None if self.recon else n_correct / count}
+
+    def _log(self, row: dict[str, Any]) -> None:
+        logger.info(
+            "epoch %d/%d: train loss %.4f%s, test loss %.4f%s, %.0f img/s, %.1f s",
+            row["epoch"],
+            self.cfg.epochs,
+            row["train_loss"],
+            "" if self.recon else f" acc {row['train_acc']:.4f}",
+            row["test_loss"],
+            "" if self.recon else f" acc {row['test_acc']:.4f}",
+            row["images_per_s"],
+            self.elapsed,
+        )
+
+    def _record(self, row: dict[str, Any], save: bool) -> None:
+        """Append ``row`` to ``metrics.jsonl`` and, if ``save``, write the checkpoint (rank 0).
+
+        Collective when ``save`` (all ranks call it): under ``distributed_strategy: shard`` the
+        owners send their inverses to rank 0, so that the checkpoint resumes exactly.
+        """
+        opt_state = consolidated_state_dict(self.optimizer) if save else None
+        if not self.ctx.is_main:
+            return
+        with open(self.run_dir / METRICS_NAME, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if save:
+            save_checkpoint(
+                {
+                    "epoch": row["epoch"],
+                    "config": config_to_dict(self.cfg),
+                    "model": self.model.state_dict(),
+                    "optimizer": opt_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "rng": capture_rng_state(),
+                    "elapsed_s": self.elapsed,
+                    "metrics": self.rows,
+                },
+                self.run_dir / CHECKPOINT_NAME,
+            )
+
+
+def _build_model(cfg: TrainConfig, bundle: DataBundle, device: torch.device) -> nn.Module:
     model = build_model(cfg.model, bundle.in_channels, bundle.image_size, bundle.num_classes)
     if cfg.sampled_backprop.enabled:
         from kfac_tn.nn import convert_sampled
 
         sb = cfg.sampled_backprop
         model = convert_sampled(model, keep_prob=sb.keep_prob, axis=sb.axis.value, layers=sb.layers)
-    model.to(device)
+    return model.to(device)
 
-    train_model: nn.Module = model
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+def _wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    steps_per_epoch = len(loaders.train_loader(0))
-    if cfg.data.limit_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.data.limit_batches)
-    use_amp = cfg.precision != Precision.FP32
-    amp_dtype = torch.bfloat16 if cfg.precision == Precision.BF16 else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == Precision.FP16)
-    loss_fn: nn.Module = nn.MSELoss() if recon else nn.CrossEntropyLoss()
-    optimizer = build_optimizer(cfg, model, reconstruction=recon, grad_scaler=scaler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg.schedule, step, steps_per_epoch, cfg.epochs)
-    )
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start_epoch, elapsed, rows = 0, 0.0, []
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(
-                f"checkpoint: state does not fit the configured model/optimizer ({exc})"
-            ) from exc
-        restore_rng_state(state["rng"])
-        start_epoch, elapsed, rows = state["epoch"], state["elapsed_s"], list(state["metrics"])
-        logger.info("resumed from epoch %d", start_epoch)
-        if ctx.is_main:  # drop rows written after the checkpoint (e.g. by a crashed run)
-            _write_metrics(run_dir, rows)
 
-    show_bar = ctx.is_main and not cfg.quiet and sys.stderr.isatty()
-    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        train_stats = _train_epoch(
-            cfg,
-            epoch,
-            train_model,
-            optimizer,
-            scheduler,
-            scaler,
-            loss_fn,
-            loaders,
-            device,
-            steps_per_epoch,
-            recon,
-            use_amp,
-            amp_dtype,
-            ctx,
-            show_bar,
-        )
-        train_time = time.perf_counter() - t0
-        test_stats = _evaluate(model, loss_fn, loaders.test, device, recon, use_amp, amp_dtype, ctx)
-        elapsed += time.perf_counter() - t0
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_stats["loss"],
-            "train_acc": train_stats["acc"],
-            "test_loss": test_stats["loss"],
-            "test_acc": test_stats["acc"],
-            "wall_clock_s": elapsed,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": train_stats["images"] / max(train_time, 1e-9),
-            "max_memory_mib": (
-                torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            ),
-        }
-        rows.append(row)
-        logger.info(
-            "epoch %d/%d: train loss %.4f%s, test loss %.4f%s, %.0f img/s, %.1f s",
-            epoch + 1,
-            cfg.epochs,
-            row["train_loss"],
-            "" if recon else f" acc {row['train_acc']:.4f}",
-            row["test_loss"],
-            "" if recon else f" acc {row['test_acc']:.4f}",
-            row["images_per_s"],
-            elapsed,
-        )
-        last = epoch + 1 == end_epoch
-        period = cfg.checkpoint_period
-        save_now = last or (period > 0 and (epoch + 1) % period == 0)
-        # collective (all ranks): under distributed_strategy "shard" the owners send their
-        # inverses to rank 0 so that the checkpoint resumes exactly (kfac_tn.distributed)
-        opt_state = consolidated_state_dict(optimizer) if save_now else None
-        if ctx.is_main:
-            with open(run_dir / METRICS_NAME, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if save_now:
-                save_checkpoint(
-                    {
-                        "epoch": epoch + 1,
-                        "config": config_to_dict(cfg),
-                        "model": model.state_dict(),
-                        "optimizer": opt_state,
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                        "rng": capture_rng_state(),
-                        "elapsed_s": elapsed,
-                        "metrics": rows,
-                    },
-                    run_dir / CHECKPOINT_NAME,
-                )
-    if hasattr(optimizer, "remove_hooks"):
-        optimizer.remove_hooks()
-    if ctx.is_main and rows:
-        from kfac_tn.training.plots import plot_run
+class _Progress:
+    """An epoch's progress bar, refreshed with the running loss/accuracy; a no-op if disabled."""
 
-        plot_run(run_dir, run_dir / PLOT_NAME)
-        logger.info("wrote %s", run_dir / PLOT_NAME)
-    return RunResult(run_dir, rows)
+    def __init__(self, total: int, desc: str, *, enabled: bool, every: int, accuracy: bool):
+        from tqdm.auto import tqdm
+
+        self._total, self._enabled, self._every, self._accuracy = total, enabled, every, accuracy
+        self._t0 = time.perf_counter()
+        self._bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+    def update(self, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
+        """Advance one step; every ``every`` steps and at the end show the running metrics."""
+        self._bar.update()
+        if self._enabled and ((step + 1) % self._every == 0 or step + 1 == self._total):
+            post = {"loss": f"{loss_sum.item() / seen:.4f}"}  # host sync only when displayed
+            if self._accuracy:
+                post["acc"] = f"{correct.item() / seen:.4f}"
+            post["img/s"] = f"{seen / (time.perf_counter() - self._t0):.0f}"
+            self._bar.set_postfix(post)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self._bar.close()
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -611,97 +761,3 @@ def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _train_epoch(
-    cfg: TrainConfig,
-    epoch: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    loss_fn: nn.Module,
-    loaders: Any,
-    device: torch.device,
-    steps: int,
-    recon: bool,
-    use_amp: bool,
-    amp_dtype: torch.dtype,
-    ctx: _DistContext,
-    show_bar: bool,
-) -> dict[str, float | None]:
-    from tqdm.auto import tqdm
-
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    t0 = time.perf_counter()
-    bar = tqdm(
-        total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False
-    )
-    for step, (x, y) in enumerate(loaders.train_loader(epoch)):
-        if step >= steps:
-            break
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        target = x if recon else y
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(x)
-            loss = loss_fn(out.float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        n = x.shape[0]
-        seen += n
-        loss_sum += loss.detach().double() * n
-        if not recon:
-            correct += (out.detach().argmax(1) == y).sum()
-        bar.update()
-        if show_bar and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
-            post = {"loss": f"{loss_sum.item() / seen:.4f}"}  # host sync only when displayed
-            if not recon:
-                post["acc"] = f"{correct.item() / seen:.4f}"
-            post["img/s"] = f"{seen / (time.perf_counter() - t0):.0f}"
-            bar.set_postfix(post)
-    bar.close()
-    _sync(device)
-    totals = torch.stack(
-        [loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]
-    )
-    totals = _all_reduce_sum(totals, ctx).tolist()
-    return {
-        "loss": totals[0] / totals[2],
-        "acc": None if recon else totals[1] / totals[2],
-        "images": totals[2],
-    }
-
-
-@torch.no_grad()
-def _evaluate(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    loader: Any,
-    device: torch.device,
-    recon: bool,
-    use_amp: bool,
-    amp_dtype: torch.dtype,
-    ctx: _DistContext,
-) -> dict[str, float | None]:
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(x)
-            loss = loss_fn(out.float(), x if recon else y)
-        totals[0] += loss.double() * x.shape[0]
-        if not recon:
-            totals[1] += (out.argmax(1) == y).sum()
-        totals[2] += x.shape[0]
-    loss_sum, n_correct, count = _all_reduce_sum(totals, ctx).tolist()
-    count = max(count, 1.0)
-    return {"loss": loss_sum / count, "acc": None if recon else n_correct / count}

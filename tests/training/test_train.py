@@ -122,6 +122,46 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
+# --- optimizer construction -------------------------------------------------------------------
+
+
+def test_build_optimizer_passes_every_kfac_keyword(monkeypatch):
+    import inspect
+
+    from kfac_tn import KFAC
+    from kfac_tn.training import train as train_module
+
+    seen = {}
+
+    def recorder(model, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(train_module, "KFAC", recorder)
+    cfg = load_config(None, ["optimizer.factor_dtype=float64", "optimizer.kfac_approx=reduce"])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model = torch.nn.Linear(2, 2)
+    train_module.build_optimizer(cfg, model, reconstruction=True, grad_scaler=scaler)
+    assert set(seen) == set(inspect.signature(KFAC).parameters) - {"model", "params"}
+    assert seen["loss"] == "mse" and seen["loss_reduction"] == "mean"
+    assert seen["grad_scaler"] is scaler and seen["factor_dtype"] is torch.float64
+    assert seen["kfac_approx"] == "reduce" and seen["lr"] == cfg.optimizer.lr
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_build_optimizer_torch_optimizers(name):
+    from kfac_tn.training.config import OPTIMIZER_KEYS, OptimizerName
+    from kfac_tn.training.train import build_optimizer
+
+    extra = ["optimizer.momentum=0.9"] if name == "sgd" else ["optimizer.betas=[0.8, 0.9]"]
+    cfg = load_config(None, [f"optimizer.name={name}", "optimizer.lr=0.01", *extra])
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(cfg, model, reconstruction=False)
+    assert type(opt).__name__.lower() == name
+    group = opt.param_groups[0]
+    for key in OPTIMIZER_KEYS[OptimizerName(name)]:
+        assert group[key] == getattr(cfg.optimizer, key), key
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 
