@@ -19,12 +19,17 @@ examples:
   kfac-tn train configs/digits_sgd.yaml --epochs 5
   kfac-tn train configs/cifar10_resnet18_kfac.yaml data.root=~/data data.download=true
   kfac-tn train configs/digits_kfac.yaml optimizer.damping=3e-3 optimizer.kfac_approx=reduce
+  kfac-tn train configs/digits_sgd.yaml optimizer=adam optimizer.lr=1e-3
   kfac-tn train --resume runs/digits_cnn-kfac-20250101-120000 --epochs 20
   torchrun --nproc-per-node 2 -m kfac_tn train configs/digits_kfac.yaml distributed=ddp
 
 Overrides are dotted keys with YAML-typed values (optimizer.lr=0.1, schedule.milestones=[30,60],
-optimizer.kl_clip=null). Keys below optimizer.layer_settings keep their dots:
-optimizer.layer_settings.features.0=skip. `kfac-tn reference` lists every key.
+optimizer.kl_clip=null), applied left to right. Keys below optimizer.layer_settings keep their
+dots: optimizer.layer_settings.features.0=skip. `kfac-tn reference` lists every key.
+Config groups: SECTION=NAME (optimizer, model, data, schedule) replaces the whole section by NAME
+with every other key at its default, e.g. optimizer=adam gives Adam with its documented defaults;
+later overrides refine it (optimizer=adam optimizer.lr=1e-3). optimizer.name=adam changes only
+the name, and keys of the old optimizer that Adam does not take are then refused.
 With --resume and no CONFIG, the run's own config.yaml is used; the config must match the
 checkpoint except for epochs, device, quiet, log_every, checkpoint_period, out_dir, run_name,
 dist_timeout_s, test_batch_size, data.root, data.download and data.num_workers.

@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataName",
+    "GROUPS",
     "Distributed",
     "ModelConfig",
     "OptimizerConfig",
@@ -233,7 +234,8 @@ OPTIMIZER_KEYS: dict[OptimizerName, tuple[str, ...]] = {
 
 
 _OPTIMIZER_DOCS: dict[str, str] = {
-    "name": "optimizer: ``kfac`` (kfac_tn.KFAC), ``sgd``, ``adam``, ``adamw`` (torch.optim).",
+    "name": "optimizer: ``kfac`` (kfac_tn.KFAC), ``sgd``, ``adam``, ``adamw`` (torch.optim). "
+    "The override ``optimizer=NAME`` selects NAME with every other key at its default.",
     "lr": "base learning rate (multiplied by the schedule).",
     "momentum": "heavy-ball momentum.",
     "nesterov": "Nesterov momentum.",
@@ -348,6 +350,14 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     quiet: bool = False
     log_every: int = 10
+
+
+GROUPS: tuple[str, ...] = tuple(
+    key
+    for key, tp in typing.get_type_hints(TrainConfig).items()
+    if dataclasses.is_dataclass(tp) and "name" in {f.name for f in dataclasses.fields(tp)}
+)
+"""Sections with a ``name`` that an override ``SECTION=NAME`` selects as a config group."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,10 +796,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a nested mapping (a copy is returned).
+    """Apply ``dotted.key=value`` overrides, left to right, to a nested mapping (a copy).
 
     Keys below a mapping-valued field (``optimizer.layer_settings``) keep their dots, so
     ``optimizer.layer_settings.features.0=skip`` sets the pattern ``"features.0"``.
+
+    A section that has a ``name`` (:data:`GROUPS`: ``model``, ``data``, ``optimizer``,
+    ``schedule``) set to a name selects a config group: ``optimizer=adam`` replaces the whole
+    ``optimizer`` section by ``{name: adam}``, so every other key of it takes its documented
+    default (``kfac-tn reference``), and later overrides (``optimizer.lr=1e-3``) refine it.
+    ``optimizer.name=adam`` instead changes only the name and keeps the section's other keys.
 
     Args:
         raw: nested mapping (not modified).
@@ -801,23 +817,20 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
     out = _deep_copy(raw or {})
     for text in overrides:
         path, value = parse_override(text)
+        if len(path) == 1 and path[0] in GROUPS and isinstance(value, str):
+            value = {"name": value}
         node: dict[str, Any] = out
         cls: Any = TrainConfig
         for i, part in enumerate(path[:-1]):
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             tp = hints.get(part)
-            if tp is not None and _is_mapping_type(tp):
-                rest = ".".join(path[i + 1 :])
-                sub = node.get(part)
-                if not isinstance(sub, dict):
-                    sub = {}
-                    node[part] = sub
-                sub[rest] = value
-                break
             sub = node.get(part)
             if not isinstance(sub, dict):
                 sub = {}
                 node[part] = sub
+            if tp is not None and _is_mapping_type(tp):
+                sub[".".join(path[i + 1 :])] = value
+                break
             node = sub
             cls = tp
         else:

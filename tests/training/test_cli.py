@@ -129,6 +129,21 @@ def test_train_resume_and_compare(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG
 
 
+def test_train_with_optimizer_group(tmp_path, capsys):
+    """`kfac-tn train CONFIG optimizer=adam optimizer.lr=...` switches optimizers in one go."""
+    import yaml
+
+    sgd = Path(__file__).resolve().parents[2] / "configs" / "digits_sgd.yaml"
+    argv = ["train", str(sgd), "optimizer=adam", "optimizer.lr=1e-3", "data.train_subset=64"]
+    argv += ["data.test_subset=32", "--epochs", "1", "--out", str(tmp_path), "--run-name", "g"]
+    assert main([*argv, "--device", "cpu", "--quiet"]) == 0
+    saved = yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())["optimizer"]
+    assert saved["name"] == "adam" and saved["lr"] == 0.001 and "momentum" not in saved
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "optimizer=adam optimizer.lr=1e-3" in capsys.readouterr().out
+
+
 def test_compare_summary_table(tmp_path, capsys):
     a = fake_run(tmp_path / "kfac", [0.9, 0.97, 0.99], [1.0, 0.3, 0.1])
     b = fake_run(tmp_path / "sgd", [0.5, 0.9, 0.95], [2.0, 0.5, 0.2])

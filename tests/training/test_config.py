@@ -11,12 +11,17 @@ import yaml
 
 from kfac_tn.optim.hyperparams import RULES, Number
 from kfac_tn.training.config import (
+    GROUPS,
     KFAC_KEYS,
     KFAC_LAYER_KEYS,
     OPTIMIZER_KEYS,
     ConfigError,
     DataName,
+    ModelConfig,
+    OptimizerConfig,
     OptimizerName,
+    ScheduleConfig,
+    ScheduleName,
     TrainConfig,
     apply_overrides,
     config_from_dict,
@@ -464,3 +469,38 @@ def test_config_uses_library_enums(pair):
     tp = typing.get_type_hints(OptimizerConfig)[field]
     config_enum = next(a for a in (tp, *typing.get_args(tp)) if isinstance(a, type))
     assert config_enum is getattr(enums, library_name)
+
+
+# --- config groups: SECTION=NAME replaces the section by NAME's defaults ----------------------
+
+
+def test_optimizer_group_replaces_the_section():
+    sgd = CONFIG_DIR / "digits_sgd.yaml"
+    with pytest.raises(ConfigError, match="optimizer.momentum: does not apply"):
+        load_config(sgd, ["optimizer.name=adam"])  # renaming keeps SGD's keys
+    cfg = load_config(sgd, ["optimizer=adam"])
+    assert cfg.optimizer == OptimizerConfig(name=OptimizerName.ADAM)
+    refined = load_config(sgd, ["optimizer=adam", "optimizer.lr=1e-3", "optimizer.eps=1e-6"])
+    assert refined.optimizer == OptimizerConfig(name=OptimizerName.ADAM, lr=1e-3, eps=1e-6)
+    assert config_to_dict(refined)["optimizer"] == {
+        "name": "adam",
+        "lr": 0.001,
+        "betas": [0.9, 0.999],
+        "eps": 1e-6,
+        "weight_decay": 0.0005,
+        "amsgrad": False,
+    }
+    # left to right: a group after a key resets it
+    assert load_config(None, ["optimizer.lr=0.3", "optimizer=sgd"]).optimizer.lr == 0.05
+    assert refined.model == cfg.model == load_config(sgd).model  # other sections untouched
+
+
+def test_other_groups_and_bad_group_names():
+    assert set(GROUPS) == {"model", "data", "optimizer", "schedule"}
+    cfg = load_config(None, ["schedule=step", "schedule.gamma=0.5", "model=3c3d"])
+    assert cfg.schedule == ScheduleConfig(name=ScheduleName.STEP, gamma=0.5)
+    assert cfg.model == ModelConfig(name="3c3d")
+    with pytest.raises(ConfigError, match=r"optimizer.name: 'lbfgs' is not one of \['kfac'"):
+        load_config(None, ["optimizer=lbfgs"])
+    with pytest.raises(ConfigError, match="sampled_backprop: 'spatial' is not a mapping"):
+        load_config(None, ["sampled_backprop=spatial"])  # no name: not a group
