@@ -1,9 +1,12 @@
-"""Package layout: the library never imports the training front end; old module paths still work."""
+"""Package layout: the library needs none of the front end's packages and never imports the front
+end; the front end's old module paths still work."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,58 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "kfac_tn"
 MOVED = ("cli", "config", "train", "data", "models", "checkpoint", "plots")
 """Front-end modules that moved into ``kfac_tn.training`` (the old paths are aliases)."""
+
+
+FRONT_END_PACKAGES = ("yaml", "tqdm", "matplotlib", "sklearn", "torchvision")
+"""Imports of the ``train`` extra (PyYAML, tqdm, matplotlib, scikit-learn, torchvision)."""
+
+_NEW_MODULES = f"""
+import json, sys
+front_end = {FRONT_END_PACKAGES!r}
+import torch, opt_einsum, einops  # the library's dependencies (torch.hub loads tqdm if present)
+deps = set(sys.modules)
+import kfac_tn
+from kfac_tn import KFAC
+new = sorted(m for m in set(sys.modules) - deps if m.split(".")[0] in front_end)
+print(json.dumps(new))
+"""
+
+_WITHOUT_EXTRAS = f"""
+import sys
+
+for name in {FRONT_END_PACKAGES!r}:  # as if not installed: import fails, find_spec gives None
+    sys.modules[name] = None
+import torch
+from kfac_tn import KFAC
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+optimizer = KFAC(model, inverse_update_period=1)
+x, y = torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+for _ in range(2):
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+print("ok")
+"""
+
+
+def _python(code: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_import_loads_no_front_end_package():
+    """`import kfac_tn` / `from kfac_tn import KFAC` (fresh process) import none of the extra."""
+    assert json.loads(_python(_NEW_MODULES)) == []
+
+
+def test_library_works_without_the_train_extra():
+    """With PyYAML, tqdm, matplotlib, scikit-learn and torchvision absent, KFAC trains."""
+    assert _python(_WITHOUT_EXTRAS).strip().endswith("ok")
 
 
 def _library_files() -> list[Path]:
