@@ -110,7 +110,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Snapshot the torch (CPU and CUDA), numpy and python RNGs as tensors / plain types."""
+    """Snapshot the torch (CPU and CUDA), numpy and python RNGs as tensors / plain types.
+
+    Returns:
+        ``{"torch", "cuda", "numpy", "python"}`` states that ``torch.load(weights_only=True)``
+        reads back; :func:`restore_rng_state` restores them.
+    """
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     return {
@@ -131,7 +136,11 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore RNGs captured by :func:`capture_rng_state`."""
+    """Restore RNGs captured by :func:`capture_rng_state`.
+
+    Args:
+        state: The captured states (CUDA states only for the devices present).
+    """
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available():

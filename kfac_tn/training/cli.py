@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -37,7 +38,11 @@ dist_timeout_s, test_batch_size, data.root, data.download and data.num_workers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the ``kfac-tn`` argument parser."""
+    """Return the ``kfac-tn`` argument parser.
+
+    Returns:
+        The parser with the subcommands ``train``, ``compare`` and ``reference``.
+    """
     parser = argparse.ArgumentParser(
         prog="kfac-tn",
         description="Train CNNs with KFAC (tensor-network curvature engine) or SGD/Adam baselines.",
@@ -49,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="console log level (default INFO)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_compare_parser(sub)
+    _add_reference_parser(sub)
+    return parser
 
+
+def _add_train_parser(sub: Any) -> None:
     tr = sub.add_parser(
         "train",
         help="train and evaluate a model from a YAML config",
@@ -63,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="[CONFIG.yaml] [key=value ...]",
         help="optional YAML config (default: the built-in offline digits + KFAC config), then "
-        "dotted overrides",
+        "dotted overrides and config groups (optimizer=adam), left to right",
     )
     tr.add_argument("--epochs", type=int, help="number of epochs (= epochs=N)")
     tr.add_argument("--out", metavar="DIR", help="parent of run directories (= out_dir=DIR)")
@@ -87,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--quiet", action="store_true", help="no progress bars (= quiet=true)")
 
+
+def _add_compare_parser(sub: Any) -> None:
     cmp_ = sub.add_parser(
         "compare",
         help="overlay runs (test accuracy and training loss vs epoch and wall-clock)",
@@ -105,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="compare.png", metavar="FILE.png", help="output PNG (default compare.png)"
     )
 
+
+def _add_reference_parser(sub: Any) -> None:
     ref = sub.add_parser("reference", help="print the config reference (every key, type, default)")
     ref.add_argument(
         "--format",
@@ -112,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="markdown",
         help="markdown table of all keys, or the default config as YAML",
     )
-    return parser
 
 
 def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -204,10 +218,14 @@ def console_main() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kfac-tn`` commands; returns the exit status.
+    """Run a ``kfac-tn`` command.
 
-    Exit status: 0 on success, 2 on an invalid config/arguments/checkpoint, 1 on a failed
-    distributed run.
+    Args:
+        argv: The arguments after the program name (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 on an invalid config/arguments/checkpoint, 1 on a
+        failed distributed run.
     """
     from kfac_tn.training.checkpoint import CheckpointError
     from kfac_tn.training.config import ConfigError

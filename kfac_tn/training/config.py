@@ -9,6 +9,12 @@ Validation happens before any work and reports every problem at once, each as
 The ``optimizer:`` section maps one to one onto the keyword arguments of :class:`kfac_tn.KFAC`
 (except ``loss``/``loss_reduction``, which follow from the task: cross-entropy for classifiers,
 MSE for the autoencoder, both with mean reduction), and onto ``torch.optim.SGD``/``Adam``/``AdamW``.
+Its choices are the library's enums (:mod:`kfac_tn.enums`) and the KFAC keys' ranges and
+``layer_settings`` checks are the optimizer's own rules (:mod:`kfac_tn.optim.hyperparams`), so
+the config accepts exactly what the optimizer accepts.
+
+Overrides (``dotted.key=value``) apply left to right; ``SECTION=NAME`` selects a config group
+(:func:`apply_overrides`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import dataclasses
 import enum
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -395,63 +401,87 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
             return tp()
         return _dataclass_from_mapping(tp, value, key, errors)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        allowed = [m.value for m in tp]
-        if isinstance(value, bool) and ("on" if value else "off") in allowed:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a bool
-        if isinstance(value, str) and value in allowed:
-            return tp(value)
-        errors.append(f"{key}: {value!r} is not one of {allowed}")
-        return None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        errors.append(f"{key}: {value!r} is not a bool (true/false)")
-        return None
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        errors.append(f"{key}: {value!r} is not an int")
-        return None
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        errors.append(f"{key}: {value!r} is not a float")
-        return None
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # YAML typed a name like 2024 as a number
-        errors.append(f"{key}: {value!r} is not a string")
-        return None
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            errors.append(f"{key}: {value!r} is not a list of {_type_name(item_tp)}")
-            return []
-        return [_convert(v, item_tp, f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is tuple:
-        item_tps = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
-            errors.append(f"{key}: {value!r} is not a list of {len(item_tps)} values")
-            return None
-        return tuple(
-            _convert(v, t, f"{key}[{i}]", errors) for i, (v, t) in enumerate(zip(value, item_tps))
-        )
-    if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            errors.append(f"{key}: {value!r} is not a mapping with string keys")
-            return None
-        return dict(value)
+        return _to_choice(value, tp, key, errors)
+    if tp in _SCALARS:
+        converted = _SCALARS[tp](value)
+        if converted is None:
+            errors.append(f"{key}: {value!r} is not {_SCALAR_NAMES[tp]}")
+        return converted
+    if origin in (list, tuple, dict):
+        return _to_container(value, tp, key, errors)
     raise TypeError(f"unsupported schema type {tp}")  # pragma: no cover - schema bug
 
 
-def _dataclass_from_mapping(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[str]):
+def _to_choice(value: Any, tp: type[enum.Enum], key: str, errors: list[str]) -> Any:
+    allowed = [m.value for m in tp]
+    if isinstance(value, bool) and ("on" if value else "off") in allowed:
+        value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a bool
+    if isinstance(value, str) and value in allowed:
+        return tp(value)
+    errors.append(f"{key}: {value!r} is not one of {allowed}")
+    return None
+
+
+def _to_bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _to_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return None
+
+
+def _to_str(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML typed a name like 2024 as a number
+    return None
+
+
+_SCALARS: dict[type, Callable[[Any], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+}
+_SCALAR_NAMES = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}
+
+
+def _to_container(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Convert to ``list[T]``, ``tuple[T1, ..., Tn]`` or ``dict[str, Any]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: {value!r} is not a list of {_type_name(args[0])}")
+            return []
+        return [_convert(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            errors.append(f"{key}: {value!r} is not a list of {len(args)} values")
+            return None
+        return tuple(
+            _convert(v, t, f"{key}[{i}]", errors) for i, (v, t) in enumerate(zip(value, args))
+        )
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        errors.append(f"{key}: {value!r} is not a mapping with string keys")
+        return None
+    return dict(value)
+
+
+def _dataclass_from_mapping(
+    cls: type, raw: Mapping[str, Any], prefix: str, errors: list[str]
+) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -480,9 +510,14 @@ def _to_plain(value: Any) -> Any:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain (YAML/JSON-serialisable) nested dict of a config; ``config_from_dict`` inverts it.
+    """Return a config as a plain (YAML/JSON-serialisable) nested dict.
 
-    The ``optimizer`` section keeps only the keys of the chosen optimizer.
+    Args:
+        cfg: The config.
+
+    Returns:
+        Every key, with enums as their values; the ``optimizer`` section keeps only the keys of
+        the chosen optimizer. :func:`config_from_dict` inverts it.
     """
     out = _to_plain(cfg)
     keys = OPTIMIZER_KEYS.get(cfg.optimizer.name, ())
@@ -855,6 +890,12 @@ def _deep_copy(value: Any) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with ``yaml.safe_load`` (no code execution).
 
+    Args:
+        path: The YAML file.
+
+    Returns:
+        Its mapping (``{}`` for an empty file).
+
     Raises:
         ConfigError: if the file is missing, not valid YAML or not a mapping.
     """
@@ -890,7 +931,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (every key, defaults included)."""
+    """Write the resolved config as YAML (every key, defaults included).
+
+    Args:
+        cfg: The config.
+        path: The file to write (replaced if it exists).
+    """
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
@@ -936,10 +982,16 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def config_reference() -> str:
-    """Markdown reference of every config key: type, default, allowed range, description."""
+    """Return the Markdown reference of every config key (``kfac-tn reference``).
+
+    Returns:
+        A table with one row per dotted key: type (choices), default, description, the
+        optimizers that use it and its allowed range.
+    """
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
+        """Append the rows of ``cls``'s keys (recursing into sections)."""
         hints = typing.get_type_hints(cls)
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):

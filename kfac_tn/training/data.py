@@ -222,68 +222,10 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
         cfg: validated data config.
 
     Returns:
-        The data sets and their channel count, image size and number of classes.
+        The data sets (the first ``train_subset``/``test_subset`` examples when set) and their
+        channel count, image size and number of classes.
     """
-    if cfg.name == DataName.DIGITS:
-        x_tr, y_tr, x_te, y_te = load_digits_tensors(cfg.image_size)
-        bundle = DataBundle(
-            TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te), 1, x_tr.shape[-1], 10
-        )
-    elif cfg.name in (DataName.CIFAR10, DataName.CIFAR100):
-        root = Path(cfg.root).expanduser()
-        if cfg.download:
-            from torchvision import datasets
-
-            cls = datasets.CIFAR10 if cfg.name == DataName.CIFAR10 else datasets.CIFAR100
-            cls(str(root), train=True, download=True)  # downloads and verifies if missing
-        size = cfg.image_size or 32
-        sets = []
-        for train in (True, False):
-            images, labels = read_cifar(root, cfg.name, train)
-            sets.append(
-                ArrayImageDataset(images, labels, _vision_transforms(cfg, size, train, False))
-            )
-        n_cls = 10 if cfg.name == DataName.CIFAR10 else 100
-        bundle = DataBundle(sets[0], sets[1], 3, size, n_cls)
-    elif cfg.name == DataName.IMAGENET:
-        from torchvision import datasets
-
-        root = Path(cfg.root).expanduser()
-        size = cfg.image_size or 224
-        train = datasets.ImageFolder(str(root / "train"), _vision_transforms(cfg, size, True, True))
-        test = datasets.ImageFolder(str(root / "val"), _vision_transforms(cfg, size, False, True))
-        if train.classes != test.classes:
-            raise ValueError(
-                f"data.root: {cfg.root!r} has different class folders in train/ "
-                f"({len(train.classes)}) and val/ ({len(test.classes)})"
-            )
-        bundle = DataBundle(train, test, 3, size, len(train.classes))
-    elif cfg.name == DataName.FAKE:
-        from torchvision import datasets
-
-        size = cfg.image_size or 32
-        shape = (3, size, size)
-        bundle = DataBundle(
-            datasets.FakeData(
-                cfg.fake_train_size,
-                shape,
-                cfg.fake_num_classes,
-                _vision_transforms(cfg, size, True, False),
-                random_offset=0,
-            ),
-            datasets.FakeData(
-                cfg.fake_test_size,
-                shape,
-                cfg.fake_num_classes,
-                _vision_transforms(cfg, size, False, False),
-                random_offset=10**6,
-            ),
-            3,
-            size,
-            cfg.fake_num_classes,
-        )
-    else:  # pragma: no cover - enum is exhaustive
-        raise ValueError(f"data.name: {cfg.name!r} is not one of {[d.value for d in DataName]}")
+    bundle = _BUILDERS[cfg.name](cfg)
     if cfg.train_subset is not None:
         bundle.train = Subset(bundle.train, range(min(cfg.train_subset, len(bundle.train))))
     if cfg.test_subset is not None:
@@ -301,13 +243,74 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
     return bundle
 
 
+def _digits(cfg: DataConfig) -> DataBundle:
+    x_tr, y_tr, x_te, y_te = load_digits_tensors(cfg.image_size)
+    return DataBundle(TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te), 1, x_tr.shape[-1], 10)
+
+
+def _cifar(cfg: DataConfig) -> DataBundle:
+    root = Path(cfg.root).expanduser()
+    if cfg.download:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if cfg.name == DataName.CIFAR10 else datasets.CIFAR100
+        cls(str(root), train=True, download=True)  # downloads and verifies if missing
+    size = cfg.image_size or 32
+    sets = []
+    for train in (True, False):
+        images, labels = read_cifar(root, cfg.name, train)
+        sets.append(ArrayImageDataset(images, labels, _vision_transforms(cfg, size, train, False)))
+    n_cls = 10 if cfg.name == DataName.CIFAR10 else 100
+    return DataBundle(sets[0], sets[1], 3, size, n_cls)
+
+
+def _imagenet(cfg: DataConfig) -> DataBundle:
+    from torchvision import datasets
+
+    root = Path(cfg.root).expanduser()
+    size = cfg.image_size or 224
+    train = datasets.ImageFolder(str(root / "train"), _vision_transforms(cfg, size, True, True))
+    test = datasets.ImageFolder(str(root / "val"), _vision_transforms(cfg, size, False, True))
+    if train.classes != test.classes:
+        raise ValueError(
+            f"data.root: {cfg.root!r} has different class folders in train/ "
+            f"({len(train.classes)}) and val/ ({len(test.classes)})"
+        )
+    return DataBundle(train, test, 3, size, len(train.classes))
+
+
+def _fake(cfg: DataConfig) -> DataBundle:
+    from torchvision import datasets
+
+    size = cfg.image_size or 32
+    shape = (3, size, size)
+
+    def fake(n: int, train: bool, offset: int) -> Dataset:
+        transform = _vision_transforms(cfg, size, train, False)
+        return datasets.FakeData(n, shape, cfg.fake_num_classes, transform, random_offset=offset)
+
+    train = fake(cfg.fake_train_size, True, 0)
+    test = fake(cfg.fake_test_size, False, 10**6)
+    return DataBundle(train, test, 3, size, cfg.fake_num_classes)
+
+
+_BUILDERS: dict[DataName, Callable[[DataConfig], DataBundle]] = {
+    DataName.DIGITS: _digits,
+    DataName.CIFAR10: _cifar,
+    DataName.CIFAR100: _cifar,
+    DataName.IMAGENET: _imagenet,
+    DataName.FAKE: _fake,
+}
+
+
 class EpochLoaders:
     """Train/test loaders whose shuffling is a pure function of ``(seed, epoch)``.
 
     Call :meth:`train_loader` with the epoch number each epoch. The last incomplete training
     batch of an epoch is dropped (unless that would leave none). In distributed runs the training
     set is split by a ``DistributedSampler`` and the test set into disjoint strided shards (no
-    padding duplicates, so summed metrics are exact).
+    padding duplicates, so summed metrics are exact). The constructor takes the arguments of
+    :func:`build_loaders`.
     """
 
     def __init__(
@@ -346,7 +349,14 @@ class EpochLoaders:
         self.test = DataLoader(test, batch_size=test_batch_size, shuffle=False, **common)
 
     def train_loader(self, epoch: int) -> DataLoader:
-        """Return the training loader, reseeded for ``epoch`` (0-based)."""
+        """Return the training loader, reseeded for ``epoch``.
+
+        Args:
+            epoch: The epoch (0-based) whose data order the loader then yields.
+
+        Returns:
+            The (one, reused) training loader.
+        """
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
@@ -364,7 +374,21 @@ def build_loaders(
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> EpochLoaders:
-    """Loaders for ``bundle``; see :class:`EpochLoaders`."""
+    """Loaders for ``bundle``; see :class:`EpochLoaders`.
+
+    Args:
+        bundle: The data sets.
+        batch_size: Training batch size per process.
+        test_batch_size: Evaluation batch size per process.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the data order (with the epoch).
+        rank: This process' rank in a distributed run.
+        world_size: Number of processes.
+        pin_memory: Pin host memory (for CUDA).
+
+    Returns:
+        The loaders.
+    """
     return EpochLoaders(
         bundle,
         batch_size=batch_size,

@@ -73,7 +73,14 @@ class DigitsCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` of images ``x: [N, C, S, S]``."""
+        """Classify a batch of images.
+
+        Args:
+            x: Images ``[N, C, S, S]``.
+
+        Returns:
+            Logits ``[N, num_classes]``.
+        """
         return self.classifier(self.features(x))
 
 
@@ -111,7 +118,14 @@ class Net3c3d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` of images ``x: [N, C, S, S]``."""
+        """Classify a batch of images.
+
+        Args:
+            x: Images ``[N, C, S, S]``.
+
+        Returns:
+            Logits ``[N, num_classes]``.
+        """
         return self.classifier(self.features(x))
 
 
@@ -138,7 +152,14 @@ class Net2c2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` of images ``x: [N, C, S, S]``."""
+        """Classify a batch of images.
+
+        Args:
+            x: Images ``[N, C, S, S]``.
+
+        Returns:
+            Logits ``[N, num_classes]``.
+        """
         return self.classifier(self.features(x))
 
 
@@ -189,7 +210,14 @@ class AllCNNC(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` of images ``x: [N, C, S, S]``."""
+        """Classify a batch of images.
+
+        Args:
+            x: Images ``[N, C, S, S]``.
+
+        Returns:
+            Logits ``[N, num_classes]``.
+        """
         return self.net(x)
 
 
@@ -220,12 +248,26 @@ class ConvAutoencoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``[N, C, S, S]`` of ``x: [N, C, S, S]``."""
+        """Reconstruct a batch of images.
+
+        Args:
+            x: Images ``[N, C, S, S]``.
+
+        Returns:
+            The reconstruction ``[N, C, S, S]``.
+        """
         return self.decoder(self.encoder(x))
 
 
 def is_reconstruction(cfg: ModelConfig) -> bool:
-    """Whether the model is trained on reconstruction (MSE) rather than classification."""
+    """Tell whether the model is trained on reconstruction (MSE) rather than classification.
+
+    Args:
+        cfg: The model config.
+
+    Returns:
+        ``True`` for the autoencoder.
+    """
     return cfg.name == "autoencoder"
 
 
@@ -247,7 +289,16 @@ def _scaled_resnet(name: str, width: float, num_classes: int) -> nn.Module:
     block = getattr(resnet, block_name)
 
     class ScaledResNet(resnet.ResNet):
-        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        """A torchvision ResNet whose stages have ``width`` times the channels."""
+
+        def _make_layer(
+            self,
+            block: type[nn.Module],
+            planes: int,
+            blocks: int,
+            stride: int = 1,
+            dilate: bool = False,
+        ) -> nn.Sequential:
             return super()._make_layer(block, _w(planes, width), blocks, stride, dilate)
 
     model = ScaledResNet(block, layers, num_classes=num_classes)
@@ -313,5 +364,12 @@ def build_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes
 
 
 def count_conv_layers(model: nn.Module) -> int:
-    """Count the convolution (incl. transposed) modules in ``model``."""
+    """Count the convolution modules (transposed ones included) in ``model``.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        The number of ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` submodules.
+    """
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())

@@ -131,6 +131,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         local_rank: in DDP runs ``auto``/``cuda`` pick ``cuda:local_rank``.
 
+    Returns:
+        The device.
+
     Raises:
         ValueError: if CUDA is requested but not available.
     """
@@ -228,7 +231,14 @@ def build_optimizer(
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``run_dir/metrics.jsonl`` (empty list if there is none)."""
+    """Read the metrics of a run.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The rows of ``run_dir/metrics.jsonl``, one dict per epoch (``[]`` if there is none).
+    """
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return []
@@ -522,6 +532,9 @@ class Run:
         On rank 0, ``metrics.jsonl`` is rewritten with the checkpoint's rows (rows a crashed
         run wrote after its last checkpoint are dropped).
 
+        Args:
+            state: The checkpoint (:func:`~kfac_tn.training.checkpoint.load_checkpoint`).
+
         Raises:
             CheckpointError: if the states do not fit the configured model/optimizer.
         """
@@ -548,6 +561,9 @@ class Run:
         Each epoch appends a metrics row; a checkpoint is written every ``checkpoint_period``
         epochs and after the last epoch of this invocation.
 
+        Args:
+            stop_after: End this invocation after this many epochs (``None``: at ``epochs``).
+
         Returns:
             The run directory and every metrics row (also those before a resume).
         """
@@ -570,7 +586,14 @@ class Run:
         return RunResult(self.run_dir, self.rows)
 
     def epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one epoch (0-based ``epoch``), evaluate, and return its metrics row."""
+        """Train one epoch, then evaluate.
+
+        Args:
+            epoch: The epoch (0-based).
+
+        Returns:
+            Its metrics row (keys in the module docstring).
+        """
         device = self.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -594,7 +617,10 @@ class Run:
         }
 
     def train_epoch(self, epoch: int) -> dict[str, float | None]:
-        """Train ``steps_per_epoch`` iterations of epoch ``epoch`` (0-based).
+        """Train ``steps_per_epoch`` iterations of one epoch.
+
+        Args:
+            epoch: The epoch (0-based), which fixes the data order.
 
         Returns:
             ``loss`` (mean over the epoch's samples on all ranks), ``acc`` (``None`` for
