@@ -455,6 +455,31 @@ class Communicator:
                 # values even if the owner's tensor was symmetric only up to round-off
                 self._unpack(bucket, bucket.buffer, only_symmetric=True)
 
+    # ---------------------------------------------------------- scalars
+    def average(self, values: Tensor) -> Tensor:
+        """Average a small tensor over the workers (blocking; every rank must call it).
+
+        Used for the few numbers behind a decision every rank must take alike (the damping
+        adaptation's losses and curvature terms).
+
+        Args:
+            values: ``[k]`` floating point, on any device.
+
+        Returns:
+            A new tensor, the elementwise mean over the group, on ``values``' device.
+
+        Raises:
+            CommunicationError: If the collective fails.
+        """
+        if self.world_size == 1:
+            return values.clone()
+        buffer = values.detach().to(self._collective_device(), torch.float64).clone()
+        try:
+            dist.all_reduce(buffer, group=self.group)
+        except RuntimeError as err:
+            raise self._error("averaging scalars", err) from err
+        return (buffer / self.world_size).to(values.device, values.dtype)
+
     # ---------------------------------------------------------- point-to-point
     def transfer(
         self,

@@ -20,6 +20,8 @@ __all__ = [
     "KFACApprox",
     "LossReduction",
     "LossType",
+    "QModel",
+    "StepSize",
 ]
 
 _C = TypeVar("_C", bound="Choice")
@@ -105,6 +107,20 @@ class DtypeName(Choice):
     FLOAT64 = "float64"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class QModel(Choice):
+    """Curvature of the quadratic model used to judge a step (see :mod:`kfac_tn.optim.qmodel`)."""
+
+    KRONECKER = "kronecker"
+    EXACT = "exact"
+
+
+class StepSize(Choice):
+    """How the length of a step is set (see :mod:`kfac_tn.optim.damping`)."""
+
+    FIXED = "fixed"
+    QMODEL = "qmodel"
 
 
 class Impl(Choice):

@@ -26,7 +26,16 @@ from torch import Tensor
 
 from kfac_tn.enums import FisherType, LossReduction, LossType
 
-__all__ = ["LossType", "LossReduction", "FisherType", "reduction_scale", "output_gradients"]
+__all__ = [
+    "FisherType",
+    "LossReduction",
+    "LossType",
+    "hessian_quadratic",
+    "loss_value",
+    "output_gradients",
+    "recovered_targets",
+    "reduction_scale",
+]
 
 
 def reduction_scale(
@@ -112,3 +121,70 @@ def output_gradients(
             g = torch.zeros_like(flat)
             g[:, j] = 2.0**0.5
             yield g.reshape(f.shape)
+
+
+def recovered_targets(output: Tensor, output_grad: Tensor, loss: LossType, r: float) -> Tensor:
+    r"""Recover the targets that, with ``output``, give the gradient ``output_grad`` of :math:`L`.
+
+    With :math:`L = r \sum_n \ell_n`: cross-entropy has
+    :math:`\partial L / \partial f_n = r(\mathrm{softmax}(f_n) - y_n)`, so
+    :math:`y_n = \mathrm{softmax}(f_n) - g_n / r` (soft targets; one-hot labels and label
+    smoothing are special cases); MSE has :math:`\partial L / \partial f = 2r(f - y)`, so
+    :math:`y = f - g / (2r)`. This lets the optimizer re-evaluate the loss of a batch at other
+    parameters without the user's loss function (used by the damping adaptation).
+
+    Args:
+        output: Model output ``[N, C]`` (cross-entropy) or ``[N, *]`` (MSE), detached.
+        output_grad: Gradient of the loss w.r.t. ``output`` (same shape; unscaled).
+        loss: The loss function.
+        r: The reduction scale (:func:`reduction_scale` over the whole step's samples).
+
+    Returns:
+        Targets shaped like ``output``, in float64.
+    """
+    f, g = output.detach().double(), output_grad.detach().double()
+    if loss is LossType.CROSS_ENTROPY:
+        return torch.softmax(f, dim=-1) - g / r
+    return f - g / (2.0 * r)
+
+
+def loss_value(output: Tensor, targets: Tensor, loss: LossType, r: float) -> Tensor:
+    r"""Return :math:`r \sum_n \ell_n(f_n, y_n)` in float64 (soft-target CE or squared error).
+
+    Args:
+        output: Model output ``[N, C]`` / ``[N, *]``.
+        targets: Targets shaped like ``output`` (e.g. from :func:`recovered_targets`).
+        loss: The loss function.
+        r: The reduction scale.
+
+    Returns:
+        A float64 scalar tensor.
+    """
+    f = output.detach().double()
+    if loss is LossType.CROSS_ENTROPY:
+        return -r * (targets * torch.log_softmax(f, dim=-1)).sum()
+    return r * (f - targets).square().sum()
+
+
+def hessian_quadratic(output: Tensor, v: Tensor, loss: LossType, r: float) -> Tensor:
+    r"""Return :math:`v^\top H v`, :math:`H` the Hessian of :math:`L = r\sum_n \ell_n` in ``f``.
+
+    Cross-entropy: :math:`r \sum_n (\sum_c p_{n,c} v_{n,c}^2 - (\sum_c p_{n,c} v_{n,c})^2)`,
+    :math:`p_n = \mathrm{softmax}(f_n)`; MSE: :math:`2 r \lVert v \rVert^2`. With :math:`v = J
+    \Delta` this is the GGN quadratic form :math:`\Delta^\top G \Delta`.
+
+    Args:
+        output: Model output (only cross-entropy uses its values).
+        v: A tangent of the output, same shape.
+        loss: The loss function.
+        r: The reduction scale.
+
+    Returns:
+        A float64 scalar tensor (``>= 0``).
+    """
+    v = v.detach().double()
+    if loss is LossType.CROSS_ENTROPY:
+        p = torch.softmax(output.detach().double(), dim=-1)
+        pv = (p * v).sum(-1)
+        return r * ((p * v.square()).sum() - pv.square().sum())
+    return 2.0 * r * v.square().sum()

@@ -155,7 +155,7 @@ def _worker(args: argparse.Namespace) -> None:
             distributed_strategy=args.method.split("-", 1)[1],
             bucket_cap_mb=args.bucket_cap_mb,
         )
-        comm = getattr(opt, "_comm", None)
+        comm = opt.placement.comm if hasattr(opt, "placement") else None
         if comm is None:
             raise RuntimeError("KFAC created no communicator although torch.distributed is up")
         _time_waits(comm, waited)

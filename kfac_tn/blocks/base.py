@@ -187,6 +187,14 @@ class KroneckerBlock(ABC):
         d_g, d_a = self._to_matrix(self.weight.detach(), self._bias_detached()).shape[-2:]
         return d_a, d_g
 
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        """Arrange parameter-shaped tensors (``[weight-like]`` or ``[weight-like, bias-like]``).
+
+        Returns:
+            ``[groups, d_G, d_A]``, the layout the factors act on (``G M A``).
+        """
+        return self._to_matrix(tensors[0], tensors[1] if len(tensors) > 1 else None)
+
     def _bias_detached(self) -> Tensor | None:
         return None if self.bias is None else self.bias.detach()
 

@@ -73,6 +73,15 @@ class _ForwardHook(_Hook):
             output.register_hook(_NoReturn(callback))
 
 
+class _ModelInputHook(_Hook):
+    def __init__(self, model: nn.Module, on_input: Callable[[tuple, dict], None]):
+        self.model, self.on_input = model, on_input
+
+    def __call__(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if mod is self.model:
+            self.on_input(args, kwargs)
+
+
 class _ModelHook(_Hook):
     def __init__(self, model: nn.Module, on_output: Callable[[object], None]):
         self.model, self.on_output = model, on_output
@@ -123,6 +132,11 @@ class HookSet:
     def add_model(self, model: nn.Module, on_output: Callable[[object], None]) -> None:
         """Hand every output of ``model`` to ``on_output`` (after all layer hooks of that pass)."""
         self._handles.append(model.register_forward_hook(_ModelHook(model, on_output)))
+
+    def add_model_input(self, model: nn.Module, on_input: Callable[[tuple, dict], None]) -> None:
+        """Hand the ``(args, kwargs)`` of every call of ``model`` to ``on_input`` (before it)."""
+        handle = model.register_forward_pre_hook(_ModelInputHook(model, on_input), with_kwargs=True)
+        self._handles.append(handle)
 
     def remove(self) -> None:
         """Remove every hook and drop any kept input."""

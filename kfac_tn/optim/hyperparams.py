@@ -27,6 +27,8 @@ from kfac_tn.enums import (
     KFACApprox,
     LossReduction,
     LossType,
+    QModel,
+    StepSize,
 )
 
 __all__ = [
@@ -158,6 +160,14 @@ RULES: dict[str, Rule] = {
     "inverse_dtype": Dtype(),
     "distributed_strategy": OneOf(DistributedStrategy),
     "bucket_cap_mb": Number(0.0, low_open=True),
+    "damping_adaptation": Flag(),
+    "damping_adaptation_period": Number(1, integer=True),
+    "damping_adaptation_decay": Number(0.0, 1.0, low_open=True, high_open=True),
+    "min_damping": Number(0.0, low_open=True),
+    "max_damping": Number(0.0, low_open=True),
+    "qmodel": OneOf(QModel),
+    "step_size": OneOf(StepSize),
+    "max_step_scale": Number(0.0, low_open=True),
 }
 """The rule of every hyperparameter the optimizer validates."""
 
@@ -224,6 +234,9 @@ def problems(hp: Mapping[str, Any]) -> list[Problem]:
     momentum = hp.get("momentum", 0.0)
     if hp.get("nesterov") is True and RULES["momentum"].accepts(momentum) and momentum <= 0:
         out.append(Problem("nesterov", True, "needs momentum > 0", f"momentum={momentum}"))
+    low, high = hp.get("min_damping"), hp.get("max_damping")
+    if RULES["min_damping"].accepts(low) and RULES["max_damping"].accepts(high) and low > high:
+        out.append(Problem("max_damping", high, "below min_damping", f">= {low}"))
     return out
 
 

@@ -62,14 +62,23 @@ import torch
 from torch import Tensor, nn
 
 from kfac_tn.blocks import KroneckerBlock
-from kfac_tn.enums import DistributedStrategy
+from kfac_tn.enums import DistributedStrategy, LossReduction, LossType, QModel, StepSize
 from kfac_tn.faults import log_fault
+from kfac_tn.losses import reduction_scale
 from kfac_tn.optim import hyperparams
+from kfac_tn.optim.damping import (
+    damping_factor,
+    levenberg_marquardt,
+    optimal_scale,
+    reduction_ratio,
+)
 from kfac_tn.optim.hyperparams import LayerHP, resolve_layer_hp
 from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
+from kfac_tn.optim.qmodel import RecordedPass, StepPieces, recorded_loss, step_pieces
 from kfac_tn.optim.state_dict import CURVATURE_KEYS, check_state_dict
 from kfac_tn.optim.statistics import StatisticsCollector
+from kfac_tn.optim.update import Update, propose
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +93,10 @@ GLOBAL_KEYS = (
     "layer_settings",
     "distributed_strategy",
     "bucket_cap_mb",
+    "damping_adaptation_period",
+    "qmodel",
+    "step_size",
+    "max_step_scale",
 )
 _COUNTERS = (
     "factor_updates",
@@ -128,6 +141,20 @@ class KFAC(torch.optim.Optimizer):
         distributed_strategy: ``"replicate"`` or ``"shard"`` (used when ``torch.distributed`` is
             initialised).
         bucket_cap_mb: Bucket size of the factor all-reduce, ``> 0``.
+        damping_adaptation: Adapt ``damping`` by the Levenberg–Marquardt rule
+            (:mod:`kfac_tn.optim.damping`); the param group's ``damping`` is the start value.
+        damping_adaptation_period: Adapt every this many steps (``T``).
+        damping_adaptation_decay: ``ω = decay^T`` in ``(0, 1)`` scales the damping down after
+            good steps and up after bad ones.
+        min_damping: Lower bound of the adapted damping, ``> 0``.
+        max_damping: Upper bound, ``>= min_damping``.
+        qmodel: Curvature of the quadratic model that judges a step for the damping
+            adaptation: ``"kronecker"`` (the blocks, cheap) or ``"exact"`` (the GGN, one
+            forward-mode pass).
+        step_size: ``"fixed"`` (learning rate, momentum and KL clip as given) or ``"qmodel"``
+            (every step rescaled by the minimiser of the exact quadratic model along it, capped by
+            ``max_step_scale``).
+        max_step_scale: Largest rescaling of a step with ``step_size="qmodel"``, ``> 0``.
         grad_scaler: The ``torch.amp.GradScaler`` scaling the loss, if any (its scale is divided
             out of ``G``).
 
@@ -160,6 +187,14 @@ class KFAC(torch.optim.Optimizer):
         layer_settings: Mapping[str, Mapping[str, Any] | str] | None = None,
         distributed_strategy: str = "replicate",
         bucket_cap_mb: float = 25.0,
+        damping_adaptation: bool = True,
+        damping_adaptation_period: int = 5,
+        damping_adaptation_decay: float = 0.95,
+        min_damping: float = 1e-6,
+        max_damping: float = 1e3,
+        qmodel: str = "kronecker",
+        step_size: str = "fixed",
+        max_step_scale: float = 1.0,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -241,12 +276,14 @@ class KFAC(torch.optim.Optimizer):
     def _plan_capture(self) -> None:
         """Tell the hooks which blocks capture in the coming passes, with which settings."""
         hps = self.layer_hp()
+        record = self._tuning_now()
         self.statistics.plan(
             {
                 id(b): hps[id(b)]
                 for b in self.blocks
                 if self._step_count_of(b) % hps[id(b)].factor_update_period == 0
-            }
+            },
+            record=record,
         )
 
     # ------------------------------------------------------------------ public helpers
@@ -261,17 +298,24 @@ class KFAC(torch.optim.Optimizer):
         self.statistics.discard()
 
     @property
-    def stats(self) -> dict[str, int]:
-        """Counters summed over layers (reading them synchronises with the device).
+    def stats(self) -> dict[str, Any]:
+        """Counters summed over layers, and the self-tuning values (reading syncs the device).
 
-        ``steps`` (taken), ``skipped_steps`` (non-finite gradients or statistics: nothing
-        changed), ``factor_updates``, ``skipped_factor_updates``, ``inverse_updates``,
+        Counters: ``steps`` (taken), ``skipped_steps`` (non-finite gradients or statistics:
+        nothing changed), ``factor_updates``, ``skipped_factor_updates``, ``inverse_updates``,
         ``fallback_inversions`` (float64 retries), ``failed_inversions``, ``invalid_factors``
-        (non-finite factors reset), ``kfac_layers``.
+        (non-finite factors reset), ``damping_adaptations``, ``kfac_layers``. Values: ``damping``
+        (per param group), ``rho`` (the last reduction ratio, ``nan`` before the first) and
+        ``step_scale`` (the last ``step_size="qmodel"`` scale, 1 otherwise).
         """
-        out = dict.fromkeys(("steps", "skipped_steps", *_COUNTERS), 0)
-        out["skipped_steps"] = self.state[_OWN].get("skipped_steps", 0) if _OWN in self.state else 0
+        own = self.state[_OWN] if _OWN in self.state else {}
+        out: dict[str, Any] = dict.fromkeys(("steps", "skipped_steps", *_COUNTERS), 0)
+        out["skipped_steps"] = own.get("skipped_steps", 0)
+        out["damping_adaptations"] = own.get("damping_adaptations", 0)
         out["kfac_layers"] = len(self.blocks)
+        out["damping"] = [g["damping"] for g in self.param_groups]
+        out["rho"] = own.get("rho", math.nan)
+        out["step_scale"] = own.get("step_scale", 1.0)
         for block in self.blocks:
             state = self.state.get(block.weight, {})
             out["steps"] = max(out["steps"], state.get("kfac_step", 0))
@@ -339,7 +383,12 @@ class KFAC(torch.optim.Optimizer):
         self.placement.update_inverses(due, self.state, hps)
         directions = self.placement.precondition(blocks, self.state, hps)
         self._clip(directions, hps)
-        self._apply_update(directions)
+        update = propose(self.param_groups, self.state, directions)
+        records = self.statistics.take_records()
+        pieces = self._judge(update, records)
+        alpha = self._rescale(update, pieces)
+        update.apply(self.state)
+        self._adapt_damping(pieces, alpha, records)
         self._advance_counters(blocks)
         return loss
 
@@ -367,6 +416,7 @@ class KFAC(torch.optim.Optimizer):
         own = self.state[_OWN]
         own["skipped_steps"] = own.get("skipped_steps", 0) + 1
         self.statistics.discard()
+        self.statistics.take_records()  # recorded passes of the skipped step are dropped too
         log_fault(
             logger,
             own["skipped_steps"],
@@ -441,31 +491,102 @@ class KFAC(torch.optim.Optimizer):
                     if id(p) in directions:
                         directions[id(p)] = directions[id(p)] * nu
 
-    def _apply_update(self, directions: dict[int, Tensor]) -> None:
-        """Momentum-SGD update of every parameter (the preconditioned direction where known)."""
+    def _judge(self, update: Update, records: list[RecordedPass]) -> StepPieces | None:
+        """Evaluate the quadratic-model terms of the proposed step, on tuning steps."""
+        d = self.defaults
+        qmodel_step = d["step_size"] == StepSize.QMODEL.value
+        if not records or not self._tuning_now():
+            return None
+        # with the exact curvature at hand for the step size, the damping uses it too
+        curvature = QModel.EXACT if qmodel_step else QModel(d["qmodel"])
+        return step_pieces(
+            update,
+            self.param_groups,
+            self.blocks,
+            self.state,
+            model=self.model,
+            records=records,
+            loss=LossType(d["loss"]),
+            r=self._record_scale(records),
+            curvature=curvature if self._adapting_damping() else None,
+            exact=qmodel_step,
+            comm=self.placement.comm,
+        )
+
+    def _rescale(self, update: Update, pieces: StepPieces | None) -> float:
+        """``step_size="qmodel"``: scale the step by the quadratic model's minimiser along it.
+
+        The scale is recomputed on tuning steps and reused in between.
+        """
+        if self.defaults["step_size"] != StepSize.QMODEL.value:
+            return 1.0
+        own = self.state[_OWN]
+        if pieces is not None:
+            curvature = pieces.exact_curvature + pieces.decay_square + pieces.damping_square
+            own["step_scale"] = optimal_scale(
+                pieces.linear + pieces.decay_linear, curvature, self.defaults["max_step_scale"]
+            )
+        alpha = own.get("step_scale", 1.0)
+        update.scale(alpha)
+        return alpha
+
+    def _adapt_damping(
+        self, pieces: StepPieces | None, alpha: float, records: list[RecordedPass]
+    ) -> None:
+        """Levenberg–Marquardt: move each adapting group's damping by the reduction ratio."""
+        if pieces is None or not self._adapting_damping():
+            return
+        loss, r = LossType(self.defaults["loss"]), self._record_scale(records)
+        losses = torch.stack(
+            [
+                recorded_loss(self.model, records, loss, r, evaluate=True),
+                recorded_loss(self.model, records, loss, r, evaluate=False),
+            ]
+        )
+        if self.placement.comm is not None:
+            losses = self.placement.comm.average(losses)
+        new, old = losses.tolist()
+        rho = reduction_ratio(new - old + pieces.decay_change(alpha), pieces.predicted(alpha))
         for group in self.param_groups:
-            weight_decay, momentum = group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = directions.get(id(p), p.grad)
-                if weight_decay != 0:
-                    d = d.add(p, alpha=weight_decay)
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None or buf.dtype != p.dtype:  # new, or the model changed dtype
-                        buf = state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        buf.mul_(momentum).add_(d)
-                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-                p.add_(d, alpha=-group["lr"])
+            if group["damping_adaptation"]:
+                group["damping"] = levenberg_marquardt(
+                    group["damping"],
+                    rho,
+                    omega=damping_factor(group),
+                    min_damping=group["min_damping"],
+                    max_damping=group["max_damping"],
+                )
+        own = self.state[_OWN]
+        own["rho"] = rho
+        own["damping_adaptations"] = own.get("damping_adaptations", 0) + 1
+
+    def _adapting_damping(self) -> bool:
+        return any(g["damping_adaptation"] for g in self.param_groups)
+
+    def _tuning_now(self) -> bool:
+        """Whether this step tunes (damping and/or step size): every ``T`` steps, if enabled."""
+        if not (self._adapting_damping() or self.defaults["step_size"] == StepSize.QMODEL.value):
+            return False
+        step = self.state[_OWN].get("step", 0) if _OWN in self.state else 0
+        return step % int(self.defaults["damping_adaptation_period"]) == 0
+
+    def _record_scale(self, records: list[RecordedPass]) -> float:
+        samples = sum(r.output.shape[0] for r in records)
+        d = self.defaults
+        return reduction_scale(
+            LossType(d["loss"]),
+            LossReduction(d["loss_reduction"]),
+            samples,
+            self.statistics.entries_per_sample,
+        )
 
     def _advance_counters(self, blocks: list[KroneckerBlock]) -> None:
-        """Advance the per-layer step counters; plan the capture of the coming passes."""
+        """Advance the step counters; plan the capture (and recording) of the coming passes."""
         for block in blocks:
             state = self.state[block.weight]
             state["kfac_step"] = state.get("kfac_step", 0) + 1
+        own = self.state[_OWN]
+        own["step"] = own.get("step", 0) + 1
         self._plan_capture()
 
     # ------------------------------------------------------------------ small helpers

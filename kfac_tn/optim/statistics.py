@@ -34,6 +34,7 @@ from kfac_tn.enums import FisherType, LossReduction, LossType
 from kfac_tn.losses import output_gradients, reduction_scale
 from kfac_tn.optim.hooks import GradCallback, HookSet
 from kfac_tn.optim.hyperparams import LayerHP
+from kfac_tn.optim.qmodel import RecordedPass, RngState
 
 __all__ = ["StatisticsCollector"]
 
@@ -93,12 +94,16 @@ class StatisticsCollector:
         self._sampled_grads: dict[int, Tensor] | None = None
         self._hooks = HookSet()
         self._warned_eval = False
+        self._record = False  # keep the model's inputs, outputs and output gradients
+        self._recording: RecordedPass | None = None
+        self._records: list[RecordedPass] = []
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> None:
         """Register the hooks on every block's layer and on the model."""
         for block in self.blocks:
             self._hooks.add_layer(block.module, active=self._active, on_forward=self._on_forward)
+        self._hooks.add_model_input(self.model, self._on_model_input)
         self._hooks.add_model(self.model, self._on_model_output)
 
     def remove(self) -> None:
@@ -106,9 +111,22 @@ class StatisticsCollector:
         self._hooks.remove()
         self.discard()
 
-    def plan(self, settings: Mapping[int, LayerHP]) -> None:
-        """Set what the coming passes capture: ``{id(block): settings}`` of the blocks due."""
+    def plan(self, settings: Mapping[int, LayerHP], *, record: bool = False) -> None:
+        """Set what the coming passes capture.
+
+        Args:
+            settings: ``{id(block): settings}`` of the blocks due for a factor update.
+            record: Also record the model's inputs, outputs and output gradients
+                (:class:`~kfac_tn.optim.qmodel.RecordedPass`, for the quadratic model).
+        """
         self._plan = dict(settings)
+        self._record = record
+        self._records = []
+
+    def take_records(self) -> list[RecordedPass]:
+        """Return the complete recorded passes since :meth:`plan`; the collector forgets them."""
+        records, self._records, self._recording = self._records, [], None
+        return [r for r in records if r.complete]
 
     def discard(self) -> None:
         """Drop captured statistics and pending forward passes (``zero_grad``, a skipped step)."""
@@ -158,10 +176,13 @@ class StatisticsCollector:
         return r
 
     def _amp_scale(self) -> float:
+        return self._amp_unscale() ** 2
+
+    def _amp_unscale(self) -> float:
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return 1.0
-        return 1.0 / scaler.get_scale() ** 2
+        return 1.0 / scaler.get_scale()
 
     # ------------------------------------------------------------------ hook callbacks
     def _active(self, module: nn.Module) -> bool:
@@ -199,9 +220,33 @@ class StatisticsCollector:
             self.comm.all_reduce_factor(g_sum)
         block.add_statistics(a_mean, n, g_sum)
 
+    def _on_model_input(self, args: tuple, kwargs: dict) -> None:
+        if not (self._record and self.model.training and torch.is_grad_enabled()):
+            return
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        device = tensors[0].device if tensors else None
+        self._recording = RecordedPass(args, kwargs, RngState.capture(device))
+
     def _on_model_output(self, output: object) -> None:
         if isinstance(output, Tensor) and output.dim() >= 1:
             self.entries_per_sample = output[0].numel()
+        self._sample_and_commit(output)
+        # after the sampled backward passes above, so that only the user's backward is recorded
+        self._record_output(output)
+
+    def _record_output(self, output: object) -> None:
+        record, self._recording = self._recording, None
+        if record is None or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        record.output = output.detach()
+        self._records.append(record)
+
+        def keep(grad: Tensor) -> None:
+            record.output_grad = grad.detach() * self._amp_unscale()
+
+        output.register_hook(keep)
+
+    def _sample_and_commit(self, output: object) -> None:
         pending, self._pending = self._pending, []
         if not pending or not isinstance(output, Tensor) or not output.requires_grad:
             return

@@ -37,6 +37,8 @@ from kfac_tn.enums import (
     FisherType,
     Inversion,
     KFACApprox,
+    QModel,
+    StepSize,
 )
 from kfac_tn.optim import hyperparams
 from kfac_tn.optim.hyperparams import Number
@@ -217,6 +219,14 @@ class OptimizerConfig:
     layer_settings: dict[str, Any] | None = None
     distributed_strategy: DistributedStrategy = DistributedStrategy.REPLICATE
     bucket_cap_mb: float = 25.0
+    damping_adaptation: bool = True
+    damping_adaptation_period: int = 5
+    damping_adaptation_decay: float = 0.95
+    min_damping: float = 1e-6
+    max_damping: float = 1e3
+    qmodel: QModel = QModel.KRONECKER
+    step_size: StepSize = StepSize.FIXED
+    max_step_scale: float = 1.0
 
 
 KFAC_KEYS: tuple[str, ...] = tuple(
@@ -266,6 +276,17 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     + "; ``skip`` trains the layer with momentum SGD.",
     "distributed_strategy": "``replicate`` (all ranks hold all inverses) or ``shard``.",
     "bucket_cap_mb": "bucket size of the factor all-reduce (DDP).",
+    "damping_adaptation": "adapt the damping by the Levenberg-Marquardt rule (``damping`` is "
+    "the start value).",
+    "damping_adaptation_period": "self-tuning (damping, ``step_size: qmodel``) every N steps.",
+    "damping_adaptation_decay": "the damping moves by ``decay ** period`` per adaptation.",
+    "min_damping": "lower bound of the adapted damping.",
+    "max_damping": "upper bound of the adapted damping.",
+    "qmodel": "curvature judging a step for the damping: ``kronecker`` (cheap) or ``exact`` "
+    "(GGN, one forward-mode pass).",
+    "step_size": "``fixed`` (lr, momentum, KL clip) or ``qmodel`` (each step rescaled by the "
+    "exact quadratic model's minimiser along it).",
+    "max_step_scale": "largest rescaling of a step with ``step_size: qmodel``.",
 }
 
 

@@ -403,7 +403,11 @@ def test_stats_counters():
         "fallback_inversions": 0,
         "failed_inversions": 0,
         "invalid_factors": 0,
+        "damping_adaptations": 1,
         "kfac_layers": 3,
+        "damping": [opt.param_groups[0]["damping"]],
+        "rho": opt.state["kfac"]["rho"],
+        "step_scale": 1.0,
     }
 
 

@@ -1,0 +1,321 @@
+r"""The quadratic model of a step and the loss change it predicts, on the step's own batch.
+
+For the update :math:`\Delta` of one step (the parameter change, momentum and weight decay
+included) the optimizer's objective is :math:`h(\theta) = L(\theta) + \tfrac{\lambda}{2}
+\lVert\theta\rVert^2` (:math:`\lambda` the param group's ``weight_decay``, which the update adds
+as the gradient of that term), and its quadratic model
+
+.. math::
+    q(\Delta) = (\nabla L + \lambda\theta)^\top \Delta + \tfrac12 \Delta^\top (C + \lambda I) \Delta
+
+with :math:`C` the curvature: ``"kronecker"`` — the optimizer's own blocks,
+:math:`\sum_\ell \langle M_\ell, G_\ell M_\ell A_\ell\rangle` for the layer updates :math:`M_\ell`
+in block layout (about the cost of one preconditioning, no model evaluation; parameters without
+a block contribute no curvature); ``"exact"`` — the generalised Gauss-Newton matrix of the loss,
+:math:`(J\Delta)^\top H_f (J\Delta)` with one forward-mode pass (``torch.func.jvp``) through the
+model on the recorded batch (about 2-3 forward passes).
+
+The true change :math:`h(\theta+\Delta) - h(\theta)` needs the loss at the new parameters on the
+same batch: the optimizer records the batch's model inputs, outputs and output gradients during
+the step's own forward/backward passes (:class:`RecordedPass`), recovers the targets from them
+(:func:`kfac_tn.losses.recovered_targets`; exact for unweighted cross-entropy with hard or soft
+targets and for MSE, the losses the optimizer is told about) and evaluates the model once more,
+with the random-number state of the recorded pass (same dropout masks) and its buffers restored
+afterwards (BatchNorm running statistics are not touched). No closure is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from kfac_tn.blocks import KroneckerBlock
+from kfac_tn.distributed import Communicator
+from kfac_tn.enums import LossType, QModel
+from kfac_tn.losses import hessian_quadratic, loss_value, recovered_targets
+from kfac_tn.optim.update import Update
+
+__all__ = [
+    "RecordedPass",
+    "RngState",
+    "StepPieces",
+    "exact_curvature",
+    "kronecker_curvature",
+    "recorded_loss",
+    "step_pieces",
+]
+
+
+@dataclass
+class RngState:
+    """Random-number state at the start of a forward pass (CPU and, if used, one CUDA device)."""
+
+    cpu: Tensor
+    cuda: tuple[int, Tensor] | None = None
+
+    @classmethod
+    def capture(cls, device: torch.device | None) -> RngState:
+        """Snapshot the generators a forward pass on ``device`` draws from."""
+        cuda = None
+        if device is not None and device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = (index, torch.cuda.get_rng_state(index))
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the body with this state; the generators are restored afterwards."""
+        devices = [self.cuda[0]] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+            yield
+
+
+@dataclass
+class RecordedPass:
+    """One forward/backward pass of a step, kept to re-evaluate its loss.
+
+    Attributes:
+        args: Positional arguments of the model call.
+        kwargs: Keyword arguments of the model call.
+        rng: Random-number state before the call.
+        output: The model output ``[N, *]`` (detached).
+        output_grad: The gradient of the user's loss w.r.t. the output (``None`` until the
+            backward pass reached it; unscaled by a ``GradScaler``).
+    """
+
+    args: tuple
+    kwargs: dict
+    rng: RngState
+    output: Tensor | None = None
+    output_grad: Tensor | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether both the output and its gradient were recorded."""
+        return self.output is not None and self.output_grad is not None
+
+
+def _module(model: nn.Module) -> nn.Module:
+    """Return the module to evaluate: DDP's wrapped module (no collectives), else ``model``."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(saved[name])
+
+
+def recorded_loss(
+    model: nn.Module,
+    passes: Sequence[RecordedPass],
+    loss: LossType,
+    r: float,
+    *,
+    evaluate: bool,
+) -> Tensor:
+    r"""Return the loss of the recorded passes, as recorded or at the current parameters.
+
+    Args:
+        model: The model (a DDP wrapper is unwrapped, so no collectives run).
+        passes: Complete recorded passes of one step.
+        loss: The loss function.
+        r: Reduction scale over all the step's samples.
+        evaluate: Re-run the model (same random state, buffers restored) at the current
+            parameters instead of using the recorded outputs.
+
+    Returns:
+        :math:`r \\sum_n \\ell_n` over all passes, a float64 scalar.
+    """
+    module = _module(model)
+    total = torch.zeros((), dtype=torch.float64)
+    for p in passes:
+        targets = recovered_targets(p.output, p.output_grad, loss, r)
+        output = p.output
+        if evaluate:
+            with torch.no_grad(), p.rng.replay(), _buffers_restored(module):
+                output = module(*p.args, **p.kwargs)
+        total = total + loss_value(output, targets, loss, r).cpu()
+    return total
+
+
+def exact_curvature(
+    model: nn.Module,
+    passes: Sequence[RecordedPass],
+    loss: LossType,
+    r: float,
+    params: Mapping[str, Tensor],
+    tangents: Mapping[str, Tensor],
+) -> Tensor:
+    r""":math:`\Delta^\top G \Delta` (GGN) on the recorded batch, by one JVP per pass.
+
+    Args:
+        model: The model (DDP unwrapped).
+        passes: Complete recorded passes.
+        loss: The loss function.
+        r: Reduction scale.
+        params: Parameters to evaluate at, by ``named_parameters`` name (others: the module's).
+        tangents: :math:`\Delta` for (a subset of) those names.
+
+    Returns:
+        A float64 scalar.
+    """
+    module = _module(model)
+    names = [n for n in tangents if n in params]
+    frozen = {n: p.detach() for n, p in module.named_parameters() if n not in names}
+    total = torch.zeros((), dtype=torch.float64)
+    for p in passes:
+        buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+
+        def f(*values: Tensor, p: RecordedPass = p, buffers: dict = buffers) -> Tensor:
+            state = {**frozen, **buffers, **dict(zip(names, values))}
+            return functional_call(module, state, p.args, p.kwargs)
+
+        primals = tuple(params[n].detach() for n in names)
+        directions = tuple(tangents[n].detach().to(params[n].dtype) for n in names)
+        with torch.no_grad(), p.rng.replay():
+            output, jv = jvp(f, primals, directions)
+        total = total + hessian_quadratic(output, jv, loss, r).cpu()
+    return total
+
+
+def kronecker_curvature(
+    blocks: Sequence[KroneckerBlock],
+    state: Mapping[Tensor, dict[str, Any]],
+    steps: Mapping[int, Tensor],
+) -> Tensor:
+    r""":math:`\sum_\ell \langle M_\ell, G_\ell M_\ell A_\ell\rangle` over the blocks with factors.
+
+    Args:
+        blocks: The optimizer's blocks.
+        state: Its state (``state[block.weight]["A"]``, ``["G"]``).
+        steps: The parameter changes by ``id(param)``.
+
+    Returns:
+        A float64 scalar.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for block in blocks:
+        layer = state.get(block.weight, {})
+        if "A" not in layer or not all(id(p) in steps for p in block.params):
+            continue
+        delta = [steps[id(p)] for p in block.params]
+        m = block.to_matrix(delta).to(layer["A"].dtype)
+        total = total + (m * (layer["G"] @ m @ layer["A"])).sum().double().cpu()
+    return total
+
+
+@dataclass
+class StepPieces:
+    r"""The terms of a proposed step's quadratic model, before any rescaling by :math:`\alpha`.
+
+    All float64 scalars averaged over workers. With the step scaled by :math:`\alpha`:
+    :math:`q = \alpha\,(\text{linear} + \text{decay\_linear}) + \tfrac12 \alpha^2
+    (\text{curvature} + \text{decay\_square})`.
+
+    Attributes:
+        linear: :math:`\nabla L^\top \Delta`.
+        decay_linear: :math:`\sum \lambda\,\theta^\top \Delta` (weight decay's gradient term).
+        decay_square: :math:`\sum \lambda \lVert\Delta\rVert^2`.
+        damping_square: :math:`\sum \delta \lVert\Delta\rVert^2` (the groups' damping).
+        curvature: :math:`\Delta^\top C \Delta` with the chosen curvature (``nan`` if not needed).
+        exact_curvature: :math:`\Delta^\top G \Delta` with the GGN (``nan`` if not needed).
+    """
+
+    linear: float
+    decay_linear: float
+    decay_square: float
+    damping_square: float
+    curvature: float
+    exact_curvature: float
+
+    def predicted(self, alpha: float = 1.0) -> float:
+        r"""Return :math:`q(\alpha\Delta)` with the chosen curvature (damping not included)."""
+        first = alpha * (self.linear + self.decay_linear)
+        return first + 0.5 * alpha**2 * (self.curvature + self.decay_square)
+
+    def decay_change(self, alpha: float = 1.0) -> float:
+        r"""Return the weight-decay term's change over the step scaled by ``alpha``."""
+        return alpha * self.decay_linear + 0.5 * alpha**2 * self.decay_square
+
+
+def step_pieces(
+    update: Update,
+    param_groups: Sequence[Mapping[str, Any]],
+    blocks: Sequence[KroneckerBlock],
+    state: Mapping[Tensor, dict[str, Any]],
+    *,
+    model: nn.Module,
+    records: Sequence[RecordedPass],
+    loss: LossType,
+    r: float,
+    curvature: QModel | None,
+    exact: bool,
+    comm: Communicator | None,
+) -> StepPieces:
+    """Evaluate the quadratic-model terms of ``update`` at the current (old) parameters.
+
+    Args:
+        update: The proposed step.
+        param_groups: The optimizer's param groups (``weight_decay``, ``damping``).
+        blocks: Its blocks (Kronecker curvature).
+        state: Its state (factors).
+        model: The model (exact curvature).
+        records: The step's recorded passes (exact curvature).
+        loss: The loss function.
+        r: The reduction scale over the recorded samples.
+        curvature: Which curvature :attr:`StepPieces.curvature` uses (``None``: not needed).
+        exact: Whether :attr:`StepPieces.exact_curvature` is needed.
+        comm: Averages the terms over workers (``None``: one process).
+
+    Returns:
+        The :class:`StepPieces`.
+    """
+    terms = torch.zeros(4, dtype=torch.float64)
+    for group, p in update.by_group(param_groups):
+        step = update.steps[id(p)].double()
+        terms += torch.stack(
+            [
+                (p.grad.double() * step).sum(),
+                group["weight_decay"] * (p.double() * step).sum(),
+                group["weight_decay"] * step.square().sum(),
+                group["damping"] * step.square().sum(),
+            ]
+        ).cpu()
+    nan = torch.tensor([math.nan], dtype=torch.float64)
+    ggn = nan
+    if exact or curvature is QModel.EXACT:
+        ggn = _exact_for(update, model, records, loss, r).reshape(1)
+    kron = nan
+    if curvature is QModel.KRONECKER:
+        kron = kronecker_curvature(blocks, state, update.steps).reshape(1)
+    values = torch.cat([terms, kron, ggn])
+    if comm is not None:
+        values = comm.average(values)
+    lin, d_lin, d_sq, damp_sq, kron_c, ggn_c = values.tolist()
+    chosen = ggn_c if curvature is QModel.EXACT else kron_c
+    return StepPieces(lin, d_lin, d_sq, damp_sq, chosen, ggn_c)
+
+
+def _exact_for(
+    update: Update, model: nn.Module, records: Sequence[RecordedPass], loss: LossType, r: float
+) -> Tensor:
+    names = {id(p): n for n, p in _module(model).named_parameters()}
+    params = {names[id(p)]: p for p in update.params if id(p) in names}
+    tangents = {names[id(p)]: update.steps[id(p)] for p in update.params if id(p) in names}
+    return exact_curvature(model, records, loss, r, params, tangents)

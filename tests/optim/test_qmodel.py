@@ -1,0 +1,142 @@
+"""The quadratic model of a step: exact GGN and Kronecker curvature vs dense matrices (float64),
+the loss re-evaluated from recovered targets, and the reduction ratio on a quadratic problem."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from kfac_tn import KFAC
+from kfac_tn.enums import LossType
+from kfac_tn.losses import loss_value, recovered_targets
+from kfac_tn.optim.qmodel import (
+    RecordedPass,
+    RngState,
+    exact_curvature,
+    kronecker_curvature,
+    recorded_loss,
+)
+
+# loss, reduction scale r for a batch of 6 with 3 outputs, torch loss
+LOSSES = [
+    ("cross_entropy", 1 / 6, lambda f, y: F.cross_entropy(f, y)),
+    ("cross_entropy_smoothed", 1 / 6, lambda f, y: F.cross_entropy(f, y, label_smoothing=0.2)),
+    ("mse", 1 / 18, lambda f, y: F.mse_loss(f, y)),
+]
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)
+    ).double()
+
+
+def targets_for(name: str, gen: torch.Generator) -> torch.Tensor:
+    if name == "mse":
+        return torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    return torch.randint(0, 3, (6,), generator=gen)
+
+
+@pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
+def test_recovered_targets_reproduce_the_users_loss(name, r, fn, generator):
+    f = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    y = targets_for(name, generator)
+    loss = fn(f, y)
+    (g,) = torch.autograd.grad(loss, f)
+    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    targets = recovered_targets(f, g, kind, r)
+    assert_close(loss_value(f, targets, kind, r), loss.detach())
+    shifted = f.detach() + torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    assert_close(loss_value(shifted, targets, kind, r), fn(shifted, y))
+
+
+def _record(model, x, y, fn):
+    out = model(x)
+    loss = fn(out, y)
+    (g,) = torch.autograd.grad(loss, out)
+    return RecordedPass((x,), {}, RngState.capture(None), out.detach(), g), loss
+
+
+@pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
+def test_exact_curvature_equals_the_dense_ggn(name, r, fn, generator):
+    model = tiny_net()
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = targets_for(name, generator)
+    record, _ = _record(model, x, y, fn)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    actual = exact_curvature(model, [record], kind, r, params, tangents)
+    # dense reference: J^T H J with H the Hessian of the loss w.r.t. the output
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    flat_j = torch.cat([jac[n].reshape(18, -1) for n in params], dim=1)
+    out = model(x).detach().reshape(-1).requires_grad_()
+    hess = torch.autograd.functional.hessian(lambda o: fn(o.reshape(6, 3), y), out)
+    v = torch.cat([tangents[n].reshape(-1) for n in params])
+    assert_close(actual, v @ flat_j.T @ hess @ flat_j @ v)
+
+
+def test_kronecker_curvature_equals_the_dense_kronecker_product(generator):
+    model = tiny_net()
+    opt = KFAC(model, lr=0.1)
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    steps = {id(p): torch.randn_like(p) for p in model.parameters()}
+    expected = torch.zeros((), dtype=torch.float64)
+    for block in opt.blocks:
+        state = opt.state[block.weight]
+        m = block.to_matrix([steps[id(p)] for p in block.params])[0]  # [d_G, d_A]
+        vec = m.T.reshape(-1)  # column-major vec
+        expected += vec @ torch.kron(state["A"][0], state["G"][0]) @ vec
+    assert_close(kronecker_curvature(opt.blocks, opt.state, steps), expected)
+
+
+def test_recorded_loss_replays_dropout_and_keeps_batchnorm_statistics(generator):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model = model.double()
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    rng = RngState.capture(None)
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    (g,) = torch.autograd.grad(loss, out)
+    record = RecordedPass((x,), {}, rng, out.detach(), g)
+    stats = copy.deepcopy(model[1].state_dict())
+    again = recorded_loss(model, [record], LossType.CROSS_ENTROPY, 1 / 6, evaluate=True)
+    assert_close(again, loss.detach(), rtol=1e-12)  # same dropout mask, same batch statistics
+    for key, value in stats.items():
+        assert torch.equal(model[1].state_dict()[key], value)
+
+
+def test_reduction_ratio_is_one_on_a_quadratic_problem(generator):
+    """Linear regression with MSE: the exact quadratic model is the loss itself, so rho = 1."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2).double()
+    opt = KFAC(
+        model,
+        lr=0.1,
+        weight_decay=1e-2,
+        loss="mse",
+        qmodel="exact",
+        damping_adaptation_period=1,
+        kl_clip=None,
+    )
+    for _ in range(4):
+        x = torch.randn(16, 5, generator=generator, dtype=torch.float64)
+        y = torch.randn(16, 2, generator=generator, dtype=torch.float64)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        before = opt.param_groups[0]["damping"]
+        opt.step()
+        assert opt.state["kfac"]["rho"] == pytest.approx(1.0, rel=1e-9)
+        assert opt.param_groups[0]["damping"] == pytest.approx(before * 0.95, rel=1e-12)
