@@ -105,6 +105,15 @@ KFAC_CONFIGS: list[tuple[str, dict[str, Any]]] = [
             inversion="cholesky",
         ),
     ),
+    # self-tuning: every rank must take the same damping and step-scale decisions
+    (
+        "replicate-expand-empirical-eigen-qmodel-step",
+        dict(distributed_strategy="replicate", step_size="qmodel", damping_adaptation_period=2),
+    ),
+    (
+        "shard-expand-empirical-eigen-exact-damping",
+        dict(distributed_strategy="shard", qmodel="exact", damping_adaptation_period=1),
+    ),
 ]
 
 KFAC_COMMON: dict[str, Any] = dict(
