@@ -1,5 +1,43 @@
 r"""Self-tuning: Levenberg–Marquardt damping and quadratic-model step sizes.
 
+The two mechanisms make ``KFAC(model, lr=lr)`` work without tuning the damping or the step.
+With the defaults — ``step_size="qmodel"``, ``kl_clip=1e-3`` as a norm constraint,
+``damping=1e-3``, ``damping_adaptation=True`` with ``min_damping`` = the start value — the
+learning rate only bounds the step: on the digits CNN and a 2c2d-like CNN on MNIST every learning
+rate in [0.01, 1] reaches 97.8-98.3% in 3 epochs, with and without weight decay
+(``tests/optim/test_robust_defaults.py``; the race benchmark ``python -m kfac_tn.benchmarks.race``).
+
+Why these defaults (measured on MNIST and digits, 3 epochs, lr 0.01-1):
+
+* without the quadratic-model scale, KL clipping alone bounds a step's Euclidean length by
+  :math:`\sqrt{\kappa/\delta}` whatever the gradient: a damping of 1e-3 let the MNIST CNN
+  degrade (0.86 -> 0.75) and every choice of damping needed tuning per task;
+* the scale alone (no KL clip) trained at lr <= 0.1 but diverged at lr 1 on MNIST: the exact
+  model of one batch accepts long steps along directions it does not see; the KL clip bounds
+  those, and the two together trained at every learning rate;
+* the Levenberg–Marquardt ratio, measured on the step's own batch after an exact line search
+  along the step, is about 1 whatever the damping, so letting it lower the damping drove it to
+  any floor (1e-6), after which the MNIST CNN collapsed (0.97 -> 0.09); measured on the next
+  batch it is biased low by gradient noise and drove the damping to its ceiling. So by default
+  the adaptation only raises the damping above its start (when a step fails on its own batch)
+  and lowers it back; set ``min_damping`` to let it go lower (sensible with ``step_size="fixed"``,
+  the classic use).
+
+**Quadratic-model step size** (``step_size="qmodel"``; kfac-jax's adaptive learning rate). Every
+step the proposed update :math:`\Delta` (learning rate, momentum, weight decay and, if set, the
+KL clip applied) is rescaled by the minimiser of the objective's quadratic model along it, with
+the exact GGN of the step's own batch and the damping,
+
+.. math::
+    \alpha^* = \frac{-(\nabla L + \lambda\theta)^\top \Delta}
+    {\Delta^\top (G + (\lambda + \delta) I) \Delta} \in [0, \alpha_{\max}],
+
+and the momentum buffer with it (:math:`\alpha_{\max}` = ``max_step_scale``, default 1: the
+scale only shortens steps, so ``lr`` and its schedule remain an upper bound). Cost: one
+forward-mode pass (``torch.func.jvp``) through the model per step, about 1.5 SGD steps of a small
+CNN on CPU. A scale computed every few steps and reused in between was tried and rejected: the
+stale scale let a 2c2d-like CNN on MNIST collapse (0.965 -> 0.41 test accuracy).
+
 **Adaptive damping** (``damping_adaptation=True``; Martens & Grosse 2015, §6.5). Every
 ``damping_adaptation_period`` steps the optimizer compares the objective's true change over the
 step with the change its quadratic model predicted (:mod:`kfac_tn.optim.qmodel`), on the
@@ -11,26 +49,15 @@ step's own batch:
     \delta / \omega & \rho < 1/4 \\ \delta & \text{else} \end{cases}, \qquad
     \omega = \texttt{damping\_adaptation\_decay}^{\,T},
 
-clamped to ``[min_damping, max_damping]``, in every param group that adapts (the group's
-``damping`` value is the current damping: it is saved with the state dict and read by
-``layer_settings``-free layers; a layer whose ``layer_settings`` fix the damping keeps it).
-A step whose model predicts an increase (:math:`q > 0`, an overshoot) counts as a bad step.
-Distributed, the three numbers are averaged over the workers first, so every rank takes the same
-decision. Cost: one extra forward pass every :math:`T` steps (``qmodel="kronecker"``), plus one
-forward-mode pass with ``qmodel="exact"``.
-
-**Quadratic-model step size** (``step_size="qmodel"``; kfac-jax's adaptive learning rate). Every
-step the proposed update :math:`\Delta` (learning rate, momentum, KL clip and weight decay
-applied) is rescaled by the minimiser of the quadratic model along it, with the exact GGN and the
-damping,
-
-.. math::
-    \alpha^* = \frac{-(\nabla L + \lambda\theta)^\top \Delta}
-    {\Delta^\top (G + (\lambda + \delta) I) \Delta} \in [0, \alpha_{\max}],
-
-and the momentum buffer with it. It costs one forward-mode pass per step; the learning rate then
-only sets the direction's scale before the rescaling (``lr`` and a schedule still apply through
-:math:`\alpha_{\max}` = ``max_step_scale``).
+clamped to ``[min_damping, max_damping]`` (``min_damping=None``: the group's start value), in
+every param group that adapts (the group's
+``damping`` value is the current damping: it is saved with the state dict; a layer whose
+``layer_settings`` fix the damping keeps it). A step whose model predicts an increase
+(:math:`q > 0`, an overshoot) counts as a bad step. The curvature of :math:`q` is the exact GGN
+when ``step_size="qmodel"`` (computed anyway) and else ``qmodel`` (``"kronecker"``: the blocks,
+no extra model pass; ``"exact"``). Distributed, the numbers are averaged over the workers first,
+so every rank takes the same decision. Cost: one extra forward pass every :math:`T` steps.
+The defaults ``decay=0.9`` and ``T=5`` are kfac-jax's (Martens & Grosse use 0.95).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ RULES: dict[str, Rule] = {
     "damping_adaptation": Flag(),
     "damping_adaptation_period": Number(1, integer=True),
     "damping_adaptation_decay": Number(0.0, 1.0, low_open=True, high_open=True),
-    "min_damping": Number(0.0, low_open=True),
+    "min_damping": Number(0.0, low_open=True, nullable=True),
     "max_damping": Number(0.0, low_open=True),
     "qmodel": OneOf(QModel),
     "step_size": OneOf(StepSize),
@@ -235,7 +235,8 @@ def problems(hp: Mapping[str, Any]) -> list[Problem]:
     if hp.get("nesterov") is True and RULES["momentum"].accepts(momentum) and momentum <= 0:
         out.append(Problem("nesterov", True, "needs momentum > 0", f"momentum={momentum}"))
     low, high = hp.get("min_damping"), hp.get("max_damping")
-    if RULES["min_damping"].accepts(low) and RULES["max_damping"].accepts(high) and low > high:
+    valid = RULES["min_damping"].accepts(low) and RULES["max_damping"].accepts(high)
+    if valid and low is not None and low > high:
         out.append(Problem("max_damping", high, "below min_damping", f">= {low}"))
     return out
 

@@ -146,7 +146,9 @@ class KFAC(torch.optim.Optimizer):
         damping_adaptation_period: Adapt every this many steps (``T``).
         damping_adaptation_decay: ``ω = decay^T`` in ``(0, 1)`` scales the damping down after
             good steps and up after bad ones.
-        min_damping: Lower bound of the adapted damping, ``> 0``.
+        min_damping: Lower bound of the adapted damping, ``> 0``; ``None``: the group's
+            ``damping`` at construction (the adaptation then only raises the damping when steps
+            fail, and lowers it back).
         max_damping: Upper bound, ``>= min_damping``.
         qmodel: Curvature of the quadratic model that judges a step for the damping
             adaptation: ``"kronecker"`` (the blocks, cheap) or ``"exact"`` (the GGN, one
@@ -189,11 +191,11 @@ class KFAC(torch.optim.Optimizer):
         bucket_cap_mb: float = 25.0,
         damping_adaptation: bool = True,
         damping_adaptation_period: int = 5,
-        damping_adaptation_decay: float = 0.95,
-        min_damping: float = 1e-6,
+        damping_adaptation_decay: float = 0.9,
+        min_damping: float | None = None,
         max_damping: float = 1e3,
         qmodel: str = "kronecker",
-        step_size: str = "fixed",
+        step_size: str = "qmodel",
         max_step_scale: float = 1.0,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
@@ -262,6 +264,10 @@ class KFAC(torch.optim.Optimizer):
         if hasattr(self, "blocks"):  # after construction: the global settings are fixed
             _check_global(param_group, self.defaults)
         super().add_param_group(hyperparams.normalized(param_group))
+        group = self.param_groups[-1]
+        if group["min_damping"] is None:  # the floor is the damping the group starts with
+            group["min_damping"] = group["damping"]
+            hyperparams.validate(group)
 
     def layer_hp(self) -> dict[int, LayerHP]:
         """Hyperparameters of every block for the coming step, by ``id(block)``."""
@@ -276,7 +282,7 @@ class KFAC(torch.optim.Optimizer):
     def _plan_capture(self) -> None:
         """Tell the hooks which blocks capture in the coming passes, with which settings."""
         hps = self.layer_hp()
-        record = self._tuning_now()
+        record = self._qmodel_step() or self._damping_due()
         self.statistics.plan(
             {
                 id(b): hps[id(b)]
@@ -346,6 +352,10 @@ class KFAC(torch.optim.Optimizer):
         for group in self.param_groups:  # a state dict of an older release may lack settings
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        if _OWN in self.state and self.param_groups[0]["params"]:
+            self.state[_OWN] = _to_device(
+                self.state[_OWN], self.param_groups[0]["params"][0].device
+            )
         for key, entries in kept.items():
             param = id_map.get(key)
             if param is not None:
@@ -492,10 +502,11 @@ class KFAC(torch.optim.Optimizer):
                         directions[id(p)] = directions[id(p)] * nu
 
     def _judge(self, update: Update, records: list[RecordedPass]) -> StepPieces | None:
-        """Evaluate the quadratic-model terms of the proposed step, on tuning steps."""
+        """Evaluate the quadratic-model terms of the proposed step, on steps that use them."""
         d = self.defaults
-        qmodel_step = d["step_size"] == StepSize.QMODEL.value
-        if not records or not self._tuning_now():
+        qmodel_step = self._qmodel_step()
+        damping_due = self._damping_due()
+        if not records or not (qmodel_step or damping_due):
             return None
         # with the exact curvature at hand for the step size, the damping uses it too
         curvature = QModel.EXACT if qmodel_step else QModel(d["qmodel"])
@@ -508,7 +519,7 @@ class KFAC(torch.optim.Optimizer):
             records=records,
             loss=LossType(d["loss"]),
             r=self._record_scale(records),
-            curvature=curvature if self._adapting_damping() else None,
+            curvature=curvature if damping_due else None,
             exact=qmodel_step,
             comm=self.placement.comm,
         )
@@ -516,31 +527,35 @@ class KFAC(torch.optim.Optimizer):
     def _rescale(self, update: Update, pieces: StepPieces | None) -> float:
         """``step_size="qmodel"``: scale the step by the quadratic model's minimiser along it.
 
-        The scale is recomputed on tuning steps and reused in between.
+        Every step; a step without a recorded batch (e.g. no backward reached the model output)
+        is not scaled.
         """
-        if self.defaults["step_size"] != StepSize.QMODEL.value:
+        if pieces is None or not self._qmodel_step():
             return 1.0
-        own = self.state[_OWN]
-        if pieces is not None:
-            curvature = pieces.exact_curvature + pieces.decay_square + pieces.damping_square
-            own["step_scale"] = optimal_scale(
-                pieces.linear + pieces.decay_linear, curvature, self.defaults["max_step_scale"]
-            )
-        alpha = own.get("step_scale", 1.0)
+        curvature = pieces.exact_curvature + pieces.decay_square + pieces.damping_square
+        alpha = optimal_scale(
+            pieces.linear + pieces.decay_linear, curvature, self.defaults["max_step_scale"]
+        )
+        self.state[_OWN]["step_scale"] = alpha
         update.scale(alpha)
         return alpha
 
     def _adapt_damping(
         self, pieces: StepPieces | None, alpha: float, records: list[RecordedPass]
     ) -> None:
-        """Levenberg–Marquardt: move each adapting group's damping by the reduction ratio."""
-        if pieces is None or not self._adapting_damping():
+        """Levenberg–Marquardt: move each adapting group's damping by the reduction ratio.
+
+        The ratio compares the objective's change over the applied step with the change the
+        quadratic model predicted, both on the step's own batch (one extra forward pass).
+        """
+        if pieces is None or not self._damping_due():
             return
         loss, r = LossType(self.defaults["loss"]), self._record_scale(records)
+        current = dict(self._named_parameters())
         losses = torch.stack(
             [
-                recorded_loss(self.model, records, loss, r, evaluate=True),
-                recorded_loss(self.model, records, loss, r, evaluate=False),
+                recorded_loss(self.model, records, loss, r, params=current),
+                recorded_loss(self.model, records, loss, r),
             ]
         )
         if self.placement.comm is not None:
@@ -560,12 +575,18 @@ class KFAC(torch.optim.Optimizer):
         own["rho"] = rho
         own["damping_adaptations"] = own.get("damping_adaptations", 0) + 1
 
-    def _adapting_damping(self) -> bool:
-        return any(g["damping_adaptation"] for g in self.param_groups)
+    def _named_parameters(self) -> Iterable[tuple[str, Tensor]]:
+        model = self.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        return model.named_parameters()
 
-    def _tuning_now(self) -> bool:
-        """Whether this step tunes (damping and/or step size): every ``T`` steps, if enabled."""
-        if not (self._adapting_damping() or self.defaults["step_size"] == StepSize.QMODEL.value):
+    def _qmodel_step(self) -> bool:
+        return self.defaults["step_size"] == StepSize.QMODEL.value
+
+    def _damping_due(self) -> bool:
+        """Whether this step adapts the damping: every ``T`` steps, if a group adapts."""
+        if not any(g["damping_adaptation"] for g in self.param_groups):
             return False
         step = self.state[_OWN].get("step", 0) if _OWN in self.state else 0
         return step % int(self.defaults["damping_adaptation_period"]) == 0

@@ -121,35 +121,56 @@ def _buffers_restored(module: nn.Module) -> Iterator[None]:
                 b.copy_(saved[name])
 
 
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Let normalisation layers use batch statistics without updating the running ones.
+
+    A function transform must not mutate captured buffers; the outputs are unchanged.
+    """
+    changed = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
 def recorded_loss(
     model: nn.Module,
     passes: Sequence[RecordedPass],
     loss: LossType,
     r: float,
     *,
-    evaluate: bool,
+    params: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    r"""Return the loss of the recorded passes, as recorded or at the current parameters.
+    r"""Return the loss of the recorded passes, as recorded or at other parameter values.
 
     Args:
         model: The model (a DDP wrapper is unwrapped, so no collectives run).
         passes: Complete recorded passes of one step.
         loss: The loss function.
         r: Reduction scale over all the step's samples.
-        evaluate: Re-run the model (same random state, buffers restored) at the current
-            parameters instead of using the recorded outputs.
+        params: ``None``: the recorded outputs' loss. Else re-run the model with these
+            parameter values (by ``named_parameters`` name; the others as they are), with the
+            recorded random state and the buffers restored afterwards.
 
     Returns:
-        :math:`r \\sum_n \\ell_n` over all passes, a float64 scalar.
+        :math:`r \sum_n \ell_n` over all passes, a float64 scalar.
     """
     module = _module(model)
     total = torch.zeros((), dtype=torch.float64)
     for p in passes:
         targets = recovered_targets(p.output, p.output_grad, loss, r)
         output = p.output
-        if evaluate:
+        if params is not None:
             with torch.no_grad(), p.rng.replay(), _buffers_restored(module):
-                output = module(*p.args, **p.kwargs)
+                output = functional_call(module, dict(params), p.args, p.kwargs, strict=False)
         total = total + loss_value(output, targets, loss, r).cpu()
     return total
 
@@ -188,7 +209,7 @@ def exact_curvature(
 
         primals = tuple(params[n].detach() for n in names)
         directions = tuple(tangents[n].detach().to(params[n].dtype) for n in names)
-        with torch.no_grad(), p.rng.replay():
+        with torch.no_grad(), p.rng.replay(), _running_stats_frozen(module):
             output, jv = jvp(f, primals, directions)
         total = total + hessian_quadratic(output, jv, loss, r).cpu()
     return total

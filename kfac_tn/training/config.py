@@ -198,14 +198,14 @@ class OptimizerConfig:
 
     name: OptimizerName = OptimizerName.KFAC
     lr: float = 0.05
-    momentum: float = 0.5
+    momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     dampening: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     amsgrad: bool = False
-    damping: float = 1e-2
+    damping: float = 1e-3
     factor_decay: float = 0.95
     factor_update_period: int = 1
     inverse_update_period: int = 10
@@ -221,11 +221,11 @@ class OptimizerConfig:
     bucket_cap_mb: float = 25.0
     damping_adaptation: bool = True
     damping_adaptation_period: int = 5
-    damping_adaptation_decay: float = 0.95
-    min_damping: float = 1e-6
+    damping_adaptation_decay: float = 0.9
+    min_damping: float | None = None
     max_damping: float = 1e3
     qmodel: QModel = QModel.KRONECKER
-    step_size: StepSize = StepSize.FIXED
+    step_size: StepSize = StepSize.QMODEL
     max_step_scale: float = 1.0
 
 
@@ -280,7 +280,8 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "the start value).",
     "damping_adaptation_period": "self-tuning (damping, ``step_size: qmodel``) every N steps.",
     "damping_adaptation_decay": "the damping moves by ``decay ** period`` per adaptation.",
-    "min_damping": "lower bound of the adapted damping.",
+    "min_damping": "lower bound of the adapted damping (null: the start value ``damping``, so "
+    "the adaptation only raises it when steps fail).",
     "max_damping": "upper bound of the adapted damping.",
     "qmodel": "curvature judging a step for the damping: ``kronecker`` (cheap) or ``exact`` "
     "(GGN, one forward-mode pass).",

@@ -134,7 +134,10 @@ def reference_factors(layer, model, x, y, approx):
 
 
 def one_step(model, layer, x, y, **kwargs):
-    opt = KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=DAMPING, **kwargs)
+    # the exact Kronecker update, not rescaled by the quadratic model
+    opt = KFAC(
+        model, lr=1.0, momentum=0.0, kl_clip=None, damping=DAMPING, step_size="fixed", **kwargs
+    )
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     bias = layer.bias.grad.clone() if layer.bias is not None else None

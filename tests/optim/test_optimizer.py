@@ -478,7 +478,7 @@ def test_cuda_bf16_autocast_and_grad_scaler():
 def test_layer_whose_factors_never_saw_a_finite_batch_gets_the_plain_gradient():
     """``factors_valid`` False (only non-finite statistics so far): momentum-free SGD direction."""
     model = small_cnn().double()
-    opt = KFAC(model, lr=0.1, momentum=0.0, kl_clip=None)
+    opt = KFAC(model, lr=0.1, momentum=0.0, kl_clip=None, step_size="fixed")
     x, y = batch(0)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
