@@ -315,7 +315,7 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
         ddp = DistributedDataParallel(model)
         opt = KFAC(ddp, **KFAC_COMMON, **configs[name])
         if name == "no-averaging":
-            opt.placement.comm.all_reduce_factor = lambda factor: None
+            opt.placement.comm.all_reduce_factor = lambda factor, **kw: None
         train_steps(ddp, opt, range(CHECKPOINT_AFTER), rank, world_size)
         # collective: owners send their inverses to rank 0 under "shard"
         opt_state = consolidated_state_dict(opt, to=0)

@@ -30,6 +30,7 @@ from kfac_tn.blocks import (
     ConvTransposeBlock,
     KroneckerBlock,
     LinearBlock,
+    NormLayerBlock,
     block_class_for,
     register_block,
 )
@@ -177,7 +178,11 @@ REGISTRY_CASES = [
     (nn.Conv1d(2, 3, 1), ConvBlock),
     (nn.Conv3d(2, 3, 1), ConvBlock),
     (nn.ConvTranspose2d(2, 3, 1), ConvTransposeBlock),
-    (nn.BatchNorm2d(3), None),
+    (nn.BatchNorm2d(3), NormLayerBlock),
+    (nn.GroupNorm(1, 3), NormLayerBlock),
+    (nn.LayerNorm(3), NormLayerBlock),
+    (nn.InstanceNorm1d(3, affine=True), NormLayerBlock),
+    (nn.SyncBatchNorm(3), None),  # its batch statistics span the workers
     (nn.Embedding(4, 2), None),
 ]
 
