@@ -31,6 +31,7 @@ from torch import nn
 from kfac_tn import KFAC
 from kfac_tn.blocks import ekfac
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: no OpenMP spin
 DAMPING = 0.1
 DECAY = 0.7
 

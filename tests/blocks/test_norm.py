@@ -23,6 +23,7 @@ from torch.func import functional_call, jacrev, replace_all_batch_norm_modules_
 
 from kfac_tn import KFAC
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: no OpenMP spin
 DAMPING = 0.1
 
 
@@ -64,8 +65,8 @@ def setup(case: Case):
 
 def pairs(layer: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
     """``[..., *γ.shape]`` per parameter -> ``[..., P, 1 or 2]`` (γ, β per channel)."""
-    p = layer.weight.numel()
-    return torch.stack([t.reshape(*t.shape[: t.dim() - layer.weight.dim()], p) for t in tensors], -1)
+    p, nd = layer.weight.numel(), layer.weight.dim()
+    return torch.stack([t.reshape(*t.shape[: t.dim() - nd], p) for t in tensors], -1)
 
 
 def empirical_blocks(layer, model, x, y) -> torch.Tensor:
