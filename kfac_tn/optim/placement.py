@@ -199,6 +199,7 @@ def _replicate_inverses(
             block.name,
             block.broadcast_tensors(layer_state),
             symmetric=layer_state["inverse_kind"] == Inversion.CHOLESKY.value,
+            kind="inverses",
         )
     if due:
         placement.comm.wait_broadcasts()
