@@ -285,6 +285,25 @@ class KroneckerBlock(ABC):
         """
         return self._to_matrix(tensors[0], tensors[1] if len(tensors) > 1 else None)
 
+    def curvature_quadratic(self, state: dict, tensors: list[Tensor]) -> Tensor:
+        r"""Evaluate the block's curvature as a quadratic form on parameter-shaped ``tensors``.
+
+        :math:`\langle M, G M A\rangle` (KFAC), or :math:`\sum s \odot (Q_G^\top M Q_A)^2`
+        with EKFAC scalings in ``state`` (the curvature EKFAC preconditions with), undamped.
+
+        Args:
+            state: The optimizer state of the layer weight (needs the factors).
+            tensors: ``[weight-like]`` or ``[weight-like, bias-like]``.
+
+        Returns:
+            A scalar in the factor dtype.
+        """
+        m = self.to_matrix(tensors).to(state["A"].dtype)
+        if "scalings" in state:
+            q_a, q_g = (q.to(m.dtype) for q in self.eigenbasis(state))
+            return (state["scalings"] * (q_g.mT @ m @ q_a).square()).sum()
+        return (m * (state["G"] @ m @ state["A"])).sum()
+
     def _bias_detached(self) -> Tensor | None:
         return None if self.bias is None else self.bias.detach()
 

@@ -144,7 +144,14 @@ def ekfac_step(m: torch.Tensor, q_a, q_g, s) -> torch.Tensor:
 
 
 def make_opt(model, **kwargs):
-    kw = dict(lr=1.0, momentum=0.0, kl_clip=None, damping=DAMPING, factor_decay=DECAY)
+    kw = dict(
+        lr=1.0,
+        momentum=0.0,
+        kl_clip=None,
+        damping=DAMPING,
+        factor_decay=DECAY,
+        damping_adaptation=False,  # the formula's damping stays DAMPING
+    )
     kw.update(kwargs)
     return KFAC(model, preconditioner="ekfac", **kw)
 
@@ -275,3 +282,25 @@ def test_type2_scalings_without_sharing_are_the_hessian_quadratic_forms():
     expected = (left.mT @ u.square() / x.shape[0])[None]
     step(opt, model, layer, x, y)
     assert_close(opt.state[layer.weight]["scalings"], expected)
+
+
+def test_quadratic_model_uses_the_ekfac_curvature(generator):
+    """The Kronecker quadratic model (self-tuning) of an EKFAC block is ``vec(Δ)ᵀ C vec(Δ)`` with
+    ``C = (Q_A ⊗ Q_G) diag(vec s) (Q_A ⊗ Q_G)ᵀ``, not ``A ⊗ G``."""
+    from kfac_tn.optim.qmodel import kronecker_curvature
+
+    layer, model, batch = setup(CASES[6])  # depthwise: several groups
+    opt = make_opt(model)
+    for t in (1, 2):
+        step(opt, model, layer, *batch(t))
+    state = opt.state[layer.weight]
+    q_a, q_g = basis(opt, layer, check=False)
+    deltas = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in layer.parameters()]
+    m = matrices(layer, *deltas)
+    expected = 0.0
+    for j in range(m.shape[0]):
+        q = torch.kron(q_a[j], q_g[j])
+        v = m[j].mT.reshape(-1)
+        expected += v @ q @ torch.diag(state["scalings"][j].mT.reshape(-1)) @ q.T @ v
+    steps = {id(p): d for p, d in zip(layer.parameters(), deltas)}
+    assert_close(kronecker_curvature(opt.blocks, opt.state, steps), expected)
