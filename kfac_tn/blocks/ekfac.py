@@ -30,13 +30,24 @@ reset — the scalings are the Kronecker eigenvalues :math:`\lambda_G \lambda_A^
 (:func:`kronecker_scalings`, so that step is a KFAC step) and the first captured batch replaces
 them (as the first batch replaces the factors).
 
+Degenerate eigenspaces. Where a factor has a repeated eigenvalue that the per-sample gradients
+reach — rank-deficient factors (fewer samples than ``d_A`` since the EMA started), symmetric
+layers (a transposed convolution with ``kernel_size == stride`` sees every input once per tap,
+so its input factor has the same block for every tap: repeated eigenvalues), a vanishing
+KFAC-reduce gradient factor (a convolution followed by a per-channel normalization) — the
+eigenbasis inside that space is arbitrary, and so are the scalings there: two runs that differ
+by round-off may precondition those directions differently. This holds for every EKFAC
+implementation; the damping bounds the effect.
+
 Cost of the statistic, per sample with ``S`` shared positions (:func:`scaling_paths` picks the
 cheaper side for each rotation): the per-sample gradients ``S·d_G·d_A``, the left rotation
 ``min(S·d_G², d_G²·d_A)`` (on the output gradients or on ``M_n``) and the right rotation
 ``min(S·d_A², d_G·d_A²)`` (on the unfolded input or on ``M_n``). Without sharing (``S = 1``)
 :math:`s = r \sum_n (Q_G^\top g_n)^2 \big((Q_A^\top u_n)^2\big)^\top` needs no per-sample
 gradient at all. Samples are processed in chunks so that the per-sample tensors of one chunk
-stay below a byte budget; the full ``[N, d_G, d_A]`` is never built for large layers.
+stay below a byte budget; the full ``[N, d_G, d_A]`` is never built for large layers. The
+Monte-Carlo and type-2 Fisher compute the statistic once per backward pass (``mc_samples`` or
+``C`` times).
 """
 
 from __future__ import annotations
