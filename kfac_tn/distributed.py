@@ -270,8 +270,8 @@ class Communicator:
         )
 
     # ------------------------------------------------------------------ factors
-    def all_reduce_factor(self, factor: Tensor) -> None:
-        """Queue the in-place average over workers of a symmetric factor.
+    def all_reduce_factor(self, factor: Tensor, *, symmetric: bool = True) -> None:
+        """Queue the in-place average over workers of a symmetric factor (or any statistic).
 
         The upper triangle (with the diagonal) is packed into the open bucket of the factor's dtype
         and device; a bucket that reaches the cap is all-reduced asynchronously at once. The
@@ -279,18 +279,21 @@ class Communicator:
 
         Args:
             factor: Symmetric factor ``[..., d, d]`` (floating point); updated in place.
+            symmetric: ``False`` for a statistic of any shape (all entries travel), e.g. the
+                EKFAC scalings ``[groups, d_G, d_A]``.
 
         Raises:
-            ValueError: If ``factor`` is not a floating-point ``[..., d, d]`` tensor.
+            ValueError: If ``factor`` is not floating point, or (``symmetric``) not
+                ``[..., d, d]``.
         """
-        if factor.dim() < 2 or factor.shape[-1] != factor.shape[-2]:
+        if symmetric and (factor.dim() < 2 or factor.shape[-1] != factor.shape[-2]):
             raise ValueError(f"Invalid factor shape: {tuple(factor.shape)} (expected [..., d, d])")
         if not factor.is_floating_point():
             raise ValueError(f"Invalid factor dtype: {factor.dtype} (expected floating point)")
         if self.world_size == 1:  # the average over one worker is the factor itself
             return
         key = (factor.dtype, factor.device)
-        symmetric = factor.shape[-1] > 1
+        symmetric = symmetric and factor.shape[-1] > 1
         packed = self._pack(factor, symmetric)
         bucket = self._bucket_with_room(
             self._open_factor,

@@ -20,6 +20,8 @@ __all__ = [
     "KFACApprox",
     "LossReduction",
     "LossType",
+    "NormBlock",
+    "Preconditioner",
     "QModel",
     "StepSize",
 ]
@@ -91,6 +93,29 @@ class Inversion(Choice):
 
     EIGEN = "eigen"
     CHOLESKY = "cholesky"
+
+
+class Preconditioner(Choice):
+    r"""What a Kronecker block's eigenbasis is used with (see :mod:`kfac_tn.blocks.base`).
+
+    ``kfac``: the Kronecker eigenvalues :math:`\lambda_G \lambda_A^\top`; ``ekfac``: scalings
+    re-estimated in that eigenbasis from per-sample gradients (George et al., 2018).
+    """
+
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+
+
+class NormBlock(Choice):
+    """Curvature of normalization layers' scale and shift (see :mod:`kfac_tn.blocks.norm`).
+
+    ``unitwise``: a 2×2 block per channel; ``diagonal``: its diagonal; ``skip``: no block
+    (momentum SGD).
+    """
+
+    UNITWISE = "unitwise"
+    DIAGONAL = "diagonal"
+    SKIP = "skip"
 
 
 class DistributedStrategy(Choice):

@@ -114,6 +114,15 @@ KFAC_CONFIGS: list[tuple[str, dict[str, Any]]] = [
         "shard-expand-empirical-eigen-exact-damping",
         dict(distributed_strategy="shard", qmodel="exact", damping_adaptation_period=1),
     ),
+    # EKFAC (scalings all-reduced, EKFAC inverses replicated under "shard" too) and norm blocks
+    (
+        "replicate-expand-empirical-ekfac-norm",
+        dict(distributed_strategy="replicate", preconditioner="ekfac", norm_block="unitwise"),
+    ),
+    (
+        "shard-expand-empirical-ekfac-norm",
+        dict(distributed_strategy="shard", preconditioner="ekfac", norm_block="unitwise"),
+    ),
 ]
 
 KFAC_COMMON: dict[str, Any] = dict(
@@ -131,13 +140,32 @@ KFAC_COMMON: dict[str, Any] = dict(
 )
 
 
-def make_model() -> torch.nn.Module:
-    """Small float64 CNN with a conv, a transposed conv and a linear layer, all with bias."""
+def make_model(name: str = "") -> torch.nn.Module:
+    """Small float64 CNN: a conv, a GroupNorm, a transposed conv and a linear layer.
+
+    (GroupNorm normalizes per sample, so data-parallel training equals one process on the global
+    batch; BatchNorm's statistics would be per worker.) For the EKFAC configurations (``name``)
+    no factor has a degenerate eigenspace the per-sample gradients reach — EKFAC's scalings
+    there depend on round-off in the eigendecomposition, so runs could not be compared:
+    overlapping transposed-conv taps, and a pooled linear input smaller than the batch.
+    """
     from torch import nn
 
     torch.manual_seed(0)
+    if "ekfac" in name:
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.GroupNorm(1, 3),
+            nn.ReLU(),
+            nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * 2 * 2, 5),
+        ).double()
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
+        nn.GroupNorm(1, 3),
         nn.ReLU(),
         nn.ConvTranspose2d(3, 2, 2, stride=2),
         nn.ReLU(),
@@ -311,11 +339,11 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
     out: dict[str, Any] = {}
     for name in args:
         start = time.monotonic()
-        model = make_model()
+        model = make_model(name)
         ddp = DistributedDataParallel(model)
         opt = KFAC(ddp, **KFAC_COMMON, **configs[name])
         if name == "no-averaging":
-            opt.placement.comm.all_reduce_factor = lambda factor: None
+            opt.placement.comm.all_reduce_factor = lambda factor, **kw: None
         train_steps(ddp, opt, range(CHECKPOINT_AFTER), rank, world_size)
         # collective: owners send their inverses to rank 0 under "shard"
         opt_state = consolidated_state_dict(opt, to=0)
@@ -338,7 +366,7 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
             torch.save(checkpoint, path)
         dist.barrier()
         saved = torch.load(path, weights_only=False)
-        model = make_model()
+        model = make_model(name)
         model.load_state_dict(saved["model"])
         ddp = DistributedDataParallel(model)
         opt = KFAC(ddp, **KFAC_COMMON, **configs[name])

@@ -259,12 +259,13 @@ KFAC_IDS = [name for name, _ in workers.KFAC_CONFIGS]
 @functools.cache
 def _reference_params(name: str) -> dict:
     """Parameters after STEPS steps of one process on the global batches."""
-    model, _ = _single_process(dict(workers.KFAC_CONFIGS)[name], range(workers.STEPS))
+    model, _ = _single_process(name, range(workers.STEPS))
     return model.state_dict()
 
 
-def _single_process(config: dict, steps: range, checkpoint: dict | None = None):
-    model = workers.make_model()
+def _single_process(name: str, steps: range, checkpoint: dict | None = None):
+    config = dict(workers.KFAC_CONFIGS)[name]
+    model = workers.make_model(name)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     opt = KFAC(model, **workers.KFAC_COMMON, **config)
@@ -283,7 +284,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_kfac_matches_one_process_on_global_batch(suite, name):
     _, results = suite
     reference = _reference_params(name)
-    initial = workers.make_model().state_dict()
+    initial = workers.make_model(name).state_dict()
     assert _max_diff(reference, initial) > 1e-3  # the parameters really moved
     for rank, res in enumerate(results):
         params = res["kfac"][name]["params"]
@@ -292,7 +293,9 @@ def test_kfac_matches_one_process_on_global_batch(suite, name):
 
 
 @pytest.mark.parametrize(
-    "pair", [KFAC_IDS[0:2], KFAC_IDS[2:4]], ids=["expand-empirical-eigen", "reduce-type2-chol"]
+    "pair",
+    [KFAC_IDS[0:2], KFAC_IDS[2:4], [n for n in KFAC_IDS if n.endswith("ekfac-norm")]],
+    ids=["expand-empirical-eigen", "reduce-type2-chol", "ekfac-norm"],
 )
 def test_strategies_give_same_parameters(suite, pair):
     _, results = suite
@@ -319,23 +322,20 @@ def test_checkpoint_resumes_in_one_process(suite, name):
     checkpoint = res["checkpoint"]
     owners = res["owners"]
     assert set(owners.values()) - {0}, "some layer must live on another rank"
-    model, _ = _single_process(
-        dict(workers.KFAC_CONFIGS)[name],
-        range(workers.CHECKPOINT_AFTER, workers.STEPS),
-        checkpoint,
-    )
+    model, _ = _single_process(name, range(workers.CHECKPOINT_AFTER, workers.STEPS), checkpoint)
     assert _max_diff(model.state_dict(), res["params"]) < 1e-10
     # rank 0's plain state_dict lacks the inverses of layers it does not own under "shard"
-    names = [n for n, _ in workers.make_model().named_modules() if n]
+    names = [n for n, _ in workers.make_model(name).named_modules() if n]
     kfac_layers = [n for n in names if f"module.{n}" in owners]
     plain = checkpoint["plain_optimizer"]["state"]
     full = checkpoint["optimizer"]["state"]
-    param_names = [n for n, _ in workers.make_model().named_parameters()]
+    param_names = [n for n, _ in workers.make_model(name).named_parameters()]
+    everywhere = _replicated_layers(name)
     for layer in kfac_layers:
         index = param_names.index(f"{layer}.weight")
         assert "inverse" in full[index]
         owned = owners[f"module.{layer}"] == 0
-        if name.startswith("shard") and not owned:
+        if name.startswith("shard") and not owned and f"module.{layer}" not in everywhere:
             assert "inverse" not in plain[index]
         else:
             assert "inverse" in plain[index]
@@ -351,46 +351,66 @@ def test_checkpoint_resumes_distributed(suite, name):
         # "shard": a rank keeps only its own layers' inverses, even after loading all of them
         held = set(res["held_inverses"])
         if name.startswith("shard"):
-            assert held == {k for k, r in owners.items() if r == rank}, f"rank {rank}"
+            owned = {k for k, r in owners.items() if r == rank}
+            assert held == owned | _replicated_layers(name), f"rank {rank}"
         else:
             assert held == set(owners), f"rank {rank}"
 
 
-def _statistic_bytes() -> tuple[int, int, int, int]:
-    """Per-step bytes implied by the model's blocks (independent of the communicator).
+def _replicated_layers(name: str) -> set[str]:
+    """Layers whose inverses every rank holds under "shard": the EKFAC ones."""
+    _, opt = _single_process(name, range(0))
+    pre = dict(workers.KFAC_CONFIGS)[name].get("preconditioner", "kfac")
+    return {f"module.{b.name}" for b in opt.blocks if b.uses_ekfac(pre)}
+
+
+def _statistic_bytes(name: str) -> dict[str, int]:
+    """Bytes of one step's traffic implied by the configuration's blocks (float64).
 
     Returns:
-        (upper triangles of A and G per layer, eigen inverses (eigenvalues and full
-        eigenvectors), upper triangles of the Cholesky inverses, KFAC-layer parameters), float64.
+        ``tri``: upper triangles of A and G per layer; ``eig``: eigen inverses (eigenvalues and
+        full eigenvectors); ``chol``: upper triangles of the Cholesky inverses; ``params``:
+        block parameters; ``scalings``: the EKFAC scalings; each over all blocks, and with
+        ``ekfac_`` over the EKFAC blocks only.
     """
-    _, opt = _single_process(dict(workers.KFAC_CONFIGS)[KFAC_IDS[0]], range(0))
-    tri = eig = chol = params = 0
+    _, opt = _single_process(name, range(0))
+    pre = dict(workers.KFAC_CONFIGS)[name].get("preconditioner", "kfac")
+    out = dict.fromkeys(("tri", "eig", "chol", "params", "scalings"), 0)
+    out.update({f"ekfac_{k}": 0 for k in list(out)})
     for block in opt.blocks:
         d_a, d_g = block.dims
         g = block.groups
-        tri += g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2)
-        eig += g * (d_a + d_a * d_a + d_g + d_g * d_g)
-        chol += g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2)  # symmetric: triangles
-        params += sum(p.numel() for p in block.params)
-    return 8 * tri, 8 * eig, 8 * chol, 8 * params
+        sizes = {
+            "tri": g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2),
+            "eig": g * (d_a + d_a * d_a + d_g + d_g * d_g),
+            "chol": g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2),  # symmetric: triangles
+            "params": sum(p.numel() for p in block.params),
+            "scalings": g * d_g * d_a if block.uses_ekfac(pre) else 0,
+        }
+        for key, size in sizes.items():
+            out[key] += 8 * size
+            if block.uses_ekfac(pre):
+                out[f"ekfac_{key}"] += 8 * size
+    return out
 
 
 @pytest.mark.parametrize("name", KFAC_IDS)
 def test_kfac_traffic(suite, name):
-    """Factors: upper triangles every step; inverses on inverse steps; or gradients every step."""
+    """Factors: upper triangles every step (EKFAC scalings from the second step: the first has no
+    eigenbasis yet); inverses (and scalings) on inverse steps; or gradients every step."""
     _, results = suite
-    tri, eig, chol, params = _statistic_bytes()
+    b = _statistic_bytes(name)
     inverse_steps = len(range(0, workers.STEPS, workers.KFAC_COMMON["inverse_update_period"]))
-    inverse = eig if "eigen" in name else chol
+    inverse = b["chol"] if "cholesky" in name else b["eig"]
     for res in results:
         sent = res["kfac"][name]["bytes"]
-        assert sent["factors"] == workers.STEPS * tri
+        assert sent["factors"] == workers.STEPS * b["tri"] + (workers.STEPS - 1) * b["scalings"]
         if name.startswith("replicate"):
-            assert sent["inverses"] == inverse_steps * inverse
+            assert sent["inverses"] == inverse_steps * (inverse + b["scalings"])
             assert sent["gradients"] == 0
-        else:
-            assert sent["inverses"] == 0
-            assert sent["gradients"] == workers.STEPS * params
+        else:  # EKFAC layers are replicated; the others send preconditioned gradients
+            assert sent["inverses"] == inverse_steps * (b["ekfac_eig"] + b["scalings"])
+            assert sent["gradients"] == workers.STEPS * (b["params"] - b["ekfac_params"])
 
 
 # ---------------------------------------------------------------- multi-process: failures

@@ -15,6 +15,11 @@ timed steps): ``forward``, ``backward``, ``step`` (amortised), ``step_inverse`` 
 ``peak_mem_bytes`` is the peak torch allocation during one further step (CUDA:
 ``max_memory_allocated``; CPU: the profiler's allocator events).
 
+Variant rows (KFAC-expand): ``ekfac`` (``preconditioner="ekfac"``: per-sample gradients projected
+into the eigenbasis on every factor step, eigen inversion only), ``norm`` (``norm_block=
+"unitwise"``: 2×2 blocks for the norm layers; models with norm layers only) and ``ekfac+norm``;
+each row also gets ``extra_vs_kfac_s``, its phase times minus those of the plain KFAC-expand row.
+
 Comparison rows (when the packages import): ``curvlinops`` builds a ``KFACLinearOperator`` on the
 batch every step (its own forward and backward), ``backpack`` runs the backward under its
 ``KFAC`` extension (one MC sample); both then use the same damped eigen inversion every 10 steps,
@@ -23,7 +28,7 @@ factors are computed.
 
 Results go to stdout as a table and, with ``--out DIR``, to ``DIR/results.json`` (one row per
 model × optimizer: model, optimizer, kfac_approx, batch_size, device, threads, time_s{phase},
-ratio_to_sgd, peak_mem_bytes).
+ratio_to_sgd, peak_mem_bytes, variant, extra_vs_kfac_s for variants).
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 MODELS = ("3c3d", "resnet18", "resnet50")
 INVERSE_PERIOD = 10
+VARIANTS: dict[str, dict[str, str]] = {
+    "ekfac": dict(preconditioner="ekfac"),
+    "norm": dict(norm_block="unitwise"),
+    "ekfac+norm": dict(preconditioner="ekfac", norm_block="unitwise"),
+}
+"""KFAC settings of the variant rows (on top of KFAC-expand)."""
 
 
 def build(name: str) -> nn.Module:
@@ -203,6 +214,7 @@ class _Runner:
         batch_size: int,
         device: str,
         inversion: str = "eigen",
+        variant: str | None = None,
     ) -> None:
         self.meta = {
             "model": model_name,
@@ -211,9 +223,11 @@ class _Runner:
             "inversion": inversion if name == "kfac" else None,
             "batch_size": batch_size,
             "device": str(device),
+            "variant": variant,
         }
         self.records: list[dict[str, float]] = []
-        self.one_step = _make_step(name, model_name, approx, batch_size, device, inversion)
+        extra = VARIANTS[variant] if variant else {}
+        self.one_step = _make_step(name, model_name, approx, batch_size, device, inversion, extra)
 
     def step(self) -> None:
         self.records.append(self.one_step())
@@ -247,6 +261,7 @@ def _make_step(
     batch_size: int,
     device: str,
     inversion: str,
+    extra: dict[str, str] | None = None,
 ) -> Callable[[], dict[str, float]]:
     """Build model, batch and optimizer; return a function that times one training step."""
     torch.manual_seed(0)
@@ -265,6 +280,7 @@ def _make_step(
             kfac_approx=approx,
             inversion=inversion,
             inverse_update_period=INVERSE_PERIOD,
+            **(extra or {}),
         )
     elif name == "curvlinops":
         peer = _PeerKFAC(model, _curvlinops_factory(model, approx))
@@ -316,14 +332,15 @@ def run(
     rows = []
     for model_name in models:
         configs = [("sgd", None), ("adam", None), ("kfac", "reduce"), ("kfac", "expand")]
+        configs += [("kfac", "expand", v) for v in _variants(model_name, inversion)]
         if peers and _available("curvlinops"):
             configs += [("curvlinops", "reduce"), ("curvlinops", "expand")]
         if peers and _available("backpack"):
             configs += [("backpack", "expand")]
         runners = []
-        for name, approx in configs:
+        for name, approx, *variant in configs:
             try:
-                runner = _Runner(name, model_name, approx, batch_size, device, inversion)
+                runner = _Runner(name, model_name, approx, batch_size, device, inversion, *variant)
                 runner.one_step()  # warm-up: first factors, first inverse, plan caches
             except Exception as err:  # a peer library failing must not stop the benchmark
                 if name in ("curvlinops", "backpack"):
@@ -349,21 +366,46 @@ def run(
         sgd = next(r["time_s"]["total"] for r in model_rows if r["optimizer"] == "sgd")
         for row in model_rows:
             row["ratio_to_sgd"] = row["time_s"]["total"] / sgd
+        _add_extra_cost(model_rows)
         rows += model_rows
     return rows
+
+
+def _variants(model_name: str, inversion: str) -> list[str]:
+    """Variant rows that apply: EKFAC needs eigendecompositions, norm blocks norm layers."""
+    has_norm = any(
+        isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        for m in build(model_name).modules()
+    )
+    out = ["ekfac"] if inversion == "eigen" else []
+    if has_norm:
+        out += ["norm", "ekfac+norm"] if inversion == "eigen" else ["norm"]
+    return out
+
+
+def _add_extra_cost(rows: list[dict]) -> None:
+    """``extra_vs_kfac_s``: each variant row's phase times minus the plain KFAC-expand row's."""
+    base = next(
+        (r for r in rows if r["optimizer"] == "kfac" and r["kfac_approx"] == "expand"), None
+    )
+    for row in rows:
+        if row.get("variant") and base is not None and base is not row:
+            times, ref = row["time_s"], base["time_s"]
+            row["extra_vs_kfac_s"] = {k: times[k] - ref[k] for k in times if k in ref}
 
 
 def format_table(rows: list[dict]) -> str:
     """Human-readable summary of the result rows."""
     lines = [
         f"threads={rows[0]['threads'] if rows else '-'}",
-        f"{'model':9} {'optimizer':11} {'approx':7} {'fwd':>8} {'bwd':>8} {'step':>8} "
-        f"{'total':>8} {'x SGD':>6} {'peak MiB':>9}",
+        f"{'model':9} {'optimizer':11} {'approx':7} {'variant':10} {'fwd':>8} {'bwd':>8} "
+        f"{'step':>8} {'total':>8} {'x SGD':>6} {'peak MiB':>9}",
     ]
     for r in rows:
         t = r["time_s"]
         lines.append(
-            f"{r['model']:9} {r['optimizer']:11} {r['kfac_approx'] or '':7} {t['forward']:8.4f} "
+            f"{r['model']:9} {r['optimizer']:11} {r['kfac_approx'] or '':7} "
+            f"{r.get('variant') or '':10} {t['forward']:8.4f} "
             f"{t['backward']:8.4f} {t['step']:8.4f} {t['total']:8.4f} {r['ratio_to_sgd']:6.2f} "
             f"{r['peak_mem_bytes'] / 2**20:9.1f}"
         )

@@ -38,7 +38,7 @@ class _ConvBase(KroneckerBlock):
         self.groups = module.groups
         self.spatial_dims = len(module.kernel_size)
 
-    def _grad_factor(self, g: Tensor, approx: KFACApprox) -> Tensor:
+    def _grad_factor(self, g: Tensor, approx: KFACApprox, x: Tensor | None) -> Tensor:
         g = _batched(g, self.spatial_dims)
         if approx is KFACApprox.REDUCE:
             return tn.grad_reduce_factor(g, self.groups)
@@ -47,18 +47,46 @@ class _ConvBase(KroneckerBlock):
     def _bias_matrix(self, bias: Tensor) -> Tensor:
         return bias.reshape(self.groups, -1, 1)
 
+    # per-sample parts (EKFAC): output positions of the layer are the positions S
+    def _grad_rows(self, g: Tensor) -> Tensor:
+        g = _batched(g, self.spatial_dims)
+        return g.reshape(g.shape[0], self.groups, g.shape[1] // self.groups, -1).transpose(2, 3)
+
+    def _grad_from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
+        return rows.transpose(2, 3).reshape(_batched(like, self.spatial_dims).shape)
+
+    def _with_bias(self, per_sample: Tensor, g: Tensor) -> Tensor:
+        """Append the per-sample bias gradients ``Σ_o g`` to ``[N, G, d_G, d]`` matrices."""
+        if self.bias is None:
+            return per_sample
+        n, c = g.shape[:2]
+        bias = g.reshape(n, self.groups, c // self.groups, -1).sum(-1, keepdim=True)
+        return torch.cat([per_sample, bias], dim=-1)
+
+    def _grouped_columns(self, u: Tensor) -> Tensor:
+        """``[N, C·ΠK, S]`` unfolded input -> ``[N, G, S, C/G·ΠK (+1)]``."""
+        n, _, positions = u.shape
+        u = u.reshape(n, self.groups, -1, positions).transpose(2, 3)
+        if self.bias is None:
+            return u
+        return torch.cat([u, u.new_ones(*u.shape[:-1], 1)], dim=-1)
+
 
 @register_block(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvBlock(_ConvBase):
     """``nn.ConvNd``: weight ``[C_out, C_in/G, *K]`` viewed as ``[G, C_out/G, C_in/G·ΠK]``."""
 
-    def _input_factor(self, x: Tensor, output: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
+    def _padded(self, x: Tensor) -> tuple[Tensor, object]:
+        """Batched input, padded with the layer's own mode if not ``'zeros'``; its padding."""
         m = self.module
         x = _batched(x, self.spatial_dims)
-        padding = m.padding
         if m.padding_mode != "zeros":
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-            padding = 0
+            return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), 0
+        return x, m.padding
+
+    def _input_factor(self, x: Tensor, output: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
+        m = self.module
+        x, padding = self._padded(x)
         factor = tn.kfac_reduce_factor if approx is KFACApprox.REDUCE else tn.kfac_expand_factor
         a = factor(
             x,
@@ -70,6 +98,21 @@ class ConvBlock(_ConvBase):
             bias=m.bias is not None,
         )
         return a, x.shape[0]
+
+    def _columns(self, x: Tensor, g: Tensor) -> Tensor:
+        m = self.module
+        x, padding = self._padded(x)
+        return self._grouped_columns(tn.unfold(x, m.kernel_size, m.dilation, padding, m.stride))
+
+    def _per_sample_grads(self, x: Tensor, g: Tensor) -> Tensor:
+        m = self.module
+        x, padding = self._padded(x)
+        g = _batched(g, self.spatial_dims)
+        w = tn.per_sample_weight_grad(
+            x, g, m.kernel_size, m.stride, padding, m.dilation, m.groups
+        )  # [N, C_out, C_in/G, *K]
+        n, c_out = w.shape[:2]
+        return self._with_bias(w.reshape(n, self.groups, c_out // self.groups, -1), g)
 
     def _to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         w = weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
@@ -116,6 +159,37 @@ class ConvTransposeBlock(_ConvBase):
             output_padding=self._output_padding(x, output),
         )
         return a, x.shape[0]
+
+    def _columns(self, x: Tensor, g: Tensor) -> Tensor:
+        m = self.module
+        x = _batched(x, self.spatial_dims)
+        u = tn.unfold_transpose(
+            x,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            self._output_padding(x, g),
+            m.dilation,
+        )
+        return self._grouped_columns(u)
+
+    def _per_sample_grads(self, x: Tensor, g: Tensor) -> Tensor:
+        m = self.module
+        x, g = _batched(x, self.spatial_dims), _batched(g, self.spatial_dims)
+        w = tn.per_sample_weight_grad(
+            x,
+            g,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            transpose=True,
+            output_padding=self._output_padding(x, g),
+        )  # [N, C_in, C_out/G, *K]
+        n, c_in, c_out_g = w.shape[:3]
+        w = w.reshape(n, self.groups, c_in // self.groups, c_out_g, -1).transpose(2, 3)
+        return self._with_bias(w.reshape(n, self.groups, c_out_g, -1), g)
 
     def _to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         c_in, c_out_g = weight.shape[:2]

@@ -37,7 +37,7 @@ class LinearBlock(KroneckerBlock):
         # exactly symmetric; the 1/rows scaling rides on the GEMM (no extra pass over the factor)
         return symmetric_gram(rows.T[None], 1.0 / rows.shape[0]), n
 
-    def _grad_factor(self, g: Tensor, approx: KFACApprox) -> Tensor:
+    def _grad_factor(self, g: Tensor, approx: KFACApprox, x: Tensor | None) -> Tensor:
         if g.dim() == 1:
             g = g[None]
         g = g.reshape(g.shape[0], -1, g.shape[-1])  # [N, O, D_out]
@@ -45,6 +45,22 @@ class LinearBlock(KroneckerBlock):
             g = g.sum(1, keepdim=True)
         rows = g.reshape(-1, g.shape[-1])
         return symmetric_gram(rows.T[None])
+
+    # per-sample parts (EKFAC): shared dimensions are the positions S
+    def _columns(self, x: Tensor, g: Tensor) -> Tensor:
+        rows = _rows(x)
+        if self.bias is None:
+            return rows
+        return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+
+    def _grad_rows(self, g: Tensor) -> Tensor:
+        return _rows(g)
+
+    def _grad_from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
+        return rows.reshape(like.shape)
+
+    def _per_sample_grads(self, x: Tensor, g: Tensor) -> Tensor:
+        return _rows(g).transpose(-2, -1) @ self._columns(x, g)  # [N, 1, D_out, D_in (+1)]
 
     def _to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         if bias is None:
@@ -56,3 +72,10 @@ class LinearBlock(KroneckerBlock):
         if self.bias is None:
             return matrix, None
         return matrix[:, :-1], matrix[:, -1]
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[N, *shared, D] -> [N, 1, S, D]`` (a 1-d input is one sample)."""
+    if t.dim() == 1:
+        t = t[None]
+    return t.reshape(t.shape[0], 1, -1, t.shape[-1])

@@ -27,6 +27,8 @@ from kfac_tn.enums import (
     KFACApprox,
     LossReduction,
     LossType,
+    NormBlock,
+    Preconditioner,
     QModel,
     StepSize,
 )
@@ -155,6 +157,8 @@ RULES: dict[str, Rule] = {
     "loss": OneOf(LossType),
     "loss_reduction": OneOf(LossReduction),
     "inversion": OneOf(Inversion),
+    "preconditioner": OneOf(Preconditioner),
+    "norm_block": OneOf(NormBlock),
     "kl_clip": Number(0.0, low_open=True, nullable=True),
     "factor_dtype": Dtype(),
     "inverse_dtype": Dtype(),
@@ -182,6 +186,8 @@ LAYER_KEYS: tuple[str, ...] = (
     "inverse_update_period",
     "kfac_approx",
     "inversion",
+    "preconditioner",
+    "norm_block",
     "factor_dtype",
     "inverse_dtype",
 )
@@ -203,8 +209,8 @@ class Problem:
     Attributes:
         key: The setting's key, e.g. ``"damping"`` (``""`` for a whole ``layer_settings`` entry).
         value: The offending value.
-        reason: ``"out of range"``, ``"unknown key"``, ``"not an override"``, ``"not a mapping"``
-            or ``"needs momentum > 0"``.
+        reason: ``"out of range"``, ``"unknown key"``, ``"not an override"``, ``"not a mapping"``,
+            ``"needs momentum > 0"`` or ``"needs inversion='eigen'"``.
         allowed: What would be accepted.
         pattern: The ``layer_settings`` pattern the problem is in, or ``None``.
     """
@@ -223,8 +229,8 @@ def problems(hp: Mapping[str, Any]) -> list[Problem]:
         hp: Hyperparameter values by key (a param group, constructor arguments, a config).
 
     Returns:
-        One :class:`Problem` per invalid value, plus a cross-key one for Nesterov momentum
-        without momentum.
+        One :class:`Problem` per invalid value, plus the cross-key ones: Nesterov momentum
+        without momentum, ``min_damping > max_damping``, EKFAC without eigendecompositions.
     """
     out = [
         Problem(key, value, "out of range", RULES[key].allowed)
@@ -238,7 +244,23 @@ def problems(hp: Mapping[str, Any]) -> list[Problem]:
     valid = RULES["min_damping"].accepts(low) and RULES["max_damping"].accepts(high)
     if valid and low is not None and low > high:
         out.append(Problem("max_damping", high, "below min_damping", f">= {low}"))
+    out.extend(_ekfac_problems(hp))
     return out
+
+
+def _ekfac_problems(hp: Mapping[str, Any]) -> list[Problem]:
+    """EKFAC rescales in the Kronecker eigenbasis: it needs ``inversion="eigen"``."""
+    pre, inv = hp.get("preconditioner"), hp.get("inversion")
+    if not (RULES["preconditioner"].accepts(pre) and RULES["inversion"].accepts(inv)):
+        return []
+    if Preconditioner(pre) is Preconditioner.EKFAC and Inversion(inv) is not Inversion.EIGEN:
+        return [
+            Problem("preconditioner", "ekfac", _NEEDS_EIGEN, f"inversion={Inversion(inv).value!r}")
+        ]
+    return []
+
+
+_NEEDS_EIGEN = "needs inversion='eigen'"
 
 
 def layer_settings_problems(settings: Any) -> list[Problem]:
@@ -283,6 +305,11 @@ def _error(problem: Problem) -> ValueError:
     name = _LABELS.get(problem.key, problem.key or "layer_settings")
     if problem.reason == "needs momentum > 0":
         return ValueError(f"Invalid {name} value: True needs momentum > 0 ({problem.allowed})")
+    if problem.reason == _NEEDS_EIGEN:
+        where = f" for {pattern!r}" if pattern is not None else ""
+        return ValueError(
+            f"Invalid {name} value{where}: 'ekfac' {_NEEDS_EIGEN} (got {problem.allowed})"
+        )
     return ValueError(f"Invalid {name} value: {problem.value!r} (allowed: {problem.allowed})")
 
 
@@ -350,6 +377,8 @@ class LayerHP:
     factor_dtype: torch.dtype
     inverse_dtype: torch.dtype
     kl_clip: float | None
+    preconditioner: Preconditioner = Preconditioner.KFAC
+    norm_block: NormBlock = NormBlock.UNITWISE
     configured_factor_dtype: torch.dtype | None = None  # None: follow the parameters
 
     def factor_dtype_for(self, param_dtype: torch.dtype) -> torch.dtype:
@@ -375,10 +404,17 @@ def resolve_layer_hp(
 
     Returns:
         The :class:`LayerHP`.
+
+    Raises:
+        ValueError: If the combined values conflict (``preconditioner="ekfac"`` of the override
+            with the group's ``inversion="cholesky"``, or vice versa).
     """
     values = {k: group[k] for k in LAYER_KEYS}
     if override:
         values.update(override)
+    found = _ekfac_problems(values)
+    if found:
+        raise _error(found[0])
     factor_dtype = values["factor_dtype"] or default_factor_dtype(param_dtype)
     return LayerHP(
         lr=group["lr"],
@@ -391,5 +427,7 @@ def resolve_layer_hp(
         factor_dtype=factor_dtype,
         inverse_dtype=values["inverse_dtype"] or factor_dtype,
         kl_clip=group["kl_clip"],
+        preconditioner=Preconditioner(values["preconditioner"]),
+        norm_block=NormBlock(values["norm_block"]),
         configured_factor_dtype=values["factor_dtype"],
     )

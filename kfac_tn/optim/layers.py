@@ -2,7 +2,8 @@
 
 Resolved once, when the optimizer is built: a layer gets a block if a block class is registered
 for its type (:func:`kfac_tn.blocks.block_class_for`), it has a weight, it is not marked
-``"skip"``, and its weight (and bias) are optimised, in one param group. A weight shared by
+``"skip"`` (for norm layers: ``norm_block="skip"``, from its ``layer_settings`` entry or its param
+group), and its weight (and bias) are optimised, in one param group. A weight shared by
 several layers is preconditioned by the first layer that uses it. Everything else is trained
 with the plain momentum-SGD update.
 """
@@ -58,6 +59,11 @@ def find_blocks(
         block = cls(module, name)
         if not _optimised_once(block, group_of, owner):
             continue
+        norm_block = (override or {}).get("norm_block")
+        if norm_block is None:
+            norm_block = param_groups[group_of[id(block.weight)]]["norm_block"]
+        if block.skipped(norm_block):
+            continue  # norm layers are skipped by default: no log line per layer
         owner[id(block.weight)] = name
         found.append((block, override))
     _warn_unmatched(model, layer_settings)

@@ -11,7 +11,11 @@ Usage is the ordinary training loop::
 What is preconditioned. Every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``
 (see :mod:`kfac_tn.blocks`; more via :func:`kfac_tn.blocks.register_block`) whose weight (and bias)
 the optimizer updates gets a Kronecker block :math:`A \otimes G` per channel group
-(:mod:`kfac_tn.optim.layers`). All other parameters (norm layers, embeddings, layers marked
+(:mod:`kfac_tn.optim.layers`); with ``preconditioner="ekfac"`` its eigenbasis is used with
+scalings re-estimated from per-sample gradients (:mod:`kfac_tn.blocks.ekfac`). The scale and
+shift of BatchNorm / GroupNorm / LayerNorm / InstanceNorm layers get a 2×2 block per channel
+with ``norm_block="unitwise"`` (or its diagonal, ``"diagonal"``; :mod:`kfac_tn.blocks.norm`).
+All other parameters (embeddings, norm layers with ``norm_block="skip"``, layers marked
 ``"skip"`` in ``layer_settings``, ...) are trained with the plain momentum-SGD update below —
 nothing is left untrained.
 
@@ -61,7 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kfac_tn.blocks import KroneckerBlock
+from kfac_tn.blocks import EigenBasis, KroneckerBlock
 from kfac_tn.enums import DistributedStrategy, LossReduction, LossType, QModel, StepSize
 from kfac_tn.faults import log_fault
 from kfac_tn.losses import reduction_scale
@@ -77,7 +81,7 @@ from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
 from kfac_tn.optim.qmodel import RecordedPass, StepPieces, recorded_loss, step_pieces
 from kfac_tn.optim.state_dict import CURVATURE_KEYS, check_state_dict
-from kfac_tn.optim.statistics import StatisticsCollector
+from kfac_tn.optim.statistics import Capture, StatisticsCollector
 from kfac_tn.optim.update import Update, propose
 
 logger = logging.getLogger(__name__)
@@ -131,6 +135,10 @@ class KFAC(torch.optim.Optimizer):
         loss: ``"cross_entropy"`` or ``"mse"`` (the loss you backpropagate).
         loss_reduction: ``"mean"`` or ``"sum"``, the reduction of that loss.
         inversion: ``"eigen"`` or ``"cholesky"``.
+        preconditioner: ``"kfac"`` (Kronecker eigenvalues) or ``"ekfac"`` (scalings in the
+            Kronecker eigenbasis from per-sample gradients; needs ``inversion="eigen"``).
+        norm_block: Curvature of norm layers' scale and shift: ``"unitwise"`` (2×2 per
+            channel), ``"diagonal"`` or ``"skip"`` (momentum SGD).
         kl_clip: KL-clipping bound ``κ > 0``, or ``None`` to disable.
         factor_dtype: Factor dtype (default: float32 for half-precision parameters, else theirs).
         inverse_dtype: Inverse dtype (default: the factor dtype).
@@ -183,6 +191,8 @@ class KFAC(torch.optim.Optimizer):
         loss: str = "cross_entropy",
         loss_reduction: str = "mean",
         inversion: str = "eigen",
+        preconditioner: str = "kfac",
+        norm_block: str = "skip",
         kl_clip: float | None = 1e-3,
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
@@ -280,17 +290,27 @@ class KFAC(torch.optim.Optimizer):
         }
 
     def _plan_capture(self) -> None:
-        """Tell the hooks which blocks capture in the coming passes, with which settings."""
+        """Tell the hooks which blocks capture in the coming passes, and with what.
+
+        The settings of each block, and for EKFAC blocks the eigenbasis to project into.
+        """
         hps = self.layer_hp()
         record = self._qmodel_step() or self._damping_due()
         self.statistics.plan(
             {
-                id(b): hps[id(b)]
-                for b in self.blocks
+                id(b): Capture(hps[id(b)], self._capture_basis(b, hps[id(b)]))
+                for b in self._active(self.blocks, hps)
                 if self._step_count_of(b) % hps[id(b)].factor_update_period == 0
             },
             record=record,
         )
+
+    def _capture_basis(self, block: KroneckerBlock, hp: LayerHP) -> EigenBasis | None:
+        """Return the eigenbasis an EKFAC block's per-sample gradients are projected into."""
+        state = self.state.get(block.weight)
+        if state is None or not block.uses_ekfac(hp.preconditioner) or "scalings" not in state:
+            return None
+        return block.eigenbasis(state)
 
     # ------------------------------------------------------------------ public helpers
     def remove_hooks(self) -> None:
@@ -383,7 +403,7 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hps = self.layer_hp()
-        blocks = self._blocks_with_grad()
+        blocks = self._active(self._blocks_with_grad(), hps)
         self.statistics.wait_averaged(blocks)
         if not self._all_finite(blocks):
             self._skip_step()
@@ -407,6 +427,11 @@ class KFAC(torch.optim.Optimizer):
         if self._hooks_removed:
             return []
         return [b for b in self.blocks if all(p.grad is not None for p in b.params)]
+
+    @staticmethod
+    def _active(blocks: list[KroneckerBlock], hps: dict[int, LayerHP]) -> list[KroneckerBlock]:
+        """Drop the blocks switched off for this step (``norm_block="skip"`` set after init)."""
+        return [b for b in blocks if not b.skipped(hps[id(b)].norm_block)]
 
     def _all_finite(self, blocks: list[KroneckerBlock]) -> bool:
         """Whether every gradient and captured statistic is finite (one host sync per step).
@@ -457,8 +482,10 @@ class KFAC(torch.optim.Optimizer):
             state, hp = self.state[block.weight], hps[id(block)]
             if "A" not in state:
                 continue
-            stale = "inverse" not in state or state.get("inverse_kind") != hp.inversion.value
-            if stale or state.get("kfac_step", 0) % hp.inverse_update_period == 0:
+            if (
+                _stale(block, state, hp)
+                or state.get("kfac_step", 0) % hp.inverse_update_period == 0
+            ):
                 due.append(block)
         return due
 
@@ -613,6 +640,15 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------ small helpers
     def _step_count_of(self, block: KroneckerBlock) -> int:
         return self.state[block.weight].get("kfac_step", 0) if block.weight in self.state else 0
+
+
+def _stale(block: KroneckerBlock, state: dict[str, Any], hp: LayerHP) -> bool:
+    """Whether the stored inverse does not fit the layer's settings (recomputed at once)."""
+    if "inverse" not in state:
+        return True
+    if state.get("inverse_kind") != block.inversion_for(hp.inversion).value:
+        return True
+    return ("scalings" in state) != block.uses_ekfac(hp.preconditioner)
 
 
 def _check_global(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:

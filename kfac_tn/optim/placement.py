@@ -9,7 +9,9 @@ traffic and the equivalence with one process):
 * :class:`Replicated` (``distributed_strategy="replicate"``) — each layer's owner (assigned once
   by inversion cost) inverts it and broadcasts the inverse: every worker holds every inverse;
 * :class:`Sharded` (``"shard"``) — only the owner keeps a layer's inverse; every step it
-  preconditions that layer's gradients and broadcasts the result.
+  preconditions that layer's gradients and broadcasts the result. EKFAC layers are the
+  exception: every rank projects its own per-sample gradients into the eigenbasis, so their
+  inverses (eigenbases and scalings) are broadcast and kept everywhere, as under ``"replicate"``.
 
 :func:`consolidated_state_dict` gathers the inverses a sharded run spreads over the workers, so
 that rank 0 can save a checkpoint that resumes exactly.
@@ -23,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfac_tn import linalg
 from kfac_tn.blocks import KroneckerBlock
 from kfac_tn.distributed import Communicator, get_communicator
 from kfac_tn.enums import DistributedStrategy, Inversion
@@ -127,28 +128,7 @@ class Replicated(_Distributed):
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Invert the owned ``due`` blocks, then broadcast every ``due`` inverse from its owner."""
         self.assign(self._blocks)
-        for block in due:
-            hp, layer_state = hps[id(block)], state[block.weight]
-            if self.owns(block):
-                _invert(block, layer_state, hp)
-            if "inverse" not in layer_state or layer_state["inverse_kind"] != hp.inversion.value:
-                empty = linalg.empty_inverse(
-                    hp.inversion,
-                    block.groups,
-                    *block.dims,
-                    dtype=hp.inverse_dtype,
-                    device=block.weight.device,
-                )
-                layer_state["inverse"] = list(empty)
-                layer_state["inverse_kind"] = hp.inversion.value
-            # Cholesky inverses are symmetric matrices: only upper triangles travel
-            self.comm.broadcast(
-                block.name,
-                layer_state["inverse"],
-                symmetric=hp.inversion is Inversion.CHOLESKY,
-            )
-        if due:
-            self.comm.wait_broadcasts()
+        _replicate_inverses(self, due, state, hps)
 
 
 class Sharded(_Distributed):
@@ -159,19 +139,26 @@ class Sharded(_Distributed):
         self._blocks = blocks
 
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
-        """Invert the owned ``due`` blocks (no traffic)."""
+        """Invert the owned ``due`` blocks (no traffic); EKFAC blocks as under "replicate"."""
         self.assign(self._blocks)
+        replicated = [b for b in due if _ekfac(b, hps)]
         for block in due:
-            if self.owns(block):
+            if self.owns(block) and block not in replicated:
                 _invert(block, state[block.weight], hps[id(block)])
+        _replicate_inverses(self, replicated, state, hps)
 
     def precondition(
         self, blocks: list[KroneckerBlock], state: State, hps: HPs
     ) -> dict[int, Tensor]:
-        """Owners precondition their blocks' gradients; the results are broadcast to all."""
+        """Owners precondition their blocks' gradients; the results are broadcast to all.
+
+        EKFAC blocks, whose inverses every rank holds, are preconditioned locally.
+        """
         self.assign(self._blocks)
-        directions: dict[int, Tensor] = {}
-        for block in blocks:
+        replicated = [b for b in blocks if _ekfac(b, hps)]
+        directions = super().precondition(replicated, state, hps)
+        sharded = [b for b in blocks if b not in replicated]
+        for block in sharded:
             layer_state = state[block.weight]
             grads = [p.grad for p in block.params]
             if self.owns(block):
@@ -186,14 +173,50 @@ class Sharded(_Distributed):
                 out = [torch.empty_like(g) for g in grads]
             self.comm.broadcast(block.name, out)
             directions.update({id(p): d for p, d in zip(block.params, out)})
-        if blocks:
+        if sharded:
             self.comm.wait_broadcasts()
         return directions
 
 
+def _replicate_inverses(
+    placement: _Distributed, due: list[KroneckerBlock], state: State, hps: HPs
+) -> None:
+    """Owners invert the ``due`` blocks; every inverse (and EKFAC scalings) is broadcast."""
+    for block in due:
+        hp, layer_state = hps[id(block)], state[block.weight]
+        if placement.owns(block):
+            _invert(block, layer_state, hp)
+        # the receive buffers (an owner whose first inversion failed sends zeros)
+        block.prepare_receive(
+            layer_state,
+            inversion=hp.inversion,
+            preconditioner=hp.preconditioner,
+            dtype=hp.inverse_dtype,
+            device=block.weight.device,
+        )
+        # Cholesky inverses are symmetric matrices: only upper triangles travel
+        placement.comm.broadcast(
+            block.name,
+            block.broadcast_tensors(layer_state),
+            symmetric=layer_state["inverse_kind"] == Inversion.CHOLESKY.value,
+            kind="inverses",
+        )
+    if due:
+        placement.comm.wait_broadcasts()
+
+
+def _ekfac(block: KroneckerBlock, hps: HPs) -> bool:
+    return block.uses_ekfac(hps[id(block)].preconditioner)
+
+
 def _invert(block: KroneckerBlock, layer_state: dict[str, Any], hp: LayerHP) -> None:
     block.update_inverses(
-        layer_state, inversion=hp.inversion, damping=hp.damping, dtype=hp.inverse_dtype
+        layer_state,
+        inversion=hp.inversion,
+        damping=hp.damping,
+        dtype=hp.inverse_dtype,
+        preconditioner=hp.preconditioner,
+        norm_block=hp.norm_block,
     )
 
 

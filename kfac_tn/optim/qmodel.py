@@ -222,6 +222,8 @@ def kronecker_curvature(
 ) -> Tensor:
     r""":math:`\sum_\ell \langle M_\ell, G_\ell M_\ell A_\ell\rangle` over the blocks with factors.
 
+    (EKFAC blocks: their rescaled curvature, :meth:`KroneckerBlock.curvature_quadratic`.)
+
     Args:
         blocks: The optimizer's blocks.
         state: Its state (``state[block.weight]["A"]``, ``["G"]``).
@@ -236,8 +238,7 @@ def kronecker_curvature(
         if "A" not in layer or not all(id(p) in steps for p in block.params):
             continue
         delta = [steps[id(p)] for p in block.params]
-        m = block.to_matrix(delta).to(layer["A"].dtype)
-        total = total + (m * (layer["G"] @ m @ layer["A"])).sum().double().cpu()
+        total = total + block.curvature_quadratic(layer, delta).double().cpu()
     return total
 
 

@@ -5,7 +5,7 @@ refused with a ``ValueError`` that names the entry (param group and key, or laye
 the optimizer is left exactly as it was. Checked: the structure, the param groups (the keys of a
 KFAC group present and valid under :data:`kfac_tn.optim.hyperparams.RULES`, the same number of
 parameters), the settings of the whole optimizer, and for every parameter the shapes of its
-momentum buffer and, for a layer weight, of its factors and inverse.
+momentum buffer and, for a layer weight, of its factors, inverse and EKFAC scalings.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ CURVATURE_KEYS = (
     "skipped_factor_updates",
     "inverse",
     "inverse_kind",  # a str: torch's load_state_dict would turn it into a generator
+    "scalings",
+    "scalings_valid",
 )
 """Keys of a layer's state that belong to the curvature (kept in their dtype on load)."""
 
@@ -127,12 +129,14 @@ def _check_param_state(key: Any, entry: Any, param: Tensor, block: KroneckerBloc
         return
     d_a, d_g = block.dims
     expected = {"A": (block.groups, d_a, d_a), "G": (block.groups, d_g, d_g)}
+    if "scalings" in entry:
+        expected["scalings"] = (block.groups, d_g, d_a)
     for name, shape in expected.items():
         if _shape(entry.get(name)) != shape:
             _fail(f"{where}.{name}", f"shape {_shape(entry.get(name))}, expected {shape}")
     if "inverse" in entry:
         _check_inverse(where, entry, block.groups, d_a, d_g)
-    for name in ("A", "G", "inverse"):
+    for name in ("A", "G", "inverse", "scalings"):
         tensors = entry.get(name, [])
         for t in tensors if isinstance(tensors, list) else [tensors]:
             if not bool(torch.isfinite(t).all()):

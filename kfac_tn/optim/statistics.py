@@ -2,7 +2,7 @@ r"""Curvature statistics: what the hooks capture for each block, and how it is s
 
 A :class:`StatisticsCollector` owns the capture of one optimizer: the hooks (:mod:`.hooks`), the
 per-layer callbacks that turn a layer's input and output gradient into the block's statistics
-(:meth:`KroneckerBlock.input_statistic`, :meth:`KroneckerBlock.grad_statistic`), the extra
+(:meth:`KroneckerBlock.forward_statistic`, :meth:`KroneckerBlock.backward_statistics`), the extra
 backward passes of the Monte-Carlo and type-2 Fisher, the queueing of distributed factor
 averages, and the scale that turns a captured gradient sum into ``G``.
 
@@ -16,7 +16,9 @@ statistics are committed when your own ``backward()`` reaches the output, so a f
 without backward never counts.
 
 What is captured, per block and per pass, is decided by the optimizer before the pass
-(:meth:`StatisticsCollector.plan`): the settings of the blocks due for a factor update.
+(:meth:`StatisticsCollector.plan`): the settings of the blocks due for a factor update and, for
+EKFAC blocks, the eigenbasis their per-sample gradients are projected into (a reference to the
+stored eigenvectors: no copy, no host synchronisation in the hooks).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kfac_tn.blocks import KroneckerBlock
+from kfac_tn.blocks import STATISTICS, EigenBasis, Forward, KroneckerBlock
 from kfac_tn.distributed import Communicator
 from kfac_tn.enums import FisherType, LossReduction, LossType
 from kfac_tn.losses import output_gradients, reduction_scale
@@ -36,9 +38,23 @@ from kfac_tn.optim.hooks import GradCallback, HookSet
 from kfac_tn.optim.hyperparams import LayerHP
 from kfac_tn.optim.qmodel import RecordedPass, RngState
 
-__all__ = ["StatisticsCollector"]
+__all__ = ["Capture", "StatisticsCollector"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the coming passes capture for one block.
+
+    Attributes:
+        hp: The block's settings for the step.
+        basis: The EKFAC eigenbasis ``(Q_A, Q_G)`` the per-sample gradients are projected into,
+            or ``None`` (KFAC, or no eigenbasis yet).
+    """
+
+    hp: LayerHP
+    basis: EigenBasis | None = None
 
 
 @dataclass
@@ -47,8 +63,7 @@ class _PendingForward:
 
     block: KroneckerBlock
     output: Tensor
-    a_mean: Tensor
-    samples: int
+    forward: Forward
     version: int  # the output's version counter when it was produced
 
 
@@ -88,7 +103,7 @@ class StatisticsCollector:
         self.comm = comm
         self.grad_scaler = grad_scaler
         self.entries_per_sample: int | None = None  # of the model output (MSE's reduction)
-        self._plan: dict[int, LayerHP] = {}
+        self._plan: dict[int, Capture] = {}
         self._block_of_module = {id(b.module): b for b in blocks}
         self._pending: list[_PendingForward] = []
         self._sampled_grads: dict[int, Tensor] | None = None
@@ -111,15 +126,15 @@ class StatisticsCollector:
         self._hooks.remove()
         self.discard()
 
-    def plan(self, settings: Mapping[int, LayerHP], *, record: bool = False) -> None:
+    def plan(self, captures: Mapping[int, Capture], *, record: bool = False) -> None:
         """Set what the coming passes capture.
 
         Args:
-            settings: ``{id(block): settings}`` of the blocks due for a factor update.
+            captures: ``{id(block): capture}`` of the blocks due for a factor update.
             record: Also record the model's inputs, outputs and output gradients
                 (:class:`~kfac_tn.optim.qmodel.RecordedPass`, for the quadratic model).
         """
-        self._plan = dict(settings)
+        self._plan = dict(captures)
         self._record = record
         self._records = []
 
@@ -193,14 +208,15 @@ class StatisticsCollector:
 
     def _on_forward(self, module: nn.Module, x: Tensor, output: Tensor) -> GradCallback | None:
         block = self._block_of_module[id(module)]
-        hp = self._plan.get(id(block))
-        if hp is None or not output.requires_grad:
+        capture = self._plan.get(id(block))
+        if capture is None or not output.requires_grad:
             return None
+        hp, basis = capture.hp, capture.basis
         dtype = hp.factor_dtype_for(block.weight.dtype)
-        a_mean, n = block.input_statistic(x, output, hp.kfac_approx, dtype)
+        forward = block.forward_statistic(x, output, hp.kfac_approx, dtype, basis)
         if self.fisher_type is not FisherType.EMPIRICAL:
             index = len(self._pending)
-            self._pending.append(_PendingForward(block, output, a_mean, n, output._version))
+            self._pending.append(_PendingForward(block, output, forward, output._version))
 
             def on_sampled_grad(g: Tensor) -> None:
                 # used only when the output was later modified in place (see _sampled_stats)
@@ -210,15 +226,17 @@ class StatisticsCollector:
             return on_sampled_grad
 
         def on_grad(g: Tensor) -> None:
-            self._commit(block, a_mean, n, block.grad_statistic(g, hp.kfac_approx, dtype))
+            stats = block.backward_statistics(forward, g, hp.kfac_approx, dtype, basis)
+            self._commit(block, forward, stats)
 
         return on_grad
 
-    def _commit(self, block: KroneckerBlock, a_mean: Tensor, n: int, g_sum: Tensor) -> None:
+    def _commit(self, block: KroneckerBlock, forward: Forward, stats: dict[str, Tensor]) -> None:
         if self.comm is not None:
-            self.comm.all_reduce_factor(a_mean)
-            self.comm.all_reduce_factor(g_sum)
-        block.add_statistics(a_mean, n, g_sum)
+            self.comm.all_reduce_factor(forward.a_mean)
+            for key, t in stats.items():
+                self.comm.all_reduce_factor(t, symmetric=STATISTICS[key])
+        block.add_statistics(forward.a_mean, forward.samples, stats)
 
     def _on_model_input(self, args: tuple, kwargs: dict) -> None:
         if not (self._record and self.model.training and torch.is_grad_enabled()):
@@ -251,11 +269,7 @@ class StatisticsCollector:
         if not pending or not isinstance(output, Tensor) or not output.requires_grad:
             return
         stats = self._sampled_stats(output, pending)
-        committed = [
-            (p.block, p.a_mean, p.samples, torch.stack(s).sum(0))
-            for p, s in zip(pending, stats)
-            if s
-        ]
+        committed = [(p.block, p.forward, _summed(s)) for p, s in zip(pending, stats) if s]
 
         def commit(_: Tensor) -> None:
             # the user's backward reached the model output: this forward pass counts
@@ -264,7 +278,9 @@ class StatisticsCollector:
 
         output.register_hook(commit)
 
-    def _sampled_stats(self, output: Tensor, pending: list[_PendingForward]) -> list[list[Tensor]]:
+    def _sampled_stats(
+        self, output: Tensor, pending: list[_PendingForward]
+    ) -> list[list[dict[str, Tensor]]]:
         """Gradient statistics of the MC / type-2 backward passes, per pending layer.
 
         If a layer output was modified in place afterwards (``ReLU(inplace=True)``),
@@ -275,7 +291,7 @@ class StatisticsCollector:
         modified = any(p.output._version != p.version for p in pending)
         weights = [p.block.weight for p in pending if p.block.weight.requires_grad]
         outputs = [p.output for p in pending]
-        stats: list[list[Tensor]] = [[] for _ in pending]
+        stats: list[list[dict[str, Tensor]]] = [[] for _ in pending]
         with torch.enable_grad():
             for grad_output in output_gradients(
                 output, self.loss, self.fisher_type, self.mc_samples
@@ -288,9 +304,13 @@ class StatisticsCollector:
                     )
                 for i, (p, g) in enumerate(zip(pending, grads)):
                     if g is not None:
-                        hp = self._plan[id(p.block)]
-                        dtype = hp.factor_dtype_for(p.block.weight.dtype)
-                        stats[i].append(p.block.grad_statistic(g, hp.kfac_approx, dtype))
+                        capture = self._plan[id(p.block)]
+                        dtype = capture.hp.factor_dtype_for(p.block.weight.dtype)
+                        stats[i].append(
+                            p.block.backward_statistics(
+                                p.forward, g, capture.hp.kfac_approx, dtype, capture.basis
+                            )
+                        )
         return stats
 
     def _grads_via_weights(
@@ -302,3 +322,10 @@ class StatisticsCollector:
             return [self._sampled_grads.get(i) for i in range(count)]
         finally:
             self._sampled_grads = None
+
+
+def _summed(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Sum the statistics of several backward passes of one forward pass, key by key."""
+    if len(stats) == 1:
+        return stats[0]
+    return {key: torch.stack([s[key] for s in stats]).sum(0) for key in stats[0]}

@@ -24,6 +24,8 @@ Routines::
     kernel_unfold(weight, input_size, stride=1, padding=0, dilation=1, groups=1)
     conv_input_vjp(v, weight, input_size, stride=1, padding=0, dilation=1, groups=1)
     conv_weight_vjp(x, v, kernel_size, stride=1, padding=0, dilation=1, groups=1)
+    per_sample_weight_grad(x, v, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
+                           transpose=False, output_padding=0)   -> [N, *weight.shape]
     conv_input_jvp(x_dot, weight, stride=1, padding=0, dilation=1, groups=1)
     conv_weight_jvp(x, weight_dot, stride=1, padding=0, dilation=1, groups=1)
     kfac_expand_factor(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, *, bias=False,
@@ -53,6 +55,7 @@ Modules, from the ground up (each imports only modules of the rows above it)::
     convolution, unfolding    routines; unfolding also owns the standard unfold
     derivatives, cost         VJPs / JVPs; cost models of impl="auto" and the expand strategy
     kfac, diagonal, sampled   KFAC factors; curvature diagonals; sampled weight VJPs
+    per_sample                per-sample weight gradients (EKFAC)
     symbolic                  REGISTRY (one Routine record per routine) and symbolic()
 """
 
@@ -69,6 +72,7 @@ from kfac_tn.tn.kfac import (
     kfac_reduce_factor,
 )
 from kfac_tn.tn.patterns import index_pattern
+from kfac_tn.tn.per_sample import per_sample_weight_grad
 from kfac_tn.tn.sampled import sampled_conv_weight_vjp
 from kfac_tn.tn.spec import ConvSpec, DimCategory, DimSpec, conv_spec, conv_transpose_spec
 from kfac_tn.tn.symbolic import ROUTINES, symbolic
@@ -101,6 +105,7 @@ __all__ = [
     "kernel_unfold",
     "kfac_expand_factor",
     "kfac_reduce_factor",
+    "per_sample_weight_grad",
     "symbolic",
     "unfold",
     "unfold_transpose",

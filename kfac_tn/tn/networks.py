@@ -12,6 +12,8 @@ fold                        ``n c k… o…, k o i -> n c i…``
 kernel_unfold               ``g c_out c_in k…, k o i -> g c_out o… c_in i…``
 conv_input_vjp              ``n g c_out o…, k o i, g c_out c_in k… -> n g c_in i…``
 conv_weight_vjp             ``n g c_in i…, k o i, n g c_out o… -> g c_out c_in k…``
+per_sample_weight_grad      ``n g c_in i…, k o i, n g c_out o… -> n g c_out c_in k…``
+                            (transposed: ``n g c_out i…, k o i, n g c_in o… -> n g c_in c_out k…``)
 kfac_expand/reduce_factor   two copies of ``n g c i…, k o i`` sharing ``n`` (and ``o`` for
                             expand) ``-> g c k… c_ k…_``
 grad_expand/reduce_factor   ``n g c o…, n g c_ o… -> g c c_`` (reduce: private ``o…_``)
@@ -44,6 +46,7 @@ __all__ = [
     "kernel_unfold",
     "kfac_expand_factor",
     "kfac_reduce_factor",
+    "per_sample_weight_grad",
     "unfold",
     "unfold_transpose",
 ]
@@ -305,6 +308,44 @@ def conv_weight_vjp(spec: ConvSpec, x_shape: Shape, v_shape: Shape) -> Expressio
         The plain network, result ``[C_out, C_in/G, *K]``.
     """
     return _weight_vjp("conv_weight_vjp", spec, x_shape, v_shape)
+
+
+def per_sample_weight_grad(spec: ConvSpec, x_shape: Shape, v_shape: Shape) -> Expression:
+    """Network of :func:`~kfac_tn.tn.per_sample_weight_grad`: the weight VJP keeping ``n``.
+
+    The operand with the input legs ``i`` comes first (``x``, or ``v`` for a transposed
+    convolution), so that the window simplification applies to it.
+
+    Args:
+        spec: The (transposed) convolution's spec.
+        x_shape: Layer input ``[N, C_in, *I]`` (transposed: ``[N, C_in, *O]``).
+        v_shape: Output cotangent ``[N, C_out, *O]`` (transposed: ``[N, C_out, *I]``).
+
+    Returns:
+        The plain network, result ``[N, C_out, C_in/G, *K]`` (transposed:
+        ``[N, C_in, C_out/G, *K]``).
+    """
+    nd, g = spec.ndim, spec.groups
+    # (operand, its channel leg, shape): the windowed one (legs i) first
+    if spec.transpose:
+        windowed, other = ("v", "c_out", v_shape), ("x", "c_in", x_shape)
+    else:
+        windowed, other = ("x", "c_in", x_shape), ("v", "c_out", v_shape)
+    n, cw, co = windowed[2][0], windowed[2][1] // g, other[2][1] // g
+    i, o, k = names("i", nd), names("o", nd), names("k", nd)
+    terms, pis = _patterns(spec)
+    eq = (
+        f"{join('n g', windowed[1], i)}, {', '.join(terms)}, {join('n g', other[1], o)}"
+        f" -> {join('n g', other[1], windowed[1], k)}"
+    )
+    ops = (
+        (windowed[0], (n, g, cw, *spec.in_spatial)),
+        *pis,
+        (other[0], (n, g, co, *spec.out_spatial)),
+    )
+    shape = (n, g, co, cw, *spec.kernel_size)
+    result = (n, g * co, cw, *spec.kernel_size)
+    return Expression("per_sample_weight_grad", eq, ops, shape, result)
 
 
 def ggn_diagonal(spec: ConvSpec, x_shape: Shape, s_shape: Shape) -> Expression:

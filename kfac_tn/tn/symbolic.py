@@ -21,6 +21,7 @@ from kfac_tn.tn.derivatives import prepare_input_vjp, prepare_weight_vjp
 from kfac_tn.tn.diagonal import prepare_ggn_diagonal, prepare_hessian_diagonal
 from kfac_tn.tn.expressions import Expression, Network, routine_expression
 from kfac_tn.tn.kfac import prepare_factor, prepare_grad_factor
+from kfac_tn.tn.per_sample import prepare_per_sample_weight_grad
 from kfac_tn.tn.simplify import (
     EXPAND_PAIR,
     FOLD_COLUMNS,
@@ -108,6 +109,13 @@ REGISTRY: dict[str, Routine] = _registry(
         "conv_input_vjp", prepare_input_vjp, networks.conv_input_vjp, ("v", "weight"), FOLD_RESULT
     ),
     Routine("conv_weight_vjp", prepare_weight_vjp, networks.conv_weight_vjp, ("x", "v"), WINDOW),
+    Routine(
+        "per_sample_weight_grad",
+        prepare_per_sample_weight_grad,
+        networks.per_sample_weight_grad,
+        ("x", "v"),
+        WINDOW,
+    ),
     Routine("conv_input_jvp", prepare_conv, networks.conv_input_jvp, ("x_dot", "weight"), WINDOW),
     Routine("conv_weight_jvp", prepare_conv, networks.conv_weight_jvp, ("x", "weight_dot"), WINDOW),
     Routine("kfac_expand_factor", prepare_factor, networks.kfac_expand_factor, _X, EXPAND_PAIR),

@@ -37,6 +37,8 @@ from kfac_tn.enums import (
     FisherType,
     Inversion,
     KFACApprox,
+    NormBlock,
+    Preconditioner,
     QModel,
     StepSize,
 )
@@ -213,6 +215,8 @@ class OptimizerConfig:
     fisher_type: FisherType = FisherType.EMPIRICAL
     mc_samples: int = 1
     inversion: Inversion = Inversion.EIGEN
+    preconditioner: Preconditioner = Preconditioner.KFAC
+    norm_block: NormBlock = NormBlock.SKIP
     kl_clip: float | None = 1e-3
     factor_dtype: DtypeName | None = None
     inverse_dtype: DtypeName | None = None
@@ -268,6 +272,10 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "fisher_type": "``empirical`` (your loss' gradients), ``mc`` (sampled labels), ``type2``.",
     "mc_samples": "Monte-Carlo samples per factor update (``fisher_type: mc``).",
     "inversion": "``eigen`` (exact damping) or ``cholesky`` (pi-damping, faster).",
+    "preconditioner": "``kfac`` or ``ekfac`` (eigenvalues re-estimated from per-sample "
+    "gradients; needs ``inversion: eigen``).",
+    "norm_block": "norm layers' scale/shift: ``unitwise`` (2x2 per channel), ``diagonal``, "
+    "``skip`` (momentum SGD).",
     "kl_clip": "KL-clipping bound of the update (null disables).",
     "factor_dtype": "dtype of the factors (null: float32 for half-precision params, else theirs).",
     "inverse_dtype": "dtype of the inverses (null: the factor dtype).",

@@ -47,3 +47,28 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
 def test_unknown_model_is_rejected():
     with pytest.raises(ValueError, match="Invalid model: 'vgg'"):
         step.build("vgg")
+
+
+def tiny_with_norm(name: str) -> nn.Module:
+    assert name == "resnet18"
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=4),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+
+
+def test_variant_rows_report_their_extra_cost(monkeypatch):
+    monkeypatch.setattr(step, "build", tiny_with_norm)
+    rows = step.main("--models resnet18 --batch-size 2 --steps 2 --no-peers".split())
+    variants = {r["variant"]: r for r in rows if r["optimizer"] == "kfac"}
+    assert set(variants) == {None, "ekfac", "norm", "ekfac+norm"}
+    base = next(r for r in rows if r["kfac_approx"] == "expand" and r["variant"] is None)
+    for name in ("ekfac", "norm", "ekfac+norm"):
+        row = variants[name]
+        assert row["kfac_approx"] == "expand"
+        extra = row["extra_vs_kfac_s"]
+        assert extra["step"] == pytest.approx(row["time_s"]["step"] - base["time_s"]["step"])
+    assert "extra_vs_kfac_s" not in base

@@ -8,12 +8,49 @@ gradients come from ``torch.autograd.grad``, and the damped Kronecker solve is a
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, jacrev, replace_all_batch_norm_modules_
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CLASSES = 3
+
+
+class Readout(nn.Module):
+    """Fixed random projection of the flattened layer output to class logits (no parameters)."""
+
+    def __init__(self, features: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.register_buffer(
+            "R", torch.randn(features, CLASSES, generator=generator, dtype=torch.float64)
+        )
+
+    def forward(self, y: Tensor) -> Tensor:
+        return y.flatten(1) @ self.R
+
+
+def per_sample_gradients(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor):
+    """``∇_p ℓ_n`` of the per-sample cross-entropy losses, for each ``p`` in ``params``.
+
+    From ``torch.func.jacrev`` of the vector of per-sample losses of the whole batch (so batch
+    statistics, e.g. of BatchNorm, are those of the batch; running statistics are not touched):
+    ``[N, *p.shape]`` per parameter.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    model = replace_all_batch_norm_modules_(copy.deepcopy(model))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    state.update(dict(model.named_buffers()))
+
+    def losses(*values: Tensor) -> Tensor:
+        out = functional_call(model, {**state, **dict(zip(keys, values))}, (x,))
+        return F.cross_entropy(out, y, reduction="none")
+
+    return jacrev(losses, argnums=tuple(range(len(params))))(*(p.detach() for p in params))
 
 
 def groups_of(layer: nn.Module) -> int:

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_reference import (
+    CLASSES,
+    Readout,
     damped_kronecker_solve,
     grad_factor,
     input_factor,
@@ -30,11 +32,11 @@ from kfac_tn.blocks import (
     ConvTransposeBlock,
     KroneckerBlock,
     LinearBlock,
+    NormLayerBlock,
     block_class_for,
     register_block,
 )
 
-CLASSES = 3
 DAMPING = 0.1
 
 
@@ -96,19 +98,6 @@ CASES = [
     Case("conv2d_lag_products", lambda: nn.Conv2d(16, 1, 3, padding=1), (32, 16, 16, 16)),
 ]
 IDS = [c.name for c in CASES]
-
-
-class Readout(nn.Module):
-    """Fixed random projection of the flattened layer output to class logits (no parameters)."""
-
-    def __init__(self, features: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.register_buffer(
-            "R", torch.randn(features, CLASSES, generator=generator, dtype=torch.float64)
-        )
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y.flatten(1) @ self.R
 
 
 def setup(case: Case):
@@ -180,7 +169,11 @@ REGISTRY_CASES = [
     (nn.Conv1d(2, 3, 1), ConvBlock),
     (nn.Conv3d(2, 3, 1), ConvBlock),
     (nn.ConvTranspose2d(2, 3, 1), ConvTransposeBlock),
-    (nn.BatchNorm2d(3), None),
+    (nn.BatchNorm2d(3), NormLayerBlock),
+    (nn.GroupNorm(1, 3), NormLayerBlock),
+    (nn.LayerNorm(3), NormLayerBlock),
+    (nn.InstanceNorm1d(3, affine=True), NormLayerBlock),
+    (nn.SyncBatchNorm(3), None),  # its batch statistics span the workers
     (nn.Embedding(4, 2), None),
 ]
 

@@ -72,6 +72,8 @@ def test_resolve_layer_hp_applies_the_override_and_the_half_precision_default():
         "inverse_update_period": 10,
         "kfac_approx": "expand",
         "inversion": "eigen",
+        "preconditioner": "kfac",
+        "norm_block": "unitwise",
     }
     hp = resolve_layer_hp(group, {"damping": 0.5, "kfac_approx": "reduce"}, torch.bfloat16)
     assert (hp.damping, hp.kfac_approx, hp.factor_dtype) == (0.5, KFACApprox.REDUCE, torch.float32)

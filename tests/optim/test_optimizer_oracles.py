@@ -1,4 +1,5 @@
-"""Peer oracles: our factors vs. curvlinops' KFACLinearOperator and BackPACK's KFLR / KFAC.
+"""Peer oracles: our factors vs. curvlinops' KFACLinearOperator and BackPACK's KFLR / KFAC;
+our EKFAC curvature vs. curvlinops' EKFACLinearOperator.
 
 Scale mapping (cross-entropy, ``reduction="mean"``, one batch of ``N``):
 
@@ -206,3 +207,59 @@ def test_mc_factors_match_backpack_kfac_in_expectation(name, make, shape):
     _, G = our_factors(model, x, y, fisher_type="mc", mc_samples=samples, kfac_approx="reduce")["0"]
     assert_close(A[0, :-1, :-1], A_w / positions, rtol=1e-10)
     assert ((G[0] - G_w).norm() / G_w.norm()).item() < 0.15
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_ekfac_curvature_equals_curvlinops(approx):
+    """Two steps on one batch with ``factor_decay=0`` and ``lr=0``: basis and scalings are those
+    of the batch, as curvlinops computes them; compare ``Q diag(s) Qᵀ v`` for random ``v``.
+
+    Where the per-sample gradients reach a degenerate eigenspace of a factor, the scalings
+    depend on the (arbitrary) basis chosen in it; so 32 samples (KFAC-reduce's input factor has
+    rank <= N) and no padding (a padded stride-2 convolution sums the same inputs into two taps,
+    which makes its KFAC-reduce input factor singular for any N).
+    """
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, CLASSES)
+    ).double()
+    x, y = data2d(32)
+    opt = KFAC(
+        model,
+        lr=0.0,
+        momentum=0.0,
+        kl_clip=None,
+        factor_decay=0.0,
+        kfac_approx=approx,
+        preconditioner="ekfac",
+        inverse_update_period=100,
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.remove_hooks()
+    op = curvlinops.EKFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        [(x, y)],
+        fisher_type="empirical",
+        kfac_approx=approx,
+        separate_weight_and_bias=False,
+        num_data=x.shape[0],
+        check_deterministic=False,
+    )
+    gen = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()]
+    theirs = op @ v
+    params = list(model.parameters())
+    for block in opt.blocks:
+        state = opt.state[block.weight]
+        _, q_a, _, q_g = state["inverse"]
+        i = next(j for j, p in enumerate(params) if p is block.weight)
+        m = torch.cat([v[i].reshape(v[i].shape[0], -1), v[i + 1][:, None]], dim=1)[None]
+        ours = q_g @ (state["scalings"] * (q_g.mT @ m @ q_a)) @ q_a.mT
+        expected = torch.cat([theirs[i].reshape(ours.shape[1], -1), theirs[i + 1][:, None]], 1)
+        assert_close(ours[0], expected, rtol=1e-9)

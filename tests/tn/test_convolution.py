@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from cases import CONV_CASES, FOUR_D_CASE, FOUR_D_TRANSPOSE_CASE, TRANSPOSE_CASES, Case, ids
 from conftest import assert_close, randn
-from tn_reference import kernel, torch_conv, unfold_transpose
+from tn_reference import kernel, torch_conv, torch_conv_transpose
 
 from kfac_tn.tn import conv, conv_transpose, kernel_unfold
 
@@ -31,24 +30,6 @@ def test_conv(case: Case, impl: str, generator):
     assert_close(actual, expected)
 
 
-def reference_conv_transpose(x, w, case: Case):
-    """F.conv_transposeNd, or for N > 3 the loop-built transpose-unfold times the weight."""
-    nd = x.ndim - 2
-    if nd <= 3:
-        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-        return fn(
-            x, w, None, case.stride, case.padding, case.output_padding, case.groups, case.dilation
-        )
-    n, g = x.shape[0], case.groups
-    u = unfold_transpose(
-        x, case.kernel_size, case.stride, case.padding, case.output_padding, case.dilation
-    )
-    u = u.reshape(n, g, -1, u.shape[-1])  # [N, G, Ci·ΠK, ΠI]
-    wm = w.reshape(g, x.shape[1] // g, w.shape[1], -1).transpose(1, 2).reshape(g, w.shape[1], -1)
-    y = torch.einsum("gdk,ngki->ngdi", wm, u)
-    return y  # reshaped by the caller
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", TRANSPOSE, ids=ids(TRANSPOSE))
 def test_conv_transpose(case: Case, impl: str, generator):
@@ -66,7 +47,7 @@ def test_conv_transpose(case: Case, impl: str, generator):
         case.dilation,
         impl=impl,
     )
-    expected = reference_conv_transpose(x, w, case).reshape(actual.shape)
+    expected = torch_conv_transpose(x, w, case).reshape(actual.shape)
     expected = expected + b.view(1, -1, *([1] * (x.ndim - 2)))
     assert_close(actual, expected)
 

@@ -45,7 +45,7 @@ def conv_args(case: Case, routine: str, generator):
         return (x, w), {"x_dot": x, "weight": w}, hyper
     if routine == "conv_input_vjp":
         return (v, w, case.x_shape[2:]), {"v": v, "weight": w}, hyper
-    if routine == "conv_weight_vjp":
+    if routine in ("conv_weight_vjp", "per_sample_weight_grad"):
         return (x, v, case.kernel_size), {"x": x, "v": v}, hyper
     if routine == "kernel_unfold":
         return (w, case.x_shape[2:]), {"weight": w}, hyper
@@ -79,6 +79,7 @@ CONV_ROUTINES = [
     "conv_weight_jvp",
     "conv_input_vjp",
     "conv_weight_vjp",
+    "per_sample_weight_grad",
     "kernel_unfold",
     "ggn_diagonal",
     "kfac_expand_factor",
@@ -103,7 +104,14 @@ def test_simplified_network_contracts_to_routine(case: Case, routine: str, gener
 
 
 @pytest.mark.parametrize(
-    "routine", ["conv_transpose", "unfold_transpose", "kfac_expand_factor", "kfac_reduce_factor"]
+    "routine",
+    [
+        "conv_transpose",
+        "unfold_transpose",
+        "kfac_expand_factor",
+        "kfac_reduce_factor",
+        "per_sample_weight_grad",
+    ],
 )
 @pytest.mark.parametrize("case", TRANSPOSE, ids=[c.id for c in TRANSPOSE])
 def test_simplified_transposed_networks(case: Case, routine: str, generator):
@@ -126,6 +134,14 @@ def test_simplified_transposed_networks(case: Case, routine: str, generator):
             output_padding=case.output_padding,
             dilation=case.dilation,
         )
+    elif routine == "per_sample_weight_grad":
+        y = tn.conv_transpose(
+            x, w, None, case.stride, case.padding, case.output_padding, case.groups, case.dilation
+        )
+        v = randn(*y.shape, generator=generator)
+        args, tensors = (x, v, case.kernel_size), {"x": x, "v": v}
+        kwargs = case.kwargs()
+        kwargs.pop("kernel_size")
     else:
         args, tensors = (x, case.kernel_size), {"x": x}
         kwargs = case.kwargs()

@@ -47,6 +47,7 @@ def test_every_routine_has_an_expression(routine):
         "kernel_unfold": (w, (6, 5)),
         "conv_input_vjp": (v, w, (6, 5)),
         "conv_weight_vjp": (x, v, 3),
+        "per_sample_weight_grad": (x, v, 3),
         "conv_input_jvp": (x, w),
         "conv_weight_jvp": (x, w),
         "kfac_expand_factor": (x, 3),

@@ -146,3 +146,30 @@ def torch_conv(x, w, case, bias=None):
     xp = F.pad(x, [v for pr in reversed(pads) for v in pr])
     fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return fn(xp, w, bias, case.stride, 0, case.dilation, case.groups)
+
+
+def torch_conv_transpose(x, w, case):
+    """``F.conv_transposeNd``, or for N > 3 the loop-built transpose-unfold times the weight.
+
+    Returns ``[N, C_out, *I]``.
+    """
+    nd = x.ndim - 2
+    if nd <= 3:
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+        return fn(
+            x, w, None, case.stride, case.padding, case.output_padding, case.groups, case.dilation
+        )
+    n, g = x.shape[0], case.groups
+    u = unfold_transpose(
+        x, case.kernel_size, case.stride, case.padding, case.output_padding, case.dilation
+    )
+    u = u.reshape(n, g, -1, u.shape[-1])  # [N, G, Ci·ΠK, ΠI]
+    wm = w.reshape(g, x.shape[1] // g, w.shape[1], -1).transpose(1, 2).reshape(g, w.shape[1], -1)
+    y = torch.einsum("gdk,ngki->ngdi", wm, u)
+    kern, stride, dilation = kernel(case), expand(case.stride, nd), expand(case.dilation, nd)
+    padding, out_pad = expand(case.padding, nd), expand(case.output_padding, nd)
+    size = [
+        (o - 1) * s - 2 * p + d * (k - 1) + 1 + op
+        for o, s, p, d, k, op in zip(x.shape[2:], stride, padding, dilation, kern, out_pad)
+    ]
+    return y.reshape(n, g * w.shape[1], *size)

@@ -413,3 +413,16 @@ def test_ddp_needs_torchrun(tmp_path, monkeypatch):
     cfg = load_config(None, tiny(tmp_path, "distributed=ddp", "epochs=1"))
     with pytest.raises(ValueError, match="torchrun"):
         train(cfg)
+
+
+def test_build_optimizer_passes_every_kfac_key():
+    """Every ``optimizer`` KFAC key reaches the optimizer (here: EKFAC and norm blocks)."""
+    from kfac_tn.training.config import config_from_dict
+    from kfac_tn.training.train import build_optimizer
+
+    raw = {"optimizer": {"preconditioner": "ekfac", "norm_block": "diagonal", "damping": 0.3}}
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(config_from_dict(raw), model, reconstruction=False)
+    assert (opt.defaults["preconditioner"], opt.defaults["norm_block"]) == ("ekfac", "diagonal")
+    assert opt.defaults["damping"] == 0.3
+    assert [b.name for b in opt.blocks] == ["0", "1"]
