@@ -347,7 +347,13 @@ class KroneckerBlock(ABC):
 
     # ------------------------------------------------------------------ template: inverses
     def update_inverses(
-        self, state: dict, *, inversion: linalg.Inversion, damping: float, dtype: torch.dtype
+        self,
+        state: dict,
+        *,
+        inversion: linalg.Inversion,
+        damping: float,
+        dtype: torch.dtype,
+        result: linalg.InverseResult | None = None,
     ) -> list[Tensor] | None:
         """Recompute the inverse representation from the current factors.
 
@@ -360,6 +366,9 @@ class KroneckerBlock(ABC):
             inversion: ``"eigen"`` or ``"cholesky"``.
             damping: Damping ``δ``.
             dtype: Inverse dtype.
+            result: The inversion of these factors if it was computed elsewhere (batched over
+                several blocks, see :mod:`kfac_tn.optim.inverses`); ``None`` computes it here
+                with :func:`kfac_tn.linalg.compute_inverse`.
 
         Returns:
             The new inverse in its stored form (``state["inverse"]``, a list of the tensors of
@@ -368,9 +377,10 @@ class KroneckerBlock(ABC):
         """
         if "A" not in state:
             return None
-        result = linalg.compute_inverse(
-            state["A"], state["G"], inversion=inversion, damping=damping, dtype=dtype
-        )
+        if result is None:
+            result = linalg.compute_inverse(
+                state["A"], state["G"], inversion=inversion, damping=damping, dtype=dtype
+            )
         state["inverse_updates"] = state.get("inverse_updates", 0) + 1
         state["fallback_inversions"] = state.get("fallback_inversions", 0) + int(result.fallback)
         if result.fallback:

@@ -28,6 +28,7 @@ from kfac_tn.blocks import KroneckerBlock
 from kfac_tn.distributed import Communicator, get_communicator
 from kfac_tn.enums import DistributedStrategy, Inversion
 from kfac_tn.optim.hyperparams import LayerHP
+from kfac_tn.optim.inverses import InverseUpdater
 
 __all__ = [
     "Local",
@@ -76,11 +77,14 @@ class Placement:
     """
 
     comm: Communicator | None = None
+    inverses: InverseUpdater  # how inverses are computed: batched, warm-started, timed
+
+    def __init__(self) -> None:
+        self.inverses = InverseUpdater()
 
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Recompute the inverses of the ``due`` blocks (in ``state[block.weight]``)."""
-        for block in due:
-            _invert(block, state[block.weight], hps[id(block)])
+        self.inverses.update(due, state, hps)
 
     def precondition(
         self, blocks: list[KroneckerBlock], state: State, hps: HPs
@@ -102,8 +106,10 @@ Local = Placement
 class _Distributed(Placement):
     """Shared parts of the distributed placements: the communicator and the layer owners."""
 
-    def __init__(self, comm: Communicator) -> None:
+    def __init__(self, comm: Communicator, blocks: list[KroneckerBlock]) -> None:
+        super().__init__()
         self.comm = comm
+        self._blocks = blocks
         self._assigned = False
 
     def assign(self, blocks: list[KroneckerBlock]) -> None:
@@ -120,17 +126,12 @@ class _Distributed(Placement):
 class Replicated(_Distributed):
     """Owners invert and broadcast their layers' inverses; every rank holds all of them."""
 
-    def __init__(self, comm: Communicator, blocks: list[KroneckerBlock]) -> None:
-        super().__init__(comm)
-        self._blocks = blocks
-
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Invert the owned ``due`` blocks, then broadcast every ``due`` inverse from its owner."""
         self.assign(self._blocks)
+        self.inverses.update([b for b in due if self.owns(b)], state, hps)
         for block in due:
             hp, layer_state = hps[id(block)], state[block.weight]
-            if self.owns(block):
-                _invert(block, layer_state, hp)
             if "inverse" not in layer_state or layer_state["inverse_kind"] != hp.inversion.value:
                 empty = linalg.empty_inverse(
                     hp.inversion,
@@ -154,16 +155,10 @@ class Replicated(_Distributed):
 class Sharded(_Distributed):
     """Owners keep their layers' inverses and broadcast preconditioned gradients every step."""
 
-    def __init__(self, comm: Communicator, blocks: list[KroneckerBlock]) -> None:
-        super().__init__(comm)
-        self._blocks = blocks
-
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Invert the owned ``due`` blocks (no traffic)."""
         self.assign(self._blocks)
-        for block in due:
-            if self.owns(block):
-                _invert(block, state[block.weight], hps[id(block)])
+        self.inverses.update([b for b in due if self.owns(b)], state, hps)
 
     def precondition(
         self, blocks: list[KroneckerBlock], state: State, hps: HPs
@@ -189,12 +184,6 @@ class Sharded(_Distributed):
         if blocks:
             self.comm.wait_broadcasts()
         return directions
-
-
-def _invert(block: KroneckerBlock, layer_state: dict[str, Any], hp: LayerHP) -> None:
-    block.update_inverses(
-        layer_state, inversion=hp.inversion, damping=hp.damping, dtype=hp.inverse_dtype
-    )
 
 
 def make_placement(

@@ -21,8 +21,9 @@ What is captured, per block and per pass, is decided by the optimizer before the
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from kfac_tn.losses import output_gradients, reduction_scale
 from kfac_tn.optim.hooks import GradCallback, HookSet
 from kfac_tn.optim.hyperparams import LayerHP
 from kfac_tn.optim.qmodel import RecordedPass, RngState
+from kfac_tn.optim.schedule import CostMeter
 
 __all__ = ["StatisticsCollector"]
 
@@ -97,6 +99,10 @@ class StatisticsCollector:
         self._record = False  # keep the model's inputs, outputs and output gradients
         self._recording: RecordedPass | None = None
         self._records: list[RecordedPass] = []
+        # times the capture work of sampled steps (kfac_tn.optim.schedule.CostMeter), or None
+        self.meter: CostMeter | None = None
+        # called when a training forward of the model begins (opens a sampled step), or None
+        self.on_model_start: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> None:
@@ -197,7 +203,8 @@ class StatisticsCollector:
         if hp is None or not output.requires_grad:
             return None
         dtype = hp.factor_dtype_for(block.weight.dtype)
-        a_mean, n = block.input_statistic(x, output, hp.kfac_approx, dtype)
+        with self._timed(block.name):
+            a_mean, n = block.input_statistic(x, output, hp.kfac_approx, dtype)
         if self.fisher_type is not FisherType.EMPIRICAL:
             index = len(self._pending)
             self._pending.append(_PendingForward(block, output, a_mean, n, output._version))
@@ -210,9 +217,16 @@ class StatisticsCollector:
             return on_sampled_grad
 
         def on_grad(g: Tensor) -> None:
-            self._commit(block, a_mean, n, block.grad_statistic(g, hp.kfac_approx, dtype))
+            with self._timed(block.name):
+                self._commit(block, a_mean, n, block.grad_statistic(g, hp.kfac_approx, dtype))
 
         return on_grad
+
+    def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time the enclosed capture work as layer ``name``'s factor cost (sampled steps)."""
+        if self.meter is None:
+            return contextlib.nullcontext()
+        return self.meter.span("factor", name)
 
     def _commit(self, block: KroneckerBlock, a_mean: Tensor, n: int, g_sum: Tensor) -> None:
         if self.comm is not None:
@@ -221,6 +235,8 @@ class StatisticsCollector:
         block.add_statistics(a_mean, n, g_sum)
 
     def _on_model_input(self, args: tuple, kwargs: dict) -> None:
+        if self.on_model_start is not None and self.model.training:
+            self.on_model_start()
         if not (self._record and self.model.training and torch.is_grad_enabled()):
             return
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -250,7 +266,8 @@ class StatisticsCollector:
         pending, self._pending = self._pending, []
         if not pending or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        stats = self._sampled_stats(output, pending)
+        with self._timed(""):  # shared by the pending layers (split by factor size)
+            stats = self._sampled_stats(output, pending)
         committed = [
             (p.block, p.a_mean, p.samples, torch.stack(s).sum(0))
             for p, s in zip(pending, stats)
