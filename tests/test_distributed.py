@@ -389,7 +389,7 @@ def _inverse_bytes(eigen: bool) -> int:
             if eigen
             else g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2)
         )
-        steps = [0] + [t for t in range(1, workers.STEPS) if (t - phases[block.name]) % period == 0]
+        steps = [0] + [t for t in range(1, workers.STEPS) if (t + phases[block.name]) % period == 0]
         total += 8 * size * len(steps)
     return total
 

@@ -314,7 +314,7 @@ def test_factor_and_inverse_periods():
     phases = opt.schedule.phases({b.name: 3 for b in opt.blocks})
     assert phases == {"3": 0, "0": 1, "6": 2}
     for block in opt.blocks:
-        steps = [0] + [t for t in range(1, 6) if (t - phases[block.name]) % 3 == 0]
+        steps = [0] + [t for t in range(1, 6) if (t + phases[block.name]) % 3 == 0]
         assert opt.state[block.weight]["inverse_updates"] == len(steps)
     assert opt.stats["steps"] == 6
 
