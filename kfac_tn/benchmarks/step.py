@@ -2,7 +2,7 @@
 
 Run ``python -m kfac_tn.benchmarks.step [--models 3c3d resnet18] [--batch-size 128] [--steps 20]
 [--device cpu|cuda] [--threads T] [--inversion eigen|cholesky] [--budget B | --no-budget]
-[--eigenbasis-tolerance TAU] [--quick] [--out DIR]``.
+[--eigenbasis-tolerance TAU] [--approx reduce expand] [--quick] [--out DIR]``.
 
 A step is: forward, backward (with KFAC's capture hooks: input factors in the forward hooks,
 gradient factors in the output-gradient hooks), then ``optimizer.step()``. KFAC runs in two
@@ -372,6 +372,7 @@ def run(
     inversion: str = "eigen",
     budget: float | None = DEFAULT_BUDGET,
     tolerance: float | None = None,
+    approxes: tuple[str, ...] = ("reduce", "expand"),
 ) -> list[dict]:
     """Run all optimizers on all models; adds ``ratio_to_sgd`` to every row.
 
@@ -384,6 +385,7 @@ def run(
         inversion: KFAC's ``inversion``.
         budget: ``curvature_budget`` of the budget rows (``None``: no budget rows).
         tolerance: KFAC's ``eigenbasis_tolerance`` (``None``: the optimizer's default).
+        approxes: KFAC approximations to run.
 
     Returns:
         One row per model × optimizer × mode.
@@ -391,9 +393,9 @@ def run(
     rows = []
     for model_name in models:
         configs = [("sgd", None, None), ("adam", None, None)]
-        configs += [("kfac", approx, "fixed") for approx in ("reduce", "expand")]
+        configs += [("kfac", approx, "fixed") for approx in approxes]
         if budget is not None:
-            configs += [("kfac", approx, "budget") for approx in ("reduce", "expand")]
+            configs += [("kfac", approx, "budget") for approx in approxes]
         if peers and _available("curvlinops"):
             configs += [("curvlinops", "reduce", None), ("curvlinops", "expand", None)]
         if peers and _available("backpack"):
@@ -483,6 +485,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--eigenbasis-tolerance", type=float, default=None, help="KFAC eigenbasis_tolerance"
     )
+    parser.add_argument(
+        "--approx", nargs="+", default=["reduce", "expand"], choices=("reduce", "expand")
+    )
     parser.add_argument("--quick", action="store_true", help="3c3d only, 10 steps, no peers")
     parser.add_argument("--out", type=Path, default=None, help="write DIR/results.json")
     args = parser.parse_args(argv)
@@ -508,6 +513,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.inversion,
         budget,
         args.eigenbasis_tolerance,
+        tuple(args.approx),
     )
     print(format_table(rows))
     if args.out is not None:
