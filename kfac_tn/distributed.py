@@ -380,6 +380,31 @@ class Communicator:
         """A copy of the layer key -> rank assignment."""
         return dict(self._owners)
 
+    def agree(self, values: Tensor) -> Tensor:
+        """Sum a small vector over ranks; return rank 0's sum on every rank (blocking).
+
+        Used for decisions every rank must take identically (the curvature budget): the
+        broadcast makes the result the same on all ranks by construction, whatever the
+        all-reduce's summation order.
+
+        Args:
+            values: 1-d floating tensor (any device; the same length on every rank).
+
+        Returns:
+            A new tensor on ``values``' device.
+
+        Raises:
+            CommunicationError: If a collective failed.
+        """
+        wire = values.detach().to(self._collective_device()).clone()
+        if self.world_size > 1:
+            try:
+                dist.all_reduce(wire, group=self.group)
+                dist.broadcast(wire, src=self._global_ranks[0], group=self.group)
+            except RuntimeError as err:
+                raise self._error("agreeing on the curvature schedule", err) from err
+        return wire.to(values.device)
+
     # -------------------------------------------------------------- broadcasts
     def broadcast(
         self,

@@ -50,6 +50,8 @@ __all__ = [
     "compute_inverse",
     "precondition",
     "pi_damping",
+    "damped",
+    "symmetrized",
 ]
 
 
@@ -166,14 +168,23 @@ def pi_damping(A: Tensor, G: Tensor) -> Tensor:
     return ratio.clamp_min(torch.finfo(ratio.dtype).tiny).sqrt()[:, None, None]
 
 
-def _symmetrized(F: Tensor) -> Tensor:
+def symmetrized(F: Tensor) -> Tensor:
     """``(F + F^T) / 2``, ``[..., d, d]``: exactly symmetric (floating-point addition commutes)."""
     return (F + F.transpose(-2, -1)).mul_(0.5)
 
 
+def damped(F: Tensor, shift: Tensor | float) -> Tensor:
+    """Return ``sym(F) + shift·I`` for ``F: [groups, d, d]`` (``shift``: float, ``[groups, 1, 1]``).
+
+    (The damped factor of :func:`cholesky_inverse`; shared with the batched Cholesky path.)
+    """
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+    return symmetrized(F) + shift * eye
+
+
 def _eigh(F: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition with eigenvalues clamped at 0 (factors are PSD)."""
-    evals, evecs = torch.linalg.eigh(_symmetrized(F))
+    evals, evecs = torch.linalg.eigh(symmetrized(F))
     return evals.clamp_min(0.0), evecs
 
 
@@ -214,13 +225,11 @@ def cholesky_inverse(A: Tensor, G: Tensor, damping: float) -> CholeskyInverse:
     """
     pi = pi_damping(A, G)
     root = damping**0.5
-    eye_a = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    eye_g = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    a_damped = _symmetrized(A) + (pi * root) * eye_a
-    g_damped = _symmetrized(G) + (root / pi) * eye_g
+    a_damped = damped(A, pi * root)
+    g_damped = damped(G, root / pi)
     return CholeskyInverse(
-        _symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(a_damped))),
-        _symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(g_damped))),
+        symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(a_damped))),
+        symmetrized(torch.cholesky_inverse(torch.linalg.cholesky(g_damped))),
     )
 
 

@@ -381,6 +381,75 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
     return out
 
 
+class TickClock:
+    """A deterministic clock: every reading is ``tick`` seconds after the previous one."""
+
+    def __init__(self, tick: float = 1e-3) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+BUDGET_STEPS = 10
+BUDGET_CHECKPOINT = 5
+
+
+def budget_kfac(model, clock=None):
+    """KFAC with a curvature budget, a short probe and frequent decisions (for 10 steps)."""
+    from kfac_tn.optimizer import KFAC
+
+    opt = KFAC(model, **KFAC_COMMON | dict(inverse_update_period=None), curvature_budget=0.2)
+    opt.schedule.probe_start, opt.schedule.probe_steps, opt.schedule.decide_every = 1, 2, 3
+    if clock is not None:
+        opt.schedule.meter.clock = clock
+    return opt
+
+
+def _scenario_budget(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """A budget on: ranks agree with their own (real) clocks; a tick-clock run resumes exactly."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict[str, Any] = {}
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = budget_kfac(ddp)  # real clock: each rank measures its own times
+    train_steps(ddp, opt, range(BUDGET_STEPS), rank, world_size)
+    out["real"] = {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "periods": copy.deepcopy(opt.state["kfac"]["schedule"]["periods"]),
+    }
+    opt.remove_hooks()
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = budget_kfac(ddp, TickClock())
+    train_steps(ddp, opt, range(BUDGET_CHECKPOINT), rank, world_size)
+    path = workdir / "checkpoint-budget.pt"
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    train_steps(ddp, opt, range(BUDGET_CHECKPOINT, BUDGET_STEPS), rank, world_size)
+    out["tick"] = {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "schedule": copy.deepcopy(opt.state["kfac"]["schedule"]),
+    }
+    opt.remove_hooks()
+    saved = torch.load(path, weights_only=False)
+    model = make_model()
+    model.load_state_dict(saved["model"])
+    ddp = DistributedDataParallel(model)
+    opt = budget_kfac(ddp, TickClock())
+    opt.load_state_dict(saved["optimizer"])
+    train_steps(ddp, opt, range(BUDGET_CHECKPOINT, BUDGET_STEPS), rank, world_size)
+    out["resumed"] = {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "periods": copy.deepcopy(opt.state["kfac"]["schedule"]["periods"]),
+    }
+    opt.remove_hooks()
+    return out
+
+
 def _scenario_suite(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
     """Everything that runs on healthy workers, in one launch (process start-up is the cost)."""
     return {
@@ -389,6 +458,7 @@ def _scenario_suite(rank: int, world_size: int, workdir: Path, args: Sequence[st
             rank, world_size, workdir, [name for name, _ in KFAC_CONFIGS] + ["no-averaging"]
         ),
         "assign_mismatch": _scenario_assign_mismatch(rank, world_size, workdir, args),
+        "budget": _scenario_budget(rank, world_size, workdir, args),
     }
 
 
@@ -398,6 +468,7 @@ SCENARIOS: dict[str, Callable[[int, int, Path, Sequence[str]], Any]] = {
     "dead_peer": _scenario_dead_peer,
     "stalled_peer": _scenario_stalled_peer,
     "kfac": _scenario_kfac,
+    "budget": _scenario_budget,
     "suite": _scenario_suite,
 }
 

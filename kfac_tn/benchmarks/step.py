@@ -1,19 +1,27 @@
 """Benchmark a full training step: KFAC vs SGD and Adam (and curvlinops / BackPACK if installed).
 
 Run ``python -m kfac_tn.benchmarks.step [--models 3c3d resnet18] [--batch-size 128] [--steps 20]
-[--device cpu|cuda] [--threads T] [--inversion eigen|cholesky] [--quick] [--out DIR]``.
+[--device cpu|cuda] [--threads T] [--inversion eigen|cholesky] [--budget B | --no-budget]
+[--eigenbasis-tolerance TAU] [--approx reduce expand] [--quick] [--out DIR]``.
 
 A step is: forward, backward (with KFAC's capture hooks: input factors in the forward hooks,
-gradient factors in the output-gradient hooks), then ``optimizer.step()`` (factor EMA every step,
-inverses every 10 steps, preconditioning, KL clipping, momentum update). Each step is timed phase
-by phase with device synchronisation, and the optimizers' steps are interleaved (step ``i`` of
-every optimizer back to back) so that load changes on a shared machine hit all of them alike. After
-one warm-up step the ``--steps`` timed steps contain ``steps / 10`` inverse updates, so the mean
-step time amortises the inversion exactly as in training. Reported phases (seconds, mean over the
-timed steps): ``forward``, ``backward``, ``step`` (amortised), ``step_inverse`` /
-``step_no_inverse`` (KFAC: steps with / without an inverse update) and ``total``.
-``peak_mem_bytes`` is the peak torch allocation during one further step (CUDA:
-``max_memory_allocated``; CPU: the profiler's allocator events).
+gradient factors in the output-gradient hooks), then ``optimizer.step()``. KFAC runs in two
+modes per approximation: fixed periods ``1/10`` (factors every step, inverses every 10 steps,
+each layer on its own staggered phase) and ``curvature_budget=B`` (periods chosen per layer by
+the optimizer; its measuring probe runs in extra warm-up steps, so the timed steps use the
+chosen periods). Each step is timed phase by phase with device synchronisation, and the
+optimizers' steps are interleaved (step ``i`` of every optimizer back to back) so that load
+changes on a shared machine hit all of them alike. After the warm-up the ``--steps`` timed steps
+amortise the inversions as in training. Reported phases (seconds, mean over the timed steps):
+``forward``, ``backward``, ``step``, ``total``, ``step_max`` (the slowest step phase: a spike
+measure), and for KFAC the curvature work inside them, read from the optimizer's own phase timer
+(:class:`kfac_tn.optim.schedule.CostMeter`, on for every timed step here): ``factors`` (capture
+hooks and the factor EMA), ``inverses`` (decompositions) and ``fixed`` (preconditioning and the
+finiteness checks). ``paths`` counts the decompositions per path during the timed steps
+(``eigh``, ``warm``, ``qr``, ``cholesky``; see :mod:`kfac_tn.optim.inverses`) and ``periods``
+holds the budget's chosen ``[factor, inverse]`` period per layer. ``peak_mem_bytes`` is the peak
+torch allocation during one further step (CUDA: ``max_memory_allocated``; CPU: the profiler's
+allocator events).
 
 Variant rows (KFAC-expand): ``ekfac`` (``preconditioner="ekfac"``: per-sample gradients projected
 into the eigenbasis on every factor step, eigen inversion only), ``norm`` (``norm_block=
@@ -26,9 +34,10 @@ batch every step (its own forward and backward), ``backpack`` runs the backward 
 preconditioning, KL clipping and momentum-SGD update as ours, so the rows differ only in how
 factors are computed.
 
-Results go to stdout as a table and, with ``--out DIR``, to ``DIR/results.json`` (one row per
-model × optimizer: model, optimizer, kfac_approx, batch_size, device, threads, time_s{phase},
-ratio_to_sgd, peak_mem_bytes, variant, extra_vs_kfac_s for variants).
+Results go to stdout as two tables and, with ``--out DIR``, to ``DIR/results.json`` (one row per
+model × optimizer × mode × variant: model, optimizer, kfac_approx, mode, variant, batch_size,
+device, threads, time_s{phase}, curvature_s{part}, paths, periods, ratio_to_sgd, peak_mem_bytes,
+and extra_vs_kfac_s for variants).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from torch import nn
 
 from kfac_tn import KFAC, linalg
 from kfac_tn.benchmarks._timing import measure_memory, synchronize
+from kfac_tn.optim.inverses import PATH_COUNTERS
+from kfac_tn.optim.schedule import PROBE_START, PROBE_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +68,10 @@ VARIANTS: dict[str, dict[str, str]] = {
     "norm": dict(norm_block="unitwise"),
     "ekfac+norm": dict(preconditioner="ekfac", norm_block="unitwise"),
 }
-"""KFAC settings of the variant rows (on top of KFAC-expand)."""
+"""KFAC settings of the variant rows (on top of KFAC-expand, fixed periods)."""
+DEFAULT_BUDGET = 0.25
+"""The budget rows' ``curvature_budget`` unless ``--budget``/``--no-budget`` says otherwise."""
+_CURVATURE_PARTS = ("factor", "inverse", "fixed")
 
 
 def build(name: str) -> nn.Module:
@@ -204,7 +218,11 @@ def _backpack_factory(model: nn.Module):
 
 # ----------------------------------------------------------------------------- timing
 class _Runner:
-    """One optimizer on its own copy of the model: ``step()`` runs and times one training step."""
+    """One optimizer on its own copy of the model: ``step()`` runs and times one training step.
+
+    ``mode`` is ``None`` (SGD, Adam, peers), ``"fixed"`` (KFAC, periods 1/10) or ``"budget"``
+    (KFAC with ``curvature_budget``).
+    """
 
     def __init__(
         self,
@@ -214,20 +232,44 @@ class _Runner:
         batch_size: int,
         device: str,
         inversion: str = "eigen",
+        mode: str | None = None,
+        budget: float | None = None,
+        tolerance: float | None = None,
         variant: str | None = None,
     ) -> None:
         self.meta = {
             "model": model_name,
             "optimizer": name,
             "kfac_approx": approx,
+            "mode": None if mode is None else ("1/10" if mode == "fixed" else f"budget {budget:g}"),
             "inversion": inversion if name == "kfac" else None,
             "batch_size": batch_size,
             "device": str(device),
             "variant": variant,
         }
+        self.mode = mode
         self.records: list[dict[str, float]] = []
-        extra = VARIANTS[variant] if variant else {}
-        self.one_step = _make_step(name, model_name, approx, batch_size, device, inversion, extra)
+        self.one_step, self.opt = _make_step(
+            name,
+            model_name,
+            approx,
+            batch_size,
+            device,
+            inversion,
+            mode,
+            budget,
+            tolerance,
+            VARIANTS[variant] if variant else None,
+        )
+        self._paths_before: dict[str, int] = {}
+
+    def warm_up(self) -> None:
+        """Untimed steps: the first (factors, inverses, plan caches), and the budget's probe."""
+        extra = PROBE_START + PROBE_STEPS if self.mode == "budget" else 0
+        for _ in range(1 + extra):
+            self.one_step()
+        if isinstance(self.opt, KFAC):
+            self._paths_before = _paths(self.opt)
 
     def step(self) -> None:
         self.records.append(self.one_step())
@@ -235,23 +277,33 @@ class _Runner:
     def row(self, device: str) -> dict:
         """Mean phase times over the recorded steps, plus peak memory of one more step."""
         records = self.records
-        phases = {k: statistics.fmean(r[k] for r in records) for k in records[0]}
-        if self.meta["optimizer"] == "kfac":
-            # the warm-up step was the first inverse step; timed step i has counter i + 1
-            inverse = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD == 0]
-            other = [r["step"] for i, r in enumerate(records) if (i + 1) % INVERSE_PERIOD != 0]
-            if inverse:
-                phases["step_inverse"] = statistics.fmean(inverse)
-            if other:
-                phases["step_no_inverse"] = statistics.fmean(other)
+        phases = {k: statistics.fmean(r[k] for r in records) for k in ("forward", "backward")}
+        phases.update({k: statistics.fmean(r[k] for r in records) for k in ("step", "total")})
+        phases["step_max"] = max(r["step"] for r in records)
+        extra: dict = {}
+        if isinstance(self.opt, KFAC):
+            extra["curvature_s"] = {
+                part: statistics.fmean(r.get(part, 0.0) for r in records)
+                for part in _CURVATURE_PARTS
+            }
+            after = _paths(self.opt)
+            extra["paths"] = {k: after[k] - self._paths_before.get(k, 0) for k in after}
+            chosen = self.opt.state.get("kfac", {}).get("schedule", {}).get("periods", {})
+            extra["periods"] = {k: list(v) for k, v in chosen.items()}
         memory = measure_memory(self.one_step, device)
         return {
             **self.meta,
             "threads": torch.get_num_threads(),
             "steps": len(records),
             "time_s": phases,
+            **extra,
             "peak_mem_bytes": memory.peak_bytes,
         }
+
+
+def _paths(opt: KFAC) -> dict[str, int]:
+    stats = opt.stats
+    return {k.removesuffix("_decompositions"): stats[k] for k in PATH_COUNTERS}
 
 
 def _make_step(
@@ -261,9 +313,12 @@ def _make_step(
     batch_size: int,
     device: str,
     inversion: str,
+    mode: str | None = None,
+    budget: float | None = None,
+    tolerance: float | None = None,
     extra: dict[str, str] | None = None,
-) -> Callable[[], dict[str, float]]:
-    """Build model, batch and optimizer; return a function that times one training step."""
+) -> tuple[Callable[[], dict[str, float]], object]:
+    """Build model, batch and optimizer; return a function timing one step, and the optimizer."""
     torch.manual_seed(0)
     model = build(model_name).to(device)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
@@ -274,12 +329,16 @@ def _make_step(
     elif name == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     elif name == "kfac":
+        periods = (1, INVERSE_PERIOD) if mode != "budget" else (None, None)
         opt = KFAC(
             model,
             lr=0.01,
             kfac_approx=approx,
             inversion=inversion,
-            inverse_update_period=INVERSE_PERIOD,
+            factor_update_period=periods[0],
+            inverse_update_period=periods[1],
+            curvature_budget=budget if mode == "budget" else None,
+            **({} if tolerance is None else {"eigenbasis_tolerance": tolerance}),
             **(extra or {}),
         )
     elif name == "curvlinops":
@@ -288,6 +347,7 @@ def _make_step(
         peer = _PeerKFAC(model, _backpack_factory(model))
     else:
         raise ValueError(f"Invalid optimizer: {name!r}")
+    meter = opt.schedule.meter if isinstance(opt, KFAC) else None
 
     def one_step() -> dict[str, float]:
         synchronize(device)
@@ -297,6 +357,8 @@ def _make_step(
             synchronize(device)
             t = time.perf_counter() - t0
             return {"forward": 0.0, "backward": 0.0, "step": t, "total": t}
+        if meter is not None:
+            meter.active = True  # the optimizer's phase timer on every timed step
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         synchronize(device)
@@ -307,9 +369,14 @@ def _make_step(
         opt.step()
         synchronize(device)
         t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0}
+        out = {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0}
+        if meter is not None:
+            spans = meter.last if opt.schedule.budget is not None else meter.take()
+            for part in _CURVATURE_PARTS:
+                out[part] = sum(v for (kind, _), v in spans.items() if kind == part)
+        return out
 
-    return one_step
+    return one_step, (peer if peer is not None else opt)
 
 
 def _available(module: str) -> bool:
@@ -327,21 +394,53 @@ def run(
     device: str,
     peers: bool = True,
     inversion: str = "eigen",
+    budget: float | None = DEFAULT_BUDGET,
+    tolerance: float | None = None,
+    approxes: tuple[str, ...] = ("reduce", "expand"),
 ) -> list[dict]:
-    """Run all optimizers on all models; adds ``ratio_to_sgd`` to every row."""
+    """Run all optimizers on all models; adds ``ratio_to_sgd`` to every row.
+
+    Args:
+        models: Model names (:data:`MODELS`).
+        batch_size: Batch size.
+        steps: Timed steps.
+        device: ``"cpu"`` or ``"cuda"``.
+        peers: Add the curvlinops / BackPACK rows when they import.
+        inversion: KFAC's ``inversion``.
+        budget: ``curvature_budget`` of the budget rows (``None``: no budget rows).
+        tolerance: KFAC's ``eigenbasis_tolerance`` (``None``: the optimizer's default).
+        approxes: KFAC approximations to run.
+
+    Returns:
+        One row per model × optimizer × mode.
+    """
     rows = []
     for model_name in models:
-        configs = [("sgd", None), ("adam", None), ("kfac", "reduce"), ("kfac", "expand")]
-        configs += [("kfac", "expand", v) for v in _variants(model_name, inversion)]
+        configs = [("sgd", None, None, None), ("adam", None, None, None)]
+        configs += [("kfac", approx, "fixed", None) for approx in approxes]
+        if budget is not None:
+            configs += [("kfac", approx, "budget", None) for approx in approxes]
+        configs += [("kfac", "expand", "fixed", v) for v in _variants(model_name, inversion)]
         if peers and _available("curvlinops"):
-            configs += [("curvlinops", "reduce"), ("curvlinops", "expand")]
+            configs += [("curvlinops", "reduce", None, None), ("curvlinops", "expand", None, None)]
         if peers and _available("backpack"):
-            configs += [("backpack", "expand")]
+            configs += [("backpack", "expand", None, None)]
         runners = []
-        for name, approx, *variant in configs:
+        for name, approx, mode, variant in configs:
             try:
-                runner = _Runner(name, model_name, approx, batch_size, device, inversion, *variant)
-                runner.one_step()  # warm-up: first factors, first inverse, plan caches
+                runner = _Runner(
+                    name,
+                    model_name,
+                    approx,
+                    batch_size,
+                    device,
+                    inversion,
+                    mode,
+                    budget,
+                    tolerance,
+                    variant,
+                )
+                runner.warm_up()
             except Exception as err:  # a peer library failing must not stop the benchmark
                 if name in ("curvlinops", "backpack"):
                     logger.warning("%s on %s failed: %s", name, model_name, err)
@@ -357,10 +456,11 @@ def run(
         model_rows = [runner.row(device) for runner in runners]
         for row in model_rows:
             logger.info(
-                "%s %s %s: %.4f s/step",
+                "%s %s %s %s: %.4f s/step",
                 model_name,
                 row["optimizer"],
                 row["kfac_approx"] or "",
+                row["mode"] or "",
                 row["time_s"]["total"],
             )
         sgd = next(r["time_s"]["total"] for r in model_rows if r["optimizer"] == "sgd")
@@ -386,7 +486,15 @@ def _variants(model_name: str, inversion: str) -> list[str]:
 def _add_extra_cost(rows: list[dict]) -> None:
     """``extra_vs_kfac_s``: each variant row's phase times minus the plain KFAC-expand row's."""
     base = next(
-        (r for r in rows if r["optimizer"] == "kfac" and r["kfac_approx"] == "expand"), None
+        (
+            r
+            for r in rows
+            if r["optimizer"] == "kfac"
+            and r["kfac_approx"] == "expand"
+            and r["mode"] == "1/10"
+            and not r.get("variant")
+        ),
+        None,
     )
     for row in rows:
         if row.get("variant") and base is not None and base is not row:
@@ -395,20 +503,37 @@ def _add_extra_cost(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Human-readable summary of the result rows."""
+    """Human-readable summary of the result rows, then KFAC's curvature breakdown."""
     lines = [
         f"threads={rows[0]['threads'] if rows else '-'}",
-        f"{'model':9} {'optimizer':11} {'approx':7} {'variant':10} {'fwd':>8} {'bwd':>8} "
-        f"{'step':>8} {'total':>8} {'x SGD':>6} {'peak MiB':>9}",
+        f"{'model':9} {'optimizer':11} {'approx':7} {'mode':11} {'variant':10} {'fwd':>8} "
+        f"{'bwd':>8} {'step':>8} {'total':>8} {'x SGD':>6} {'max step':>8} {'peak MiB':>9}",
     ]
     for r in rows:
         t = r["time_s"]
         lines.append(
-            f"{r['model']:9} {r['optimizer']:11} {r['kfac_approx'] or '':7} "
-            f"{r.get('variant') or '':10} {t['forward']:8.4f} "
-            f"{t['backward']:8.4f} {t['step']:8.4f} {t['total']:8.4f} {r['ratio_to_sgd']:6.2f} "
+            f"{r['model']:9} {r['optimizer']:11} {r['kfac_approx'] or '':7} {r['mode'] or '':11} "
+            f"{r.get('variant') or '':10} {t['forward']:8.4f} {t['backward']:8.4f} "
+            f"{t['step']:8.4f} {t['total']:8.4f} {r['ratio_to_sgd']:6.2f} {t['step_max']:8.4f} "
             f"{r['peak_mem_bytes'] / 2**20:9.1f}"
         )
+    kfac = [r for r in rows if "curvature_s" in r]
+    if kfac:
+        lines.append("")
+        lines.append(
+            f"{'model':9} {'approx':7} {'mode':11} {'variant':10} {'factors':>8} {'inverses':>8} "
+            f"{'fixed':>8}  "
+            "decompositions (timed steps)  periods factor/inverse"
+        )
+        for r in kfac:
+            c = r["curvature_s"]
+            paths = " ".join(f"{k}={v}" for k, v in r["paths"].items() if v)
+            periods = " ".join(f"{f}/{i}" for f, i in r["periods"].values()) or "1/10"
+            lines.append(
+                f"{r['model']:9} {r['kfac_approx']:7} {r['mode']:11} {r.get('variant') or '':10} "
+                f"{c['factor']:8.4f} "
+                f"{c['inverse']:8.4f} {c['fixed']:8.4f}  {paths or '-':28} {periods}"
+            )
     return "\n".join(lines)
 
 
@@ -422,6 +547,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-peers", action="store_true", help="skip curvlinops/BackPACK rows")
     parser.add_argument("--inversion", default="eigen", choices=("eigen", "cholesky"))
+    parser.add_argument(
+        "--budget", type=float, default=DEFAULT_BUDGET, help="curvature_budget of the budget rows"
+    )
+    parser.add_argument("--no-budget", action="store_true", help="skip the budget rows")
+    parser.add_argument(
+        "--eigenbasis-tolerance", type=float, default=None, help="KFAC eigenbasis_tolerance"
+    )
+    parser.add_argument(
+        "--approx", nargs="+", default=["reduce", "expand"], choices=("reduce", "expand")
+    )
     parser.add_argument("--quick", action="store_true", help="3c3d only, 10 steps, no peers")
     parser.add_argument("--out", type=Path, default=None, help="write DIR/results.json")
     args = parser.parse_args(argv)
@@ -435,7 +570,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models, steps, peers = args.models, args.steps, not args.no_peers
     if args.quick:
         models, steps, peers = ["3c3d"], 10, False
-    rows = run(models, args.batch_size, steps, args.device, peers, args.inversion)
+    if not 0 < args.budget < 1:
+        parser.error(f"Invalid --budget: {args.budget} (must be in (0, 1))")
+    budget = None if args.no_budget else args.budget
+    rows = run(
+        models,
+        args.batch_size,
+        steps,
+        args.device,
+        peers,
+        args.inversion,
+        budget,
+        args.eigenbasis_tolerance,
+        tuple(args.approx),
+    )
     print(format_table(rows))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

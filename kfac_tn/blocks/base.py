@@ -503,6 +503,7 @@ class KroneckerBlock(ABC):
         dtype: torch.dtype,
         preconditioner: Preconditioner | str = Preconditioner.KFAC,
         norm_block: NormBlock | str = NormBlock.UNITWISE,
+        result: linalg.InverseResult | None = None,
     ) -> list[Tensor] | None:
         """Recompute the inverse representation from the current factors.
 
@@ -519,6 +520,9 @@ class KroneckerBlock(ABC):
             dtype: Inverse dtype.
             preconditioner: ``"kfac"`` or ``"ekfac"`` (see :meth:`uses_ekfac`).
             norm_block: The norm-block mode (read by :class:`~kfac_tn.blocks.norm.NormBlock`).
+            result: The inversion of :meth:`inverse_inputs` if it was computed elsewhere
+                (batched over several blocks, see :mod:`kfac_tn.optim.inverses`); ``None``
+                computes it here with :func:`kfac_tn.linalg.compute_inverse`.
 
         Returns:
             The new inverse in its stored form (``state["inverse"]``, a list of the tensors of
@@ -528,8 +532,9 @@ class KroneckerBlock(ABC):
         if "A" not in state:
             return None
         kind = self.inversion_for(inversion)
-        A, G = self._inverse_inputs(state, NormBlock(norm_block))
-        result = linalg.compute_inverse(A, G, inversion=kind, damping=damping, dtype=dtype)
+        if result is None:
+            A, G = self.inverse_inputs(state, norm_block)
+            result = linalg.compute_inverse(A, G, inversion=kind, damping=damping, dtype=dtype)
         state["inverse_updates"] = state.get("inverse_updates", 0) + 1
         state["fallback_inversions"] = state.get("fallback_inversions", 0) + int(result.fallback)
         if result.fallback:
@@ -561,8 +566,18 @@ class KroneckerBlock(ABC):
             state.pop("scalings_valid", None)
         return state["inverse"]
 
-    def _inverse_inputs(self, state: dict, norm_block: NormBlock) -> tuple[Tensor, Tensor]:
-        """Return the factors the inverse is computed from (norm blocks may drop off-diagonals)."""
+    def inverse_inputs(
+        self, state: dict, norm_block: NormBlock | str = NormBlock.UNITWISE
+    ) -> tuple[Tensor, Tensor]:
+        """Return the factors the inverse is computed from (norm blocks may drop off-diagonals).
+
+        Args:
+            state: The optimizer state of the layer weight (needs ``A``/``G``).
+            norm_block: The norm-block mode (read by :class:`~kfac_tn.blocks.norm.NormBlock`).
+
+        Returns:
+            ``(A, G)``, ``[groups, d_A, d_A]`` and ``[groups, d_G, d_G]``.
+        """
         return state["A"], state["G"]
 
     @staticmethod

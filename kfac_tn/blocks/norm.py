@@ -103,9 +103,12 @@ class NormLayerBlock(KroneckerBlock):
         uv, vv = (u * v).sum(0), v.square().sum(0)
         return torch.stack([uu, uv, uv, vv], dim=-1).reshape(-1, 2, 2)  # exactly symmetric
 
-    def _inverse_inputs(self, state: dict, norm_block: NormBlock) -> tuple[Tensor, Tensor]:
+    def inverse_inputs(
+        self, state: dict, norm_block: NormBlock | str = NormBlock.UNITWISE
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(A, G)``; ``"diagonal"`` drops the off-diagonal of each ``[2, 2]`` ``G``."""
         G = state["G"]
-        if norm_block is NormBlock.DIAGONAL:
+        if NormBlock(norm_block) is NormBlock.DIAGONAL:
             G = torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
         return state["A"], G
 

@@ -34,6 +34,7 @@ from kfac_tn.enums import (
 )
 
 __all__ = [
+    "DEFAULT_PERIODS",
     "KFAC_KEYS",
     "LAYER_KEYS",
     "RULES",
@@ -149,8 +150,10 @@ RULES: dict[str, Rule] = {
     "weight_decay": Number(0.0),
     "damping": Number(0.0, low_open=True),
     "factor_decay": Number(0.0, 1.0, high_open=True),
-    "factor_update_period": Number(1, integer=True),
-    "inverse_update_period": Number(1, integer=True),
+    "factor_update_period": Number(1, integer=True, nullable=True),
+    "inverse_update_period": Number(1, integer=True, nullable=True),
+    "curvature_budget": Number(0.0, 1.0, low_open=True, high_open=True, nullable=True),
+    "eigenbasis_tolerance": Number(0.0, 1.0),
     "kfac_approx": OneOf(KFACApprox),
     "fisher_type": OneOf(FisherType),
     "mc_samples": Number(1, integer=True),
@@ -184,6 +187,7 @@ LAYER_KEYS: tuple[str, ...] = (
     "factor_decay",
     "factor_update_period",
     "inverse_update_period",
+    "eigenbasis_tolerance",
     "kfac_approx",
     "inversion",
     "preconditioner",
@@ -192,6 +196,10 @@ LAYER_KEYS: tuple[str, ...] = (
     "inverse_dtype",
 )
 """Hyperparameters a ``layer_settings`` entry may override (besides the value ``"skip"``)."""
+
+DEFAULT_PERIODS: tuple[int, int] = (1, 10)
+"""``(factor_update_period, inverse_update_period)`` of a layer whose periods are ``None``
+(automatic) when no ``curvature_budget`` chooses them (and while the budget is still measuring)."""
 
 # names in messages, as torch.optim spells them
 _LABELS = {"lr": "learning rate"}
@@ -365,7 +373,12 @@ def layer_override(
 
 @dataclass(frozen=True)
 class LayerHP:
-    """Hyperparameters of one layer for one step (group values with layer overrides applied)."""
+    """Hyperparameters of one layer for one step (group values with layer overrides applied).
+
+    ``factor_update_period`` / ``inverse_update_period`` are the effective periods; which of
+    them were set explicitly (and so are never changed by ``curvature_budget``) is in
+    ``explicit_periods`` (``None``: automatic).
+    """
 
     lr: float
     damping: float
@@ -380,6 +393,8 @@ class LayerHP:
     preconditioner: Preconditioner = Preconditioner.KFAC
     norm_block: NormBlock = NormBlock.UNITWISE
     configured_factor_dtype: torch.dtype | None = None  # None: follow the parameters
+    eigenbasis_tolerance: float = 0.0
+    explicit_periods: tuple[int | None, int | None] = (None, None)
 
     def factor_dtype_for(self, param_dtype: torch.dtype) -> torch.dtype:
         """Return the factor dtype for parameters of ``param_dtype`` (it may change: model.to)."""
@@ -416,12 +431,16 @@ def resolve_layer_hp(
     if found:
         raise _error(found[0])
     factor_dtype = values["factor_dtype"] or default_factor_dtype(param_dtype)
+    explicit = tuple(
+        None if values[k] is None else int(values[k])
+        for k in ("factor_update_period", "inverse_update_period")
+    )
     return LayerHP(
         lr=group["lr"],
         damping=values["damping"],
         factor_decay=values["factor_decay"],
-        factor_update_period=int(values["factor_update_period"]),
-        inverse_update_period=int(values["inverse_update_period"]),
+        factor_update_period=DEFAULT_PERIODS[0] if explicit[0] is None else explicit[0],
+        inverse_update_period=DEFAULT_PERIODS[1] if explicit[1] is None else explicit[1],
         kfac_approx=KFACApprox(values["kfac_approx"]),
         inversion=Inversion(values["inversion"]),
         factor_dtype=factor_dtype,
@@ -430,4 +449,6 @@ def resolve_layer_hp(
         preconditioner=Preconditioner(values["preconditioner"]),
         norm_block=NormBlock(values["norm_block"]),
         configured_factor_dtype=values["factor_dtype"],
+        eigenbasis_tolerance=float(values["eigenbasis_tolerance"]),
+        explicit_periods=explicit,  # type: ignore[arg-type]
     )

@@ -57,6 +57,8 @@ that a checkpoint needs.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -77,9 +79,11 @@ from kfac_tn.optim.damping import (
     reduction_ratio,
 )
 from kfac_tn.optim.hyperparams import LayerHP, resolve_layer_hp
+from kfac_tn.optim.inverses import PATH_COUNTERS
 from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
 from kfac_tn.optim.qmodel import RecordedPass, StepPieces, recorded_loss, step_pieces
+from kfac_tn.optim.schedule import CostMeter, CurvatureSchedule, check_schedule_state
 from kfac_tn.optim.state_dict import CURVATURE_KEYS, check_state_dict
 from kfac_tn.optim.statistics import Capture, StatisticsCollector
 from kfac_tn.optim.update import Update, propose
@@ -101,6 +105,7 @@ GLOBAL_KEYS = (
     "qmodel",
     "step_size",
     "max_step_scale",
+    "curvature_budget",
 )
 _COUNTERS = (
     "factor_updates",
@@ -109,6 +114,7 @@ _COUNTERS = (
     "fallback_inversions",
     "failed_inversions",
     "invalid_factors",
+    *PATH_COUNTERS,
 )
 _OWN = "kfac"  # key of the optimizer's own (not per-parameter) entry in self.state
 
@@ -127,8 +133,18 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: L2 coefficient ``>= 0``, added after preconditioning.
         damping: Damping ``δ > 0`` of the Kronecker blocks.
         factor_decay: EMA coefficient of the factors in ``[0, 1)`` (0: only the last batch).
-        factor_update_period: Capture statistics and update factors every this many steps.
-        inverse_update_period: Recompute inverses every this many steps.
+        factor_update_period: Capture statistics and update factors every this many steps;
+            ``None``: chosen by ``curvature_budget``, else 1.
+        inverse_update_period: Recompute inverses every this many steps (each layer on its own
+            phase, see :mod:`kfac_tn.optim.schedule`); ``None``: chosen by
+            ``curvature_budget``, else 10.
+        curvature_budget: Fraction in ``(0, 1)`` of a step's time that curvature work
+            (capture, factors, decompositions, preconditioning) may take; the periods that are
+            ``None`` are chosen per layer to keep it (:mod:`kfac_tn.optim.schedule`). ``None``:
+            fixed periods.
+        eigenbasis_tolerance: Keep (or refine with one QR iteration) a layer's previous
+            eigenbasis when its relative off-diagonal mass on the new factor is at most this, in
+            ``[0, 1]``; 0: a full ``eigh`` every inverse update (:mod:`kfac_tn.decompositions`).
         kfac_approx: ``"expand"`` (KFC) or ``"reduce"`` (Eschenhagen et al., 2023).
         fisher_type: ``"empirical"``, ``"mc"`` or ``"type2"``.
         mc_samples: Monte-Carlo samples per factor update (``fisher_type="mc"``).
@@ -183,8 +199,10 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         damping: float = 1e-3,
         factor_decay: float = 0.95,
-        factor_update_period: int = 1,
-        inverse_update_period: int = 10,
+        factor_update_period: int | None = None,
+        inverse_update_period: int | None = None,
+        curvature_budget: float | None = None,
+        eigenbasis_tolerance: float = 0.0,
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
         mc_samples: int = 1,
@@ -244,6 +262,10 @@ class KFAC(torch.optim.Optimizer):
             comm=self.placement.comm,
             grad_scaler=self.grad_scaler,
         )
+        self.schedule = _make_schedule(self)
+        self.placement.inverses.meter = self.schedule.meter
+        self.statistics.meter = self.schedule.meter
+        self.statistics.on_model_start = self.schedule.on_forward
         if not self._hooks_removed:
             self.statistics.attach()
         self._plan_capture()
@@ -254,6 +276,7 @@ class KFAC(torch.optim.Optimizer):
         state = self.__dict__.copy()
         state.pop("statistics", None)
         state.pop("placement", None)
+        state.pop("schedule", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -282,12 +305,18 @@ class KFAC(torch.optim.Optimizer):
     def layer_hp(self) -> dict[int, LayerHP]:
         """Hyperparameters of every block for the coming step, by ``id(block)``."""
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        return {
-            id(b): resolve_layer_hp(
+        hps = {}
+        for b in self.blocks:
+            hp = resolve_layer_hp(
                 self.param_groups[group_of[id(b.weight)]], self._overrides[b.name], b.weight.dtype
             )
-            for b in self.blocks
-        }
+            periods = self.schedule.periods(b.name, *hp.explicit_periods)
+            if periods != (hp.factor_update_period, hp.inverse_update_period):
+                hp = dataclasses.replace(
+                    hp, factor_update_period=periods.factor, inverse_update_period=periods.inverse
+                )
+            hps[id(b)] = hp
+        return hps
 
     def _plan_capture(self) -> None:
         """Tell the hooks which blocks capture in the coming passes, and with what.
@@ -300,7 +329,7 @@ class KFAC(torch.optim.Optimizer):
             {
                 id(b): Capture(hps[id(b)], self._capture_basis(b, hps[id(b)]))
                 for b in self._active(self.blocks, hps)
-                if self._step_count_of(b) % hps[id(b)].factor_update_period == 0
+                if self.schedule.factor_due(self._step_count_of(b), hps[id(b)].factor_update_period)
             },
             record=record,
         )
@@ -330,9 +359,12 @@ class KFAC(torch.optim.Optimizer):
         Counters: ``steps`` (taken), ``skipped_steps`` (non-finite gradients or statistics:
         nothing changed), ``factor_updates``, ``skipped_factor_updates``, ``inverse_updates``,
         ``fallback_inversions`` (float64 retries), ``failed_inversions``, ``invalid_factors``
-        (non-finite factors reset), ``damping_adaptations``, ``kfac_layers``. Values: ``damping``
-        (per param group), ``rho`` (the last reduction ratio, ``nan`` before the first) and
-        ``step_scale`` (the last ``step_size="qmodel"`` scale, 1 otherwise).
+        (non-finite factors reset), ``damping_adaptations``, the decomposition paths per factor
+        matrix (``eigh_decompositions``, ``warm_decompositions``, ``qr_decompositions``,
+        ``cholesky_decompositions``, ``offloaded_decompositions``; see
+        :mod:`kfac_tn.optim.inverses`), ``kfac_layers``. Values: ``damping`` (per param group),
+        ``rho`` (the last reduction ratio, ``nan`` before the first) and ``step_scale`` (the
+        last ``step_size="qmodel"`` scale, 1 otherwise).
         """
         own = self.state[_OWN] if _OWN in self.state else {}
         out: dict[str, Any] = dict.fromkeys(("steps", "skipped_steps", *_COUNTERS), 0)
@@ -350,6 +382,13 @@ class KFAC(torch.optim.Optimizer):
                 out[key] += int(value.item()) if isinstance(value, Tensor) else int(value)
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state dict; the optimizer's own entry is a copy (later steps leave it)."""
+        out = super().state_dict()
+        if _OWN in out["state"]:
+            out["state"] = {**out["state"], _OWN: copy.deepcopy(out["state"][_OWN])}
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; curvature tensors keep their saved dtype (moved to the device).
 
@@ -359,6 +398,8 @@ class KFAC(torch.optim.Optimizer):
                 optimizer is then unchanged (:mod:`kfac_tn.optim.state_dict`).
         """
         check_state_dict(state_dict, self.param_groups, self.blocks, self.defaults, GLOBAL_KEYS)
+        own = state_dict["state"].get(_OWN)
+        check_schedule_state(own.get("schedule") if isinstance(own, Mapping) else None)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         id_map = dict(zip(saved_ids, params))
@@ -380,6 +421,8 @@ class KFAC(torch.optim.Optimizer):
             param = id_map.get(key)
             if param is not None:
                 self.state[param].update(_to_device(entries, param.device))
+        if _OWN in self.state:  # not shared with the caller's dict
+            self.state[_OWN] = copy.deepcopy(self.state[_OWN])
         self._plan_capture()
 
     # ------------------------------------------------------------------ the algorithm
@@ -404,14 +447,21 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         hps = self.layer_hp()
         blocks = self._active(self._blocks_with_grad(), hps)
-        self.statistics.wait_averaged(blocks)
-        if not self._all_finite(blocks):
+        meter = self.schedule.meter  # times the stages on sampled steps (curvature_budget)
+        with meter.span("factor"):
+            self.statistics.wait_averaged(blocks)
+        with meter.span("fixed"):
+            finite = self._all_finite(blocks)
+        if not finite:
             self._skip_step()
+            self.schedule.discard()
             return loss
         self._maybe_update_factors(blocks, hps)
-        due = self._drop_non_finite_factors(self._inverses_due(blocks, hps))
+        with meter.span("fixed"):
+            due = self._drop_non_finite_factors(self._inverses_due(blocks, hps))
         self.placement.update_inverses(due, self.state, hps)
-        directions = self.placement.precondition(blocks, self.state, hps)
+        with meter.span("fixed"):
+            directions = self.placement.precondition(blocks, self.state, hps)
         self._clip(directions, hps)
         update = propose(self.param_groups, self.state, directions)
         records = self.statistics.take_records()
@@ -443,8 +493,10 @@ class KFAC(torch.optim.Optimizer):
         tensors += [t for b in blocks for t in b.pending_statistics()]
         if not tensors:
             return True
-        peaks = torch._foreach_norm(tensors, ord=math.inf)  # max |x|: inf/NaN propagate
-        return bool(torch.stack([p.to(torch.float32) for p in peaks]).isfinite().all())
+        # min and max propagate inf/NaN; one pass per tensor, ~4x faster on CPU than the
+        # inf-norm (_foreach_norm) and with no temporary copy
+        ends = [e.to(torch.float32) for t in tensors if t.numel() for e in torch.aminmax(t)]
+        return not ends or bool(torch.stack(ends).isfinite().all())
 
     def _skip_step(self) -> None:
         """Count a skipped step and drop its statistics; nothing else changes."""
@@ -465,26 +517,30 @@ class KFAC(torch.optim.Optimizer):
         for block in blocks:
             if block.has_statistics:
                 state = self.state[block.weight]
-                block.update_factors(
-                    state,
-                    decay=hps[id(block)].factor_decay,
-                    grad_scale=self.statistics.grad_scale(block),
-                )
+                with self.schedule.meter.span("factor", block.name):
+                    block.update_factors(
+                        state,
+                        decay=hps[id(block)].factor_decay,
+                        grad_scale=self.statistics.grad_scale(block),
+                    )
                 state["factor_updates"] = state.get("factor_updates", 0) + 1
         self.statistics.discard()
 
     def _inverses_due(
         self, blocks: list[KroneckerBlock], hps: dict[int, LayerHP]
     ) -> list[KroneckerBlock]:
-        """Blocks whose inverse is recomputed now: every period, and as soon as factors exist."""
+        """Blocks whose inverse is recomputed now: staggered phases, and as soon as factors exist.
+
+        See :mod:`kfac_tn.optim.schedule` for the phases.
+        """
+        periods = {b.name: hps[id(b)].inverse_update_period for b in self.blocks}
         due = []
         for block in blocks:
             state, hp = self.state[block.weight], hps[id(block)]
             if "A" not in state:
                 continue
-            if (
-                _stale(block, state, hp)
-                or state.get("kfac_step", 0) % hp.inverse_update_period == 0
+            if _stale(block, state, hp) or self.schedule.inverse_due(
+                block.name, state.get("kfac_step", 0), periods
             ):
                 due.append(block)
         return due
@@ -629,17 +685,60 @@ class KFAC(torch.optim.Optimizer):
         )
 
     def _advance_counters(self, blocks: list[KroneckerBlock]) -> None:
-        """Advance the step counters; plan the capture (and recording) of the coming passes."""
+        """Advance the step counters; let the schedule decide; plan the coming passes' capture."""
         for block in blocks:
             state = self.state[block.weight]
             state["kfac_step"] = state.get("kfac_step", 0) + 1
         own = self.state[_OWN]
         own["step"] = own.get("step", 0) + 1
+        if self.schedule.budget is not None:
+            self.schedule.end_step(self._due_next, self._explicit_periods)
         self._plan_capture()
 
     # ------------------------------------------------------------------ small helpers
     def _step_count_of(self, block: KroneckerBlock) -> int:
         return self.state[block.weight].get("kfac_step", 0) if block.weight in self.state else 0
+
+    def _hp_by_block(self) -> dict[KroneckerBlock, LayerHP]:
+        hps = self.layer_hp()
+        return {b: hps[id(b)] for b in self.blocks}
+
+    def _explicit_periods(self) -> dict[str, tuple[int | None, int | None]]:
+        """Layer -> its explicit (factor, inverse) periods, ``None`` where the budget chooses."""
+        return {b.name: hp.explicit_periods for b, hp in self._hp_by_block().items()}
+
+    def _due_next(self) -> dict[str, tuple[bool, bool]]:
+        """Layer -> (factor update, inverse update) due at its next step (sampling decisions)."""
+        hps = self._hp_by_block()
+        periods = {b.name: hp.inverse_update_period for b, hp in hps.items()}
+        out = {}
+        for block, hp in hps.items():
+            step = self._step_count_of(block)
+            out[block.name] = (
+                self.schedule.factor_due(step, hp.factor_update_period),
+                self.schedule.inverse_due(block.name, step, periods),
+            )
+        return out
+
+
+def _make_schedule(opt: KFAC) -> CurvatureSchedule:
+    """Build the optimizer's :class:`CurvatureSchedule` (persistent part: ``state["kfac"]``)."""
+    budget = opt.defaults["curvature_budget"]
+    device = opt.blocks[0].weight.device if opt.blocks else torch.device("cpu")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    comm = opt.placement.comm
+    return CurvatureSchedule(
+        layers=[(b.name, b.inversion_cost(), _factor_size(b)) for b in opt.blocks],
+        budget=budget,
+        meter=CostMeter(sync=sync),
+        agree=comm.agree if comm is not None else None,
+        store=(lambda: opt.state[_OWN].setdefault("schedule", {})) if budget is not None else None,
+    )
+
+
+def _factor_size(block: KroneckerBlock) -> float:
+    d_a, d_g = block.dims
+    return float(block.groups * (d_a * d_a + d_g * d_g))
 
 
 def _stale(block: KroneckerBlock, state: dict[str, Any], hp: LayerHP) -> bool:

@@ -29,6 +29,7 @@ from kfac_tn.blocks import KroneckerBlock
 from kfac_tn.distributed import Communicator, get_communicator
 from kfac_tn.enums import DistributedStrategy, Inversion
 from kfac_tn.optim.hyperparams import LayerHP
+from kfac_tn.optim.inverses import InverseUpdater
 
 __all__ = [
     "Local",
@@ -77,11 +78,14 @@ class Placement:
     """
 
     comm: Communicator | None = None
+    inverses: InverseUpdater  # how inverses are computed: batched, warm-started, timed
+
+    def __init__(self) -> None:
+        self.inverses = InverseUpdater()
 
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Recompute the inverses of the ``due`` blocks (in ``state[block.weight]``)."""
-        for block in due:
-            _invert(block, state[block.weight], hps[id(block)])
+        self.inverses.update(due, state, hps)
 
     def precondition(
         self, blocks: list[KroneckerBlock], state: State, hps: HPs
@@ -103,8 +107,10 @@ Local = Placement
 class _Distributed(Placement):
     """Shared parts of the distributed placements: the communicator and the layer owners."""
 
-    def __init__(self, comm: Communicator) -> None:
+    def __init__(self, comm: Communicator, blocks: list[KroneckerBlock]) -> None:
+        super().__init__()
         self.comm = comm
+        self._blocks = blocks
         self._assigned = False
 
     def assign(self, blocks: list[KroneckerBlock]) -> None:
@@ -121,10 +127,6 @@ class _Distributed(Placement):
 class Replicated(_Distributed):
     """Owners invert and broadcast their layers' inverses; every rank holds all of them."""
 
-    def __init__(self, comm: Communicator, blocks: list[KroneckerBlock]) -> None:
-        super().__init__(comm)
-        self._blocks = blocks
-
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Invert the owned ``due`` blocks, then broadcast every ``due`` inverse from its owner."""
         self.assign(self._blocks)
@@ -134,17 +136,11 @@ class Replicated(_Distributed):
 class Sharded(_Distributed):
     """Owners keep their layers' inverses and broadcast preconditioned gradients every step."""
 
-    def __init__(self, comm: Communicator, blocks: list[KroneckerBlock]) -> None:
-        super().__init__(comm)
-        self._blocks = blocks
-
     def update_inverses(self, due: list[KroneckerBlock], state: State, hps: HPs) -> None:
         """Invert the owned ``due`` blocks (no traffic); EKFAC blocks as under "replicate"."""
         self.assign(self._blocks)
         replicated = [b for b in due if _ekfac(b, hps)]
-        for block in due:
-            if self.owns(block) and block not in replicated:
-                _invert(block, state[block.weight], hps[id(block)])
+        self.inverses.update([b for b in due if self.owns(b) and b not in replicated], state, hps)
         _replicate_inverses(self, replicated, state, hps)
 
     def precondition(
@@ -182,10 +178,9 @@ def _replicate_inverses(
     placement: _Distributed, due: list[KroneckerBlock], state: State, hps: HPs
 ) -> None:
     """Owners invert the ``due`` blocks; every inverse (and EKFAC scalings) is broadcast."""
+    placement.inverses.update([b for b in due if placement.owns(b)], state, hps)
     for block in due:
         hp, layer_state = hps[id(block)], state[block.weight]
-        if placement.owns(block):
-            _invert(block, layer_state, hp)
         # the receive buffers (an owner whose first inversion failed sends zeros)
         block.prepare_receive(
             layer_state,
@@ -207,17 +202,6 @@ def _replicate_inverses(
 
 def _ekfac(block: KroneckerBlock, hps: HPs) -> bool:
     return block.uses_ekfac(hps[id(block)].preconditioner)
-
-
-def _invert(block: KroneckerBlock, layer_state: dict[str, Any], hp: LayerHP) -> None:
-    block.update_inverses(
-        layer_state,
-        inversion=hp.inversion,
-        damping=hp.damping,
-        dtype=hp.inverse_dtype,
-        preconditioner=hp.preconditioner,
-        norm_block=hp.norm_block,
-    )
 
 
 def make_placement(

@@ -23,8 +23,9 @@ stored eigenvectors: no copy, no host synchronisation in the hooks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from kfac_tn.losses import output_gradients, reduction_scale
 from kfac_tn.optim.hooks import GradCallback, HookSet
 from kfac_tn.optim.hyperparams import LayerHP
 from kfac_tn.optim.qmodel import RecordedPass, RngState
+from kfac_tn.optim.schedule import CostMeter
 
 __all__ = ["Capture", "StatisticsCollector"]
 
@@ -112,6 +114,10 @@ class StatisticsCollector:
         self._record = False  # keep the model's inputs, outputs and output gradients
         self._recording: RecordedPass | None = None
         self._records: list[RecordedPass] = []
+        # times the capture work of sampled steps (kfac_tn.optim.schedule.CostMeter), or None
+        self.meter: CostMeter | None = None
+        # called when a training forward of the model begins (opens a sampled step), or None
+        self.on_model_start: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> None:
@@ -213,7 +219,8 @@ class StatisticsCollector:
             return None
         hp, basis = capture.hp, capture.basis
         dtype = hp.factor_dtype_for(block.weight.dtype)
-        forward = block.forward_statistic(x, output, hp.kfac_approx, dtype, basis)
+        with self._timed(block.name):
+            forward = block.forward_statistic(x, output, hp.kfac_approx, dtype, basis)
         if self.fisher_type is not FisherType.EMPIRICAL:
             index = len(self._pending)
             self._pending.append(_PendingForward(block, output, forward, output._version))
@@ -226,10 +233,17 @@ class StatisticsCollector:
             return on_sampled_grad
 
         def on_grad(g: Tensor) -> None:
-            stats = block.backward_statistics(forward, g, hp.kfac_approx, dtype, basis)
-            self._commit(block, forward, stats)
+            with self._timed(block.name):
+                stats = block.backward_statistics(forward, g, hp.kfac_approx, dtype, basis)
+                self._commit(block, forward, stats)
 
         return on_grad
+
+    def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time the enclosed capture work as layer ``name``'s factor cost (sampled steps)."""
+        if self.meter is None:
+            return contextlib.nullcontext()
+        return self.meter.span("factor", name)
 
     def _commit(self, block: KroneckerBlock, forward: Forward, stats: dict[str, Tensor]) -> None:
         if self.comm is not None:
@@ -239,6 +253,8 @@ class StatisticsCollector:
         block.add_statistics(forward.a_mean, forward.samples, stats)
 
     def _on_model_input(self, args: tuple, kwargs: dict) -> None:
+        if self.on_model_start is not None and self.model.training:
+            self.on_model_start()
         if not (self._record and self.model.training and torch.is_grad_enabled()):
             return
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -268,7 +284,8 @@ class StatisticsCollector:
         pending, self._pending = self._pending, []
         if not pending or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        stats = self._sampled_stats(output, pending)
+        with self._timed(""):  # shared by the pending layers (split by factor size)
+            stats = self._sampled_stats(output, pending)
         committed = [(p.block, p.forward, _summed(s)) for p, s in zip(pending, stats) if s]
 
         def commit(_: Tensor) -> None:

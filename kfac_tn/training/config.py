@@ -209,8 +209,10 @@ class OptimizerConfig:
     amsgrad: bool = False
     damping: float = 1e-3
     factor_decay: float = 0.95
-    factor_update_period: int = 1
-    inverse_update_period: int = 10
+    factor_update_period: int | None = None
+    inverse_update_period: int | None = None
+    curvature_budget: float | None = None
+    eigenbasis_tolerance: float = 0.0
     kfac_approx: KFACApprox = KFACApprox.EXPAND
     fisher_type: FisherType = FisherType.EMPIRICAL
     mc_samples: int = 1
@@ -266,8 +268,14 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "amsgrad": "AMSGrad variant.",
     "damping": "Tikhonov damping of the Kronecker blocks.",
     "factor_decay": "EMA coefficient of the Kronecker factors.",
-    "factor_update_period": "update the factors every N steps.",
-    "inverse_update_period": "recompute the inverses every N steps.",
+    "factor_update_period": "update the factors every N steps (null: chosen by "
+    "``curvature_budget``, else 1).",
+    "inverse_update_period": "recompute the inverses every N steps, each layer on its own phase "
+    "(null: chosen by ``curvature_budget``, else 10).",
+    "curvature_budget": "fraction of a step's time curvature work may take; the null periods "
+    "are chosen per layer to keep it (null: fixed periods).",
+    "eigenbasis_tolerance": "keep a layer's previous eigenbasis (after one QR iteration) while "
+    "its relative off-diagonal mass stays below this (0: a full eigh every inverse update).",
     "kfac_approx": "``expand`` (KFC) or ``reduce`` (cheaper, Eschenhagen et al. 2023).",
     "fisher_type": "``empirical`` (your loss' gradients), ``mc`` (sampled labels), ``type2``.",
     "mc_samples": "Monte-Carlo samples per factor update (``fisher_type: mc``).",

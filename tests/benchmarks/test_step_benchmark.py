@@ -26,22 +26,38 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == rows
-    assert [(r["optimizer"], r["kfac_approx"]) for r in rows] == [
-        ("sgd", None),
-        ("adam", None),
-        ("kfac", "reduce"),
-        ("kfac", "expand"),
+    assert [(r["optimizer"], r["kfac_approx"], r["mode"]) for r in rows] == [
+        ("sgd", None, None),
+        ("adam", None, None),
+        ("kfac", "reduce", "1/10"),
+        ("kfac", "expand", "1/10"),
+        ("kfac", "reduce", "budget 0.25"),
+        ("kfac", "expand", "budget 0.25"),
     ]
     for row in rows:
         assert row["model"] == "3c3d" and row["batch_size"] == 2 and row["device"] == "cpu"
         assert row["inversion"] == ("cholesky" if row["optimizer"] == "kfac" else None)
         times = row["time_s"]
         assert times["total"] == pytest.approx(times["forward"] + times["backward"] + times["step"])
+        assert times["step_max"] >= times["step"]
         assert row["peak_mem_bytes"] > 0
     assert rows[0]["ratio_to_sgd"] == 1.0
-    kfac = rows[2]["time_s"]
-    assert "step_no_inverse" in kfac  # 2 timed steps after the warm-up: no inverse update
-    assert "x SGD" in capsys.readouterr().out
+    for row in rows[2:]:
+        parts = row["curvature_s"]
+        assert set(parts) == {"factor", "inverse", "fixed"} and parts["fixed"] > 0
+        # within the step phase: inverses and fixed work; factors also run in the hooks
+        assert parts["inverse"] + parts["fixed"] <= row["time_s"]["step"]
+        assert set(row["paths"]) == {"eigh", "warm", "qr", "cholesky", "offloaded"}
+    # budget rows: the probe ran in the warm-up, a plan exists for both layers
+    assert set(rows[4]["periods"]) == {"0", "3"} and not rows[2]["periods"]
+    out = capsys.readouterr().out
+    assert "x SGD" in out and "decompositions" in out
+
+
+def test_budget_rows_can_be_left_out(monkeypatch):
+    monkeypatch.setattr(step, "build", tiny)
+    rows = step.main("--models 3c3d --batch-size 2 --steps 1 --no-peers --no-budget".split())
+    assert [r["mode"] for r in rows if not r["variant"]] == [None, None, "1/10", "1/10"]
 
 
 def test_unknown_model_is_rejected():

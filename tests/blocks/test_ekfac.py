@@ -151,6 +151,7 @@ def make_opt(model, **kwargs):
         damping=DAMPING,
         factor_decay=DECAY,
         damping_adaptation=False,  # the formula's damping stays DAMPING
+        step_size="fixed",  # the formula's step is the preconditioned gradient itself
     )
     kw.update(kwargs)
     return KFAC(model, preconditioner="ekfac", **kw)

@@ -94,7 +94,16 @@ def type2_blocks(layer, model, x, y) -> torch.Tensor:
 
 def one_step(model, layer, x, y, **kwargs):
     """One KFAC step (lr 1, no momentum, no KL clip): ``(optimizer, [∇γ, ∇β], update)``."""
-    opt = KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=DAMPING, **kwargs)
+    opt = KFAC(
+        model,
+        lr=1.0,
+        momentum=0.0,
+        kl_clip=None,
+        damping=DAMPING,
+        damping_adaptation=False,
+        step_size="fixed",
+        **kwargs,
+    )
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     grads = [p.grad.clone() for p in layer.parameters()]

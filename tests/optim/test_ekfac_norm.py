@@ -152,7 +152,9 @@ def test_kl_clip_covers_the_norm_blocks():
     runs = {}
     for clip in (None, kappa):
         model = net()
-        opt = KFAC(model, lr=lr, momentum=0.0, kl_clip=clip, norm_block="unitwise")
+        opt = KFAC(
+            model, lr=lr, momentum=0.0, kl_clip=clip, norm_block="unitwise", step_size="fixed"
+        )
         x, y = batch(0)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()

@@ -70,6 +70,7 @@ def test_resolve_layer_hp_applies_the_override_and_the_half_precision_default():
         "factor_decay": 0.95,
         "factor_update_period": 1,
         "inverse_update_period": 10,
+        "eigenbasis_tolerance": 0.0,
         "kfac_approx": "expand",
         "inversion": "eigen",
         "preconditioner": "kfac",

@@ -309,7 +309,13 @@ def test_factor_and_inverse_periods():
     train(model, opt, 6)
     state = opt.state[model[0].weight]
     assert state["factor_updates"] == 3  # steps 0, 2, 4
-    assert state["inverse_updates"] == 2  # steps 0, 3
+    # inverses staggered (kfac_tn.optim.schedule): the costliest layer (the grouped conv) on
+    # phase 0, the others on 1 and 2; every layer at step 0 (no inverse yet), then each period
+    phases = opt.schedule.phases({b.name: 3 for b in opt.blocks})
+    assert phases == {"3": 0, "0": 1, "6": 2}
+    for block in opt.blocks:
+        steps = [0] + [t for t in range(1, 6) if (t + phases[block.name]) % 3 == 0]
+        assert opt.state[block.weight]["inverse_updates"] == len(steps)
     assert opt.stats["steps"] == 6
 
 
@@ -404,6 +410,11 @@ def test_stats_counters():
         "failed_inversions": 0,
         "invalid_factors": 0,
         "damping_adaptations": 1,
+        "eigh_decompositions": 16,  # per matrix: 2 updates x (2 + 2 + 4: the grouped conv)
+        "warm_decompositions": 0,
+        "qr_decompositions": 0,
+        "cholesky_decompositions": 0,
+        "offloaded_decompositions": 0,
         "kfac_layers": 3,
         "damping": [opt.param_groups[0]["damping"]],
         "rho": opt.state["kfac"]["rho"],
