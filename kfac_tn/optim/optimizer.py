@@ -201,7 +201,7 @@ class KFAC(torch.optim.Optimizer):
         factor_decay: float = 0.95,
         factor_update_period: int | None = None,
         inverse_update_period: int | None = None,
-        curvature_budget: float | None = None,
+        curvature_budget: float | None = 0.25,
         eigenbasis_tolerance: float = 0.0,
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
