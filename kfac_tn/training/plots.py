@@ -96,7 +96,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
 
 
 def plot_run(run_dir: str | Path, out: str | Path) -> Path:
-    """Plot one run's training/test loss and accuracy per epoch.
+    """Plot one run's training/test loss and accuracy per epoch (and KFAC's damping).
 
     Args:
         run_dir: run directory.
@@ -106,8 +106,10 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
         The PNG path.
     """
     label, rows = load_run(run_dir)
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    tuned = any(row.get("damping") is not None for row in rows)
+    fig = Figure(figsize=(15 if tuned else 10, 4), layout="constrained")
+    axes = fig.subplots(1, 3 if tuned else 2)
+    ax_loss, ax_acc = axes[0], axes[1]
     for key in ("train_loss", "test_loss"):
         ax_loss.plot(*_series(rows, "epoch", key), marker="o", markersize=3, label=key)
     ax_loss.set_yscale("log")
@@ -123,8 +125,20 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
+    if tuned:
+        _plot_damping(axes[2], rows)
     fig.suptitle(label)
     return _save(fig, out)
+
+
+def _plot_damping(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """KFAC's adapted damping per epoch (log scale)."""
+    ax.plot(*_series(rows, "epoch", "damping"), marker="o", markersize=3, label="damping")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("damping (end of epoch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def summarize_runs(run_dirs: Sequence[str | Path], target: float | None = None) -> str:

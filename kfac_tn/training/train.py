@@ -5,7 +5,9 @@ Per run directory (``out_dir/run_name``, rank 0 only):
 - ``config.yaml`` -- the resolved config (every key, defaults included),
 - ``metrics.jsonl`` -- one JSON row per epoch: ``epoch, train_loss, train_acc, test_loss,
   test_acc, wall_clock_s, lr, images_per_s, max_memory_mib`` (accuracies are ``null`` for
-  reconstruction; peak CUDA memory of the epoch on this rank, ``null`` on CPU),
+  reconstruction; peak CUDA memory of the epoch on this rank, ``null`` on CPU), and with KFAC
+  ``damping`` (the first param group's, at the end of the epoch), ``rho`` (the last reduction
+  ratio), ``step_scale`` (the last quadratic-model step scale) and ``skipped_steps``,
 - ``checkpoint.pt`` -- model, optimizer (all KFAC state), scheduler, GradScaler, RNG states, epoch,
   metrics so far; written atomically every ``checkpoint_period`` epochs and at the end,
 - ``curves.png`` -- loss/accuracy curves, ``train.log`` -- the log.
@@ -26,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -614,6 +617,7 @@ class Run:
             "max_memory_mib": (
                 torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             ),
+            **self_tuning_metrics(self.optimizer),
         }
 
     def train_epoch(self, epoch: int) -> dict[str, float | None]:
@@ -787,3 +791,25 @@ def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def self_tuning_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float | int | None]:
+    """KFAC's self-tuning values for a metrics row (``{}`` for other optimizers).
+
+    Args:
+        optimizer: The run's optimizer.
+
+    Returns:
+        ``damping`` (first param group), ``rho``, ``step_scale`` and ``skipped_steps``; a
+        non-finite ``rho`` (no adaptation yet) is ``None`` so that the row stays valid JSON.
+    """
+    if not isinstance(optimizer, KFAC):
+        return {}
+    stats = optimizer.stats
+    rho = float(stats["rho"])
+    return {
+        "damping": float(stats["damping"][0]),
+        "rho": rho if math.isfinite(rho) else None,
+        "step_scale": float(stats["step_scale"]),
+        "skipped_steps": int(stats["skipped_steps"]),
+    }

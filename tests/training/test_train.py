@@ -24,6 +24,7 @@ ROW_KEYS = {
     "images_per_s",
     "max_memory_mib",
 }
+KFAC_ROW_KEYS = {"damping", "rho", "step_scale", "skipped_steps"}  # self-tuning, KFAC runs only
 
 # tiny but real: a subset of the digits, few batches
 TINY_DIGITS = [
@@ -182,8 +183,10 @@ def test_run_directory_contents(tmp_path):
     rows = read_metrics(run)
     assert rows == result.metrics and [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
-        assert set(row) == ROW_KEYS
+        assert set(row) == ROW_KEYS | KFAC_ROW_KEYS
         assert all(math.isfinite(row[k]) for k in ROW_KEYS - {"max_memory_mib"})
+        assert row["damping"] >= cfg.optimizer.damping and 0 < row["step_scale"] <= 1
+        assert row["skipped_steps"] == 0 and math.isfinite(row["rho"])
         assert row["max_memory_mib"] is None  # CPU run
         assert 0 <= row["test_acc"] <= 1 and row["images_per_s"] > 0
     assert rows[1]["wall_clock_s"] > rows[0]["wall_clock_s"]
@@ -426,3 +429,9 @@ def test_build_optimizer_passes_every_kfac_key():
     assert (opt.defaults["preconditioner"], opt.defaults["norm_block"]) == ("ekfac", "diagonal")
     assert opt.defaults["damping"] == 0.3
     assert [b.name for b in opt.blocks] == ["0", "1"]
+
+
+def test_metrics_of_other_optimizers_have_no_self_tuning_keys(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "epochs=1", "run_name=s", "optimizer=sgd"))
+    rows = train(cfg).metrics
+    assert set(rows[0]) == ROW_KEYS
