@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -151,6 +152,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         ("device", "device"),
     ):
         value = getattr(ns, flag)
+        if isinstance(value, str):  # a string flag is taken as it is, never YAML-typed
+            value = json.dumps(value)  # (`--run-name ''` stays '', `--run-name 'a: b'` a string)
         if value is not None:
             overrides.append(f"{key}={value}")
     if ns.quiet:

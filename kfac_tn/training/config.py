@@ -780,11 +780,32 @@ def _schedule_errors(s: ScheduleConfig) -> list[str]:
 
 def _run_errors(cfg: TrainConfig) -> list[str]:
     errors = _range_errors(cfg, "")
+    if cfg.run_name is not None and not is_path_component(cfg.run_name):
+        errors.append(
+            f"run_name: {cfg.run_name!r} is not a single directory name; allowed: null or a "
+            f"name without a slash, backslash or NUL that is not '', '.' or '..' (the run "
+            f"directory is out_dir/run_name)"
+        )
     if not _valid_device(cfg.device):
         errors.append(
             f"device: {cfg.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"
         )
     return errors
+
+
+def is_path_component(name: str) -> bool:
+    """Whether ``name`` is one path component: a run name cannot leave ``out_dir``.
+
+    Args:
+        name: The candidate directory name.
+
+    Returns:
+        ``False`` for ``''``, ``'.'``, ``'..'`` and anything with a path separator (a slash or
+        a backslash) or a NUL byte, so that ``out_dir / name`` is a direct child of ``out_dir``.
+    """
+    if name in ("", ".", "..") or "\x00" in name:
+        return False
+    return not any(sep in name for sep in ("/", "\\"))
 
 
 def _valid_device(device: str) -> bool:

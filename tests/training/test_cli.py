@@ -347,3 +347,35 @@ def test_console_main_exit_status(status, monkeypatch):
         with pytest.raises(SystemExit) as info:
             cli.console_main()
         assert info.value.code == status
+
+
+# --- hardening (#10 §2) ---------------------------------------------------------------------------
+
+ESCAPING_RUN_NAMES = [
+    ("parent", ["--run-name", "../victim"], "'../victim'"),
+    ("absolute", ["--run-name", "{victim}"], "is not a single directory name"),
+    ("nested", ["--run-name", "a/b"], "'a/b'"),
+    ("dot", ["--run-name", "."], "'.'"),
+    ("dotdot", ["run_name=.."], "'..'"),
+    ("empty_flag", ["--run-name", ""], "run_name: ''"),
+    ("yaml_parent", ["{yaml}"], "'../victim'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"), [c[1:] for c in ESCAPING_RUN_NAMES], ids=[c[0] for c in ESCAPING_RUN_NAMES]
+)
+def test_run_name_cannot_leave_out_dir(args, shown, tmp_path, capsys):
+    """`--run-name ../victim` (or in YAML) is refused before anything is written."""
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.yaml").write_text("precious\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("run_name: ../victim\n")
+    args = [a.format(victim=victim, yaml=config) for a in args]
+    tiny = ["data.train_subset=32", "data.test_subset=32", "--epochs", "1"]  # if it ran anyway
+    assert main(["train", *args, *tiny, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run_name: " in err and shown in err and "allowed: null or a name" in err
+    assert (victim / "config.yaml").read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "victim"]  # no out/ either

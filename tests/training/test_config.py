@@ -504,3 +504,24 @@ def test_other_groups_and_bad_group_names():
         load_config(None, ["optimizer=lbfgs"])
     with pytest.raises(ConfigError, match="sampled_backprop: 'spatial' is not a mapping"):
         load_config(None, ["sampled_backprop=spatial"])  # no name: not a group
+
+
+# --- hardening (#10 §2): run names, non-finite values, overrides, YAML files -------------------
+
+BAD_RUN_NAMES = [
+    ("parent", "../victim"),
+    ("absolute", "/abs/path"),
+    ("nested", "a/b"),
+    ("dot", "."),
+    ("dotdot", ".."),
+    ("empty", ""),
+    ("backslash", "a\\b"),
+]
+
+
+@pytest.mark.parametrize("name", [c[1] for c in BAD_RUN_NAMES], ids=[c[0] for c in BAD_RUN_NAMES])
+def test_run_name_is_one_path_component(name):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"run_name": name})
+    text = str(info.value)
+    assert f"run_name: {name!r} is not a single directory name; allowed: null or a name" in text
