@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -444,10 +445,22 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         converted = _SCALARS[tp](value)
         if converted is None:
             errors.append(f"{key}: {value!r} is not {_SCALAR_NAMES[tp]}")
+        elif tp is float and not math.isfinite(converted):  # every float key, rule or not
+            errors.append(f"{key}: {value!r} is not finite; allowed: {_allowed_number(key)}")
+            return None
         return converted
     if origin in (list, tuple, dict):
         return _to_container(value, tp, key, errors)
     raise TypeError(f"unsupported schema type {tp}")  # pragma: no cover - schema bug
+
+
+def _allowed_number(key: str) -> str:
+    """Return what a float key allows: its range rule's text, else ``'a finite float'``."""
+    section, _, name = key.rpartition(".")
+    rule = _range_rule(section.split(".")[0], name)
+    if rule is None and "layer_settings" in section:
+        rule = _range_rule("optimizer", name)
+    return rule.allowed if rule is not None else "a finite float"
 
 
 def _to_choice(value: Any, tp: type[enum.Enum], key: str, errors: list[str]) -> Any:
@@ -528,7 +541,11 @@ def _dataclass_from_mapping(
         if k not in hints:
             errors.append(f"{key}: unknown key; allowed keys: {names}")
             continue
-        kwargs[k] = _convert(v, hints[k], key, errors)
+        count = len(errors)
+        value = _convert(v, hints[k], key, errors)
+        if len(errors) == count or dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = value  # a key that failed to convert keeps its (valid) default, so the
+            # range checks still run on every other key without reporting this one again
     obj = cls()
     for k, v in kwargs.items():
         setattr(obj, k, v)
@@ -694,7 +711,9 @@ def _data_path_errors(d: DataConfig) -> list[str]:
 def _optimizer_errors(o: OptimizerConfig, raw: Any) -> list[str]:
     """Keys that do not apply to ``o.name``, then the values the rules reject."""
     errors: list[str] = []
-    if isinstance(raw, Mapping):  # only keys that apply to the chosen optimizer may be set
+    name = raw.get("name", o.name.value) if isinstance(raw, Mapping) else o.name.value
+    name_ok = name in [m.value for m in OptimizerName]  # else: already a choice error
+    if isinstance(raw, Mapping) and name_ok:  # only keys of the chosen optimizer may be set
         allowed = OPTIMIZER_KEYS[o.name]
         errors.extend(
             f"optimizer.{k}: does not apply to optimizer.name {o.name.value!r}; "
@@ -859,8 +878,7 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> TrainConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: {raw!r} is not a mapping of TrainConfig keys")
     cfg = _dataclass_from_mapping(TrainConfig, raw, "", errors)
-    if not errors:
-        errors.extend(_semantic_errors(cfg, raw))
+    errors.extend(_semantic_errors(cfg, raw))  # type errors do not hide range errors
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg

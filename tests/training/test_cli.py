@@ -86,6 +86,11 @@ BAD_CLI = [
     ("bad_override", ["train", "=3"], "is not of the form dotted.key=value"),
     ("compare_not_a_run", ["compare", "."], "has no metrics.jsonl"),
     ("threads", ["train", "--threads", "0"], "--threads: 0 is out of range"),
+    ("sgd_inf_lr", ["train", "optimizer=sgd", "optimizer.lr=.inf"], "optimizer.lr: inf is not"),
+    ("inf_width", ["train", "model.width=.inf"], "model.width: inf is not finite; allowed: > 0"),
+    ("inf_timeout", ["train", "dist_timeout_s=.inf"], "dist_timeout_s: inf is not finite"),
+    ("nan_damping", ["train", "optimizer.damping=.nan"], "optimizer.damping: nan is not finite"),
+    ("type_and_range", ["train", "epochs=abc", "batch_size=0"], "batch_size: 0 is out of range"),
     (
         "override_after_option",
         ["train", "--epochs", "2", "optimizer.kfac_approx=x"],

@@ -525,3 +525,86 @@ def test_run_name_is_one_path_component(name):
         config_from_dict({"run_name": name})
     text = str(info.value)
     assert f"run_name: {name!r} is not a single directory name; allowed: null or a name" in text
+
+
+def _numeric_keys(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """Every dotted key of the schema whose type involves float or int (found, not listed)."""
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_keys(tp, f"{prefix}{f.name}.")
+        elif re.search(r"\b(float|int)\b", str(tp)):
+            out.append((f"{prefix}{f.name}", tp))
+    return out
+
+
+NUMERIC_KEYS = [k for k, _ in _numeric_keys()]
+NON_FINITE = [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")]
+
+
+def _override(key: str, text: str) -> list[str]:
+    """``key=text``, behind an optimizer.name that takes ``key``; containers get one element."""
+    tp = dict(_numeric_keys())[key]
+    value = f"[{text}, 0.5]" if "tuple" in str(tp) else f"[{text}]" if "list" in str(tp) else text
+    pre = []
+    if key.startswith("optimizer."):
+        name = next(n for n, keys in OPTIMIZER_KEYS.items() if key.split(".")[1] in keys)
+        pre = [f"optimizer.name={name.value}"]
+    return [*pre, f"{key}={value}"]
+
+
+def test_numeric_keys_are_found():
+    assert {"optimizer.lr", "model.width", "dist_timeout_s", "optimizer.betas"} <= set(NUMERIC_KEYS)
+    assert {"optimizer.bucket_cap_mb", "schedule.milestones", "epochs"} <= set(NUMERIC_KEYS)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+def test_non_finite_values_are_rejected_for_every_numeric_key(key):
+    """`.inf`/`-.inf`/`.nan` never pass: float keys say 'not finite', int keys 'not an int'."""
+    tp = str(dict(_numeric_keys())[key])
+    reason = "is not finite; allowed: " if "float" in tp else "is not an int"
+    for text, shown in NON_FINITE:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, _override(key, text))
+        lines = str(info.value).splitlines()[1:]
+        assert len(lines) == 1, lines  # reported once, by the type check
+        assert lines[0].strip().startswith(key) and f": {shown} {reason}" in lines[0], lines
+
+
+TYPE_AND_RANGE = [
+    (
+        "int_and_int",
+        ["epochs=abc", "batch_size=0"],
+        ["epochs: 'abc' is not an int", "batch_size: 0"],
+    ),
+    (
+        "float_and_float",
+        ["optimizer.lr=abc", "optimizer.damping=0"],
+        ["optimizer.lr: 'abc' is not a float", "optimizer.damping: 0.0 is out of range"],
+    ),
+    (
+        "list_and_section",
+        ["schedule.milestones=[1, x]", "schedule.gamma=2"],
+        ["schedule.milestones[1]: 'x' is not an int", "schedule.gamma: 2.0 is out of range"],
+    ),
+    (
+        "choice_and_range",
+        ["optimizer.name=bogus", "epochs=0"],
+        ["optimizer.name: 'bogus' is not one of", "epochs: 0 is out of range"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [c[1:] for c in TYPE_AND_RANGE], ids=[c[0] for c in TYPE_AND_RANGE]
+)
+def test_type_errors_do_not_hide_range_errors(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == len(expected), lines  # each problem once, nothing invented
+    for line, text in zip(lines, expected):
+        assert text in line
