@@ -51,6 +51,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataName",
+    "DuplicateKeyError",
     "GROUPS",
     "Distributed",
     "ModelConfig",
@@ -69,6 +70,8 @@ __all__ = [
     "kfac_arguments",
     "load_config",
     "parse_override",
+    "read_yaml",
+    "safe_load_yaml",
     "save_config",
 ]
 
@@ -901,7 +904,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override: {text!r} is not of the form dotted.key=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {value!r} is not valid YAML ({exc})") from exc
     return key.split("."), parsed
@@ -964,8 +967,55 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names a key twice (``yaml.safe_load`` would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Construct a mapping like ``SafeLoader``, after checking that no key repeats.
+
+        Raises:
+            DuplicateKeyError: ``line N: duplicate key 'k' (first on line M)``.
+        """
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` may be overridden explicitly
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(
+                    f"line {line}: duplicate key {key!r} (first on line {first})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load`` (no code execution), refusing duplicate keys.
+
+    Args:
+        text: The YAML document.
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        DuplicateKeyError: if a mapping repeats a key (naming it and both lines).
+        yaml.YAMLError: if ``text`` is not valid YAML.
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load`` (no code execution).
+    """Read a YAML mapping safely (no code execution; a repeated key is an error).
 
     Args:
         path: The YAML file.
@@ -974,13 +1024,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         Its mapping (``{}`` for an empty file).
 
     Raises:
-        ConfigError: if the file is missing, not valid YAML or not a mapping.
+        ConfigError: if the file is missing, unreadable, not UTF-8 (naming the line), not valid
+            YAML, repeats a key (naming it and its lines) or is not a mapping.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: {str(path)!r} is not an existing file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config: {str(path)!r} cannot be read ({exc.strerror})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config: {str(path)!r} line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; "
+            f"allowed: a UTF-8 text file"
+        ) from exc
+    try:
+        raw = safe_load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config: {str(path)!r} {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {str(path)!r} is not valid YAML ({exc})") from exc
     if raw is None:

@@ -238,11 +238,16 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
     Returns:
         The rows of ``run_dir/metrics.jsonl``, one dict per epoch (``[]`` if there is none).
+
+    Raises:
+        ValueError: naming the file and line of a truncated or corrupt row.
     """
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from kfac_tn.training.plots import read_rows
+
+    return read_rows(path)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -384,3 +384,22 @@ def test_run_name_cannot_leave_out_dir(args, shown, tmp_path, capsys):
     assert "run_name: " in err and shown in err and "allowed: null or a name" in err
     assert (victim / "config.yaml").read_text() == "precious\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "victim"]  # no out/ either
+
+
+BAD_METRICS = [
+    ("truncated", b'{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "test_', "line 2: not valid JSON"),
+    ("not_an_object", b'{"epoch": 1}\n[1, 2]\n', "line 2: '[1, 2]' is not a JSON object"),
+    ("not_utf8", b'{"epoch": 1}\n\n{"epoch": "\xff"}\n', "line 3: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [c[1:] for c in BAD_METRICS], ids=[c[0] for c in BAD_METRICS]
+)
+def test_compare_names_file_and_line_of_a_corrupt_metrics_file(content, message, tmp_path, capsys):
+    run = fake_run(tmp_path / "r", [0.5], [1.0])
+    (run / "metrics.jsonl").write_bytes(content)
+    assert main(["compare", str(run), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"metrics: {str(run / 'metrics.jsonl')!r} {message}" in err
+    assert not (tmp_path / "c.png").exists()

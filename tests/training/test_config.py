@@ -608,3 +608,46 @@ def test_type_errors_do_not_hide_range_errors(overrides, expected):
     assert len(lines) == len(expected), lines  # each problem once, nothing invented
     for line, text in zip(lines, expected):
         assert text in line
+
+
+BAD_YAML_FILES = [
+    (
+        "duplicate_top_level",
+        b"epochs: 2\nseed: 1\nepochs: 3\n",
+        "line 3: duplicate key 'epochs' (first on line 1)",
+    ),
+    (
+        "duplicate_in_section",
+        b"optimizer:\n  lr: 0.1\n  damping: 0.01\n  lr: 0.2\n",
+        "line 4: duplicate key 'lr' (first on line 2)",
+    ),
+    (
+        "duplicate_in_flow_mapping",
+        b"optimizer: {layer_settings: {fc: skip, fc: {damping: 0.1}}}\n",
+        "line 1: duplicate key 'fc' (first on line 1)",
+    ),
+    ("latin1", b"epochs: 2\nrun_name: caf\xe9\n", "line 2: byte 0xe9 is not UTF-8"),
+    ("binary", b"\xff\xfe\x00\x01", "line 1: byte 0xff is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [c[1:] for c in BAD_YAML_FILES], ids=[c[0] for c in BAD_YAML_FILES]
+)
+def test_yaml_file_errors_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config: {str(path)!r} {message}")
+
+
+def test_yaml_merge_key_may_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.1, momentum: 0.5}\noptimizer:\n  <<: *b\n  lr: 0.2\n")
+    assert read_yaml(path)["optimizer"] == {"lr": 0.2, "momentum": 0.5}
+
+
+def test_duplicate_key_in_an_override_value():
+    with pytest.raises(ConfigError, match="duplicate key 'fc'"):
+        parse_override("optimizer.layer_settings={fc: skip, fc: skip}")
