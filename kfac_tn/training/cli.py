@@ -26,8 +26,12 @@ examples:
   torchrun --nproc-per-node 2 -m kfac_tn train configs/digits_kfac.yaml distributed=ddp
 
 Overrides are dotted keys with YAML-typed values (optimizer.lr=0.1, schedule.milestones=[30,60],
-optimizer.kl_clip=null), applied left to right. Keys below optimizer.layer_settings keep their
-dots: optimizer.layer_settings.features.0=skip. `kfac-tn reference` lists every key.
+optimizer.kl_clip=null), applied left to right. `kfac-tn reference` lists every key.
+Layer overrides: optimizer.layer_settings.PATTERN=skip or optimizer.layer_settings.PATTERN.KEY=V
+(optimizer.layer_settings.conv1.damping=0.01); a pattern with dots or wildcards goes in brackets,
+quoted for the shell: 'optimizer.layer_settings[layer1.0.conv1].damping=0.01',
+'optimizer.layer_settings[features.*]=skip', or give the mapping as JSON:
+optimizer.layer_settings='{"layer1.0.conv1": {"damping": 0.01}}'.
 Config groups: SECTION=NAME (optimizer, model, data, schedule) replaces the whole section by NAME
 with every other key at its default, e.g. optimizer=adam gives Adam with its documented defaults;
 later overrides refine it (optimizer=adam optimizer.lr=1e-3). optimizer.name=adam changes only

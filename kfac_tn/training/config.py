@@ -890,31 +890,80 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> TrainConfig:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``dotted.key=value`` into its key path and YAML-typed value.
 
+    A part of the key may be written in brackets, ``name[part]``: ``part`` is then taken whole,
+    dots included (one pair of enclosing quotes is dropped, brackets inside must balance). This
+    is how a ``layer_settings`` pattern with dots is written:
+    ``optimizer.layer_settings[layer1.0.conv1].damping=0.01``.
+
     Args:
         text: e.g. ``optimizer.lr=0.1``, ``data.root=/data``, ``schedule.milestones=[30, 60]``.
 
     Returns:
-        ``(["optimizer", "lr"], 0.1)``.
+        ``(["optimizer", "lr"], 0.1)``; ``(["optimizer", "layer_settings", "layer1.0.conv1",
+        "damping"], 0.01)`` for the bracket example.
 
     Raises:
-        ConfigError: if there is no ``=`` or the key is empty.
+        ConfigError: if there is no ``=``, the key is empty or has an empty or unbalanced part.
     """
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override: {text!r} is not of the form dotted.key=value")
+    path = _split_key(key) if sep else None
+    if not path:
+        raise ConfigError(
+            f"override: {text!r} is not of the form dotted.key=value (a part with dots goes in "
+            f"brackets: optimizer.layer_settings[layer1.0.conv1].damping=0.01)"
+        )
     try:
         parsed = safe_load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {value!r} is not valid YAML ({exc})") from exc
-    return key.split("."), parsed
+    return path, parsed
+
+
+def _split_key(key: str) -> list[str] | None:
+    """Split ``a.b[c.d].e`` into ``["a", "b", "c.d", "e"]``; ``None`` if malformed."""
+    parts: list[str] = []
+    i, n = 0, len(key)
+    while i < n:
+        j = i
+        while j < n and key[j] not in ".[]":
+            j += 1
+        if j == i:
+            return None  # an empty part: "a..b", ".a", "a.", "[x]"
+        parts.append(key[i:j])
+        while j < n and key[j] == "[":
+            depth, k = 0, j
+            while k < n:
+                depth += {"[": 1, "]": -1}.get(key[k], 0)
+                if depth == 0:
+                    break
+                k += 1
+            inner = key[j + 1 : k]
+            if k == n or not inner.strip("'\""):
+                return None  # unbalanced or empty brackets
+            if len(inner) >= 2 and inner[0] == inner[-1] and inner[0] in "'\"":
+                inner = inner[1:-1]
+            parts.append(inner)
+            j = k + 1
+        if j < n and key[j] != ".":
+            return None  # "a]b"
+        i = j + 1
+        if j == n - 1:
+            return None  # a trailing dot
+    return parts
 
 
 def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides, left to right, to a nested mapping (a copy).
 
-    Keys below a mapping-valued field (``optimizer.layer_settings``) keep their dots, so
-    ``optimizer.layer_settings.features.0=skip`` sets the pattern ``"features.0"``.
+    Below ``optimizer.layer_settings`` (the one mapping-valued key) an override names a
+    pattern and optionally one of its keys: ``optimizer.layer_settings.conv1=skip`` sets the
+    entry of pattern ``conv1``, ``optimizer.layer_settings.conv1.damping=0.01`` its ``damping``
+    (kept with the entry's other keys). A pattern with dots goes in brackets:
+    ``optimizer.layer_settings[layer1.0.conv1].damping=0.01``,
+    ``optimizer.layer_settings[features.*]=skip``; a bare dotted pattern
+    (``optimizer.layer_settings.features.0=skip``) is refused rather than guessed at. The whole
+    mapping can also be given as YAML/JSON: ``optimizer.layer_settings='{"fc*": "skip"}'``.
 
     A section that has a ``name`` (:data:`GROUPS`: ``model``, ``data``, ``optimizer``,
     ``schedule``) set to a name selects a config group: ``optimizer=adam`` replaces the whole
@@ -928,6 +977,10 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
 
     Returns:
         A new nested dict; unknown keys are left for :func:`config_from_dict` to reject.
+
+    Raises:
+        ConfigError: on a malformed override or a ``layer_settings`` key path that is not
+            ``PATTERN`` or ``PATTERN.KEY``.
     """
     out = _deep_copy(raw or {})
     for text in overrides:
@@ -944,13 +997,37 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
                 sub = {}
                 node[part] = sub
             if tp is not None and _is_mapping_type(tp):
-                sub[".".join(path[i + 1 :])] = value
+                _set_entry(sub, path[: i + 1], path[i + 1 :], value, text)
                 break
             node = sub
             cls = tp
         else:
             node[path[-1]] = value
     return out
+
+
+def _set_entry(
+    mapping: dict[str, Any], head: list[str], rest: list[str], value: Any, text: str
+) -> None:
+    """Set ``PATTERN`` or ``PATTERN.KEY`` (``rest``) below the mapping-valued key ``head``."""
+    where = ".".join(head)
+    if len(rest) == 2 and rest[1] not in KFAC_LAYER_KEYS and "." not in rest[0]:
+        raise ConfigError(
+            f"{where}: override {text!r} sets key {rest[1]!r} of pattern {rest[0]!r}, which is "
+            f"not a key; allowed keys: {list(KFAC_LAYER_KEYS)}. A pattern with dots goes in "
+            f"brackets: {where}[{'.'.join(rest)}]=..."
+        )
+    if len(rest) > 2:
+        raise ConfigError(
+            f"{where}: override {text!r} is ambiguous; allowed: {where}.PATTERN=VALUE or "
+            f"{where}.PATTERN.KEY=VALUE, with a dotted pattern in brackets: "
+            f"{where}[{'.'.join(rest[:-1])}].{rest[-1]}=..."
+        )
+    if len(rest) == 1:
+        mapping[rest[0]] = value
+        return
+    entry = mapping.get(rest[0])
+    mapping[rest[0]] = {**(entry if isinstance(entry, dict) else {}), rest[1]: value}
 
 
 def _is_mapping_type(tp: Any) -> bool:

@@ -403,3 +403,11 @@ def test_compare_names_file_and_line_of_a_corrupt_metrics_file(content, message,
     err = capsys.readouterr().err
     assert f"metrics: {str(run / 'metrics.jsonl')!r} {message}" in err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_help_documents_layer_override_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "optimizer.layer_settings.conv1.damping=0.01" in text
+    assert "'optimizer.layer_settings[layer1.0.conv1].damping=0.01'" in text

@@ -235,8 +235,8 @@ OVERRIDES = [
     ("yaml_off_is_not_false", "distributed=off", ("distributed",), "off"),
     ("numeric_name_is_text", "run_name=2024", ("run_name",), "2024"),
     (
-        "dotted_layer_pattern",
-        "optimizer.layer_settings.features.0=skip",
+        "bracketed_layer_pattern",
+        "optimizer.layer_settings[features.0]=skip",
         ("optimizer", "layer_settings"),
         {"features.0": "skip"},
     ),
@@ -651,3 +651,101 @@ def test_yaml_merge_key_may_be_overridden(tmp_path):
 def test_duplicate_key_in_an_override_value():
     with pytest.raises(ConfigError, match="duplicate key 'fc'"):
         parse_override("optimizer.layer_settings={fc: skip, fc: skip}")
+
+
+LAYER_OVERRIDES = [
+    ("pattern_key", ["optimizer.layer_settings.conv1.damping=0.01"], {"conv1": {"damping": 0.01}}),
+    ("pattern_skip", ["optimizer.layer_settings.fc=skip"], {"fc": "skip"}),
+    (
+        "keys_accumulate",
+        [
+            "optimizer.layer_settings.conv1.damping=0.01",
+            "optimizer.layer_settings.conv1.inversion=cholesky",
+        ],
+        {"conv1": {"damping": 0.01, "inversion": "cholesky"}},
+    ),
+    (
+        "bracketed_dotted_pattern",
+        ["optimizer.layer_settings[layer1.0.conv1].damping=0.01"],
+        {"layer1.0.conv1": {"damping": 0.01}},
+    ),
+    (
+        "quoted_as_in_messages",
+        ["optimizer.layer_settings['layer1.0.conv1'].damping=0.01"],
+        {"layer1.0.conv1": {"damping": 0.01}},
+    ),
+    (
+        "bracketed_char_class",
+        ["optimizer.layer_settings[layer[12].*]=skip"],
+        {"layer[12].*": "skip"},
+    ),
+    (
+        "json_mapping",
+        ['optimizer.layer_settings={"layer1.0.conv1": {"damping": 0.01}}'],
+        {"layer1.0.conv1": {"damping": 0.01}},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [c[1:] for c in LAYER_OVERRIDES],
+    ids=[c[0] for c in LAYER_OVERRIDES],
+)
+def test_layer_settings_override_forms(overrides, expected):
+    assert load_config(None, overrides).optimizer.layer_settings == expected
+
+
+BAD_LAYER_OVERRIDES = [
+    ("zero_damping", "optimizer.layer_settings.conv1.damping=0", "damping", "0"),
+    ("negative_damping", "optimizer.layer_settings[layer1.0.conv1].damping=-1", "damping", "-1"),
+    ("inf_damping", "optimizer.layer_settings.conv1.damping=.inf", "damping", ".inf"),
+    ("decay_one", "optimizer.layer_settings.conv1.factor_decay=1", "factor_decay", "1"),
+    (
+        "period_zero",
+        "optimizer.layer_settings.fc.inverse_update_period=0",
+        "inverse_update_period",
+        "0",
+    ),
+    ("bad_choice", "optimizer.layer_settings.fc.inversion=svd", "inversion", "svd"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [c[1:] for c in BAD_LAYER_OVERRIDES],
+    ids=[c[0] for c in BAD_LAYER_OVERRIDES],
+)
+def test_layer_settings_values_get_the_top_level_message(override, key, value):
+    """A layer override is checked by the optimizer's rule, with the top-level key's message."""
+    pattern = parse_override(override)[0][2]
+    with pytest.raises(ConfigError) as layer:
+        load_config(None, [override])
+    with pytest.raises(ConfigError) as top:
+        load_config(None, [f"optimizer.{key}={value}"])
+    top_line = str(top.value).splitlines()[1].strip()
+    assert top_line.startswith(f"optimizer.{key}: ")
+    expected = f"optimizer.layer_settings[{pattern!r}].{key}: " + top_line.split(": ", 1)[1]
+    assert str(layer.value).splitlines()[1:] == ["  " + expected]
+
+
+AMBIGUOUS_LAYER_OVERRIDES = [
+    ("dotted_pattern", "optimizer.layer_settings.features.0=skip", "[features.0]="),
+    (
+        "dotted_pattern_key",
+        "optimizer.layer_settings.layer1.0.conv1.damping=0.1",
+        "[layer1.0.conv1].damping=",
+    ),
+    ("unbalanced", "optimizer.layer_settings[layer1.0.conv1.damping=0.1", "dotted.key=value"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [c[1:] for c in AMBIGUOUS_LAYER_OVERRIDES],
+    ids=[c[0] for c in AMBIGUOUS_LAYER_OVERRIDES],
+)
+def test_dotted_layer_patterns_need_brackets(override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert hint in str(info.value) and repr(override) in str(info.value)
