@@ -86,7 +86,11 @@ def _add_train_parser(sub: Any) -> None:
     tr.add_argument("--run-name", metavar="NAME", help="run directory name (= run_name=NAME)")
     tr.add_argument("--device", metavar="D", help="auto | cpu | cuda | cuda:N (= device=D)")
     tr.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint; given a folder of runs (the --out "
+        "folder), the run with the newest checkpoint.pt (logged; an error lists the runs if "
+        "none or a tie)",
     )
     tr.add_argument(
         "--stop-after",
@@ -146,7 +150,7 @@ def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from kfac_tn.training.config import load_config
-    from kfac_tn.training.train import CONFIG_NAME, train
+    from kfac_tn.training.train import CONFIG_NAME, resolve_resume_dir, train
 
     config_path, overrides = _split_args(ns.args)
     for flag, key in (
@@ -162,8 +166,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if ns.quiet:
         overrides.append("quiet=true")
-    if ns.resume is not None and config_path is None:
-        config_path = str(Path(ns.resume) / CONFIG_NAME)
+    if ns.resume is not None:  # a run directory, or a folder of them: the newest run
+        ns.resume = str(resolve_resume_dir(ns.resume))
+        if config_path is None:
+            config_path = str(Path(ns.resume) / CONFIG_NAME)
     cfg = load_config(config_path, overrides)
     if ns.threads is not None:
         if ns.threads < 1:
