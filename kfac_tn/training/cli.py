@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,8 +26,12 @@ examples:
   torchrun --nproc-per-node 2 -m kfac_tn train configs/digits_kfac.yaml distributed=ddp
 
 Overrides are dotted keys with YAML-typed values (optimizer.lr=0.1, schedule.milestones=[30,60],
-optimizer.kl_clip=null), applied left to right. Keys below optimizer.layer_settings keep their
-dots: optimizer.layer_settings.features.0=skip. `kfac-tn reference` lists every key.
+optimizer.kl_clip=null), applied left to right. `kfac-tn reference` lists every key.
+Layer overrides: optimizer.layer_settings.PATTERN=skip or optimizer.layer_settings.PATTERN.KEY=V
+(optimizer.layer_settings.conv1.damping=0.01); a pattern with dots or wildcards goes in brackets,
+quoted for the shell: 'optimizer.layer_settings[layer1.0.conv1].damping=0.01',
+'optimizer.layer_settings[features.*]=skip', or give the mapping as JSON:
+optimizer.layer_settings='{"layer1.0.conv1": {"damping": 0.01}}'.
 Config groups: SECTION=NAME (optimizer, model, data, schedule) replaces the whole section by NAME
 with every other key at its default, e.g. optimizer=adam gives Adam with its documented defaults;
 later overrides refine it (optimizer=adam optimizer.lr=1e-3). optimizer.name=adam changes only
@@ -81,7 +86,11 @@ def _add_train_parser(sub: Any) -> None:
     tr.add_argument("--run-name", metavar="NAME", help="run directory name (= run_name=NAME)")
     tr.add_argument("--device", metavar="D", help="auto | cpu | cuda | cuda:N (= device=D)")
     tr.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint; given a folder of runs (the --out "
+        "folder), the run with the newest checkpoint.pt (logged; an error lists the runs if "
+        "none or a tie)",
     )
     tr.add_argument(
         "--stop-after",
@@ -141,7 +150,7 @@ def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from kfac_tn.training.config import load_config
-    from kfac_tn.training.train import CONFIG_NAME, train
+    from kfac_tn.training.train import CONFIG_NAME, resolve_resume_dir, train
 
     config_path, overrides = _split_args(ns.args)
     for flag, key in (
@@ -151,12 +160,16 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         ("device", "device"),
     ):
         value = getattr(ns, flag)
+        if isinstance(value, str):  # a string flag is taken as it is, never YAML-typed
+            value = json.dumps(value)  # (`--run-name ''` stays '', `--run-name 'a: b'` a string)
         if value is not None:
             overrides.append(f"{key}={value}")
     if ns.quiet:
         overrides.append("quiet=true")
-    if ns.resume is not None and config_path is None:
-        config_path = str(Path(ns.resume) / CONFIG_NAME)
+    if ns.resume is not None:  # a run directory, or a folder of them: the newest run
+        ns.resume = str(resolve_resume_dir(ns.resume))
+        if config_path is None:
+            config_path = str(Path(ns.resume) / CONFIG_NAME)
     cfg = load_config(config_path, overrides)
     if ns.threads is not None:
         if ns.threads < 1:

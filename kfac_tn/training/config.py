@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataName",
+    "DuplicateKeyError",
     "GROUPS",
     "Distributed",
     "ModelConfig",
@@ -68,6 +70,8 @@ __all__ = [
     "kfac_arguments",
     "load_config",
     "parse_override",
+    "read_yaml",
+    "safe_load_yaml",
     "save_config",
 ]
 
@@ -444,10 +448,22 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         converted = _SCALARS[tp](value)
         if converted is None:
             errors.append(f"{key}: {value!r} is not {_SCALAR_NAMES[tp]}")
+        elif tp is float and not math.isfinite(converted):  # every float key, rule or not
+            errors.append(f"{key}: {value!r} is not finite; allowed: {_allowed_number(key)}")
+            return None
         return converted
     if origin in (list, tuple, dict):
         return _to_container(value, tp, key, errors)
     raise TypeError(f"unsupported schema type {tp}")  # pragma: no cover - schema bug
+
+
+def _allowed_number(key: str) -> str:
+    """Return what a float key allows: its range rule's text, else ``'a finite float'``."""
+    section, _, name = key.rpartition(".")
+    rule = _range_rule(section.split(".")[0], name)
+    if rule is None and "layer_settings" in section:
+        rule = _range_rule("optimizer", name)
+    return rule.allowed if rule is not None else "a finite float"
 
 
 def _to_choice(value: Any, tp: type[enum.Enum], key: str, errors: list[str]) -> Any:
@@ -528,7 +544,11 @@ def _dataclass_from_mapping(
         if k not in hints:
             errors.append(f"{key}: unknown key; allowed keys: {names}")
             continue
-        kwargs[k] = _convert(v, hints[k], key, errors)
+        count = len(errors)
+        value = _convert(v, hints[k], key, errors)
+        if len(errors) == count or dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = value  # a key that failed to convert keeps its (valid) default, so the
+            # range checks still run on every other key without reporting this one again
     obj = cls()
     for k, v in kwargs.items():
         setattr(obj, k, v)
@@ -694,7 +714,9 @@ def _data_path_errors(d: DataConfig) -> list[str]:
 def _optimizer_errors(o: OptimizerConfig, raw: Any) -> list[str]:
     """Keys that do not apply to ``o.name``, then the values the rules reject."""
     errors: list[str] = []
-    if isinstance(raw, Mapping):  # only keys that apply to the chosen optimizer may be set
+    name = raw.get("name", o.name.value) if isinstance(raw, Mapping) else o.name.value
+    name_ok = name in [m.value for m in OptimizerName]  # else: already a choice error
+    if isinstance(raw, Mapping) and name_ok:  # only keys of the chosen optimizer may be set
         allowed = OPTIMIZER_KEYS[o.name]
         errors.extend(
             f"optimizer.{k}: does not apply to optimizer.name {o.name.value!r}; "
@@ -780,11 +802,32 @@ def _schedule_errors(s: ScheduleConfig) -> list[str]:
 
 def _run_errors(cfg: TrainConfig) -> list[str]:
     errors = _range_errors(cfg, "")
+    if cfg.run_name is not None and not is_path_component(cfg.run_name):
+        errors.append(
+            f"run_name: {cfg.run_name!r} is not a single directory name; allowed: null or a "
+            f"name without a slash, backslash or NUL that is not '', '.' or '..' (the run "
+            f"directory is out_dir/run_name)"
+        )
     if not _valid_device(cfg.device):
         errors.append(
             f"device: {cfg.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']"
         )
     return errors
+
+
+def is_path_component(name: str) -> bool:
+    """Whether ``name`` is one path component: a run name cannot leave ``out_dir``.
+
+    Args:
+        name: The candidate directory name.
+
+    Returns:
+        ``False`` for ``''``, ``'.'``, ``'..'`` and anything with a path separator (a slash or
+        a backslash) or a NUL byte, so that ``out_dir / name`` is a direct child of ``out_dir``.
+    """
+    if name in ("", ".", "..") or "\x00" in name:
+        return False
+    return not any(sep in name for sep in ("/", "\\"))
 
 
 def _valid_device(device: str) -> bool:
@@ -838,8 +881,7 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> TrainConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: {raw!r} is not a mapping of TrainConfig keys")
     cfg = _dataclass_from_mapping(TrainConfig, raw, "", errors)
-    if not errors:
-        errors.extend(_semantic_errors(cfg, raw))
+    errors.extend(_semantic_errors(cfg, raw))  # type errors do not hide range errors
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
@@ -848,31 +890,80 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> TrainConfig:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``dotted.key=value`` into its key path and YAML-typed value.
 
+    A part of the key may be written in brackets, ``name[part]``: ``part`` is then taken whole,
+    dots included (one pair of enclosing quotes is dropped, brackets inside must balance). This
+    is how a ``layer_settings`` pattern with dots is written:
+    ``optimizer.layer_settings[layer1.0.conv1].damping=0.01``.
+
     Args:
         text: e.g. ``optimizer.lr=0.1``, ``data.root=/data``, ``schedule.milestones=[30, 60]``.
 
     Returns:
-        ``(["optimizer", "lr"], 0.1)``.
+        ``(["optimizer", "lr"], 0.1)``; ``(["optimizer", "layer_settings", "layer1.0.conv1",
+        "damping"], 0.01)`` for the bracket example.
 
     Raises:
-        ConfigError: if there is no ``=`` or the key is empty.
+        ConfigError: if there is no ``=``, the key is empty or has an empty or unbalanced part.
     """
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override: {text!r} is not of the form dotted.key=value")
+    path = _split_key(key) if sep else None
+    if not path:
+        raise ConfigError(
+            f"override: {text!r} is not of the form dotted.key=value (a part with dots goes in "
+            f"brackets: optimizer.layer_settings[layer1.0.conv1].damping=0.01)"
+        )
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {value!r} is not valid YAML ({exc})") from exc
-    return key.split("."), parsed
+    return path, parsed
+
+
+def _split_key(key: str) -> list[str] | None:
+    """Split ``a.b[c.d].e`` into ``["a", "b", "c.d", "e"]``; ``None`` if malformed."""
+    parts: list[str] = []
+    i, n = 0, len(key)
+    while i < n:
+        j = i
+        while j < n and key[j] not in ".[]":
+            j += 1
+        if j == i:
+            return None  # an empty part: "a..b", ".a", "a.", "[x]"
+        parts.append(key[i:j])
+        while j < n and key[j] == "[":
+            depth, k = 0, j
+            while k < n:
+                depth += {"[": 1, "]": -1}.get(key[k], 0)
+                if depth == 0:
+                    break
+                k += 1
+            inner = key[j + 1 : k]
+            if k == n or not inner.strip("'\""):
+                return None  # unbalanced or empty brackets
+            if len(inner) >= 2 and inner[0] == inner[-1] and inner[0] in "'\"":
+                inner = inner[1:-1]
+            parts.append(inner)
+            j = k + 1
+        if j < n and key[j] != ".":
+            return None  # "a]b"
+        i = j + 1
+        if j == n - 1:
+            return None  # a trailing dot
+    return parts
 
 
 def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides, left to right, to a nested mapping (a copy).
 
-    Keys below a mapping-valued field (``optimizer.layer_settings``) keep their dots, so
-    ``optimizer.layer_settings.features.0=skip`` sets the pattern ``"features.0"``.
+    Below ``optimizer.layer_settings`` (the one mapping-valued key) an override names a
+    pattern and optionally one of its keys: ``optimizer.layer_settings.conv1=skip`` sets the
+    entry of pattern ``conv1``, ``optimizer.layer_settings.conv1.damping=0.01`` its ``damping``
+    (kept with the entry's other keys). A pattern with dots goes in brackets:
+    ``optimizer.layer_settings[layer1.0.conv1].damping=0.01``,
+    ``optimizer.layer_settings[features.*]=skip``; a bare dotted pattern
+    (``optimizer.layer_settings.features.0=skip``) is refused rather than guessed at. The whole
+    mapping can also be given as YAML/JSON: ``optimizer.layer_settings='{"fc*": "skip"}'``.
 
     A section that has a ``name`` (:data:`GROUPS`: ``model``, ``data``, ``optimizer``,
     ``schedule``) set to a name selects a config group: ``optimizer=adam`` replaces the whole
@@ -886,6 +977,10 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
 
     Returns:
         A new nested dict; unknown keys are left for :func:`config_from_dict` to reject.
+
+    Raises:
+        ConfigError: on a malformed override or a ``layer_settings`` key path that is not
+            ``PATTERN`` or ``PATTERN.KEY``.
     """
     out = _deep_copy(raw or {})
     for text in overrides:
@@ -902,13 +997,37 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
                 sub = {}
                 node[part] = sub
             if tp is not None and _is_mapping_type(tp):
-                sub[".".join(path[i + 1 :])] = value
+                _set_entry(sub, path[: i + 1], path[i + 1 :], value, text)
                 break
             node = sub
             cls = tp
         else:
             node[path[-1]] = value
     return out
+
+
+def _set_entry(
+    mapping: dict[str, Any], head: list[str], rest: list[str], value: Any, text: str
+) -> None:
+    """Set ``PATTERN`` or ``PATTERN.KEY`` (``rest``) below the mapping-valued key ``head``."""
+    where = ".".join(head)
+    if len(rest) == 2 and rest[1] not in KFAC_LAYER_KEYS and "." not in rest[0]:
+        raise ConfigError(
+            f"{where}: override {text!r} sets key {rest[1]!r} of pattern {rest[0]!r}, which is "
+            f"not a key; allowed keys: {list(KFAC_LAYER_KEYS)}. A pattern with dots goes in "
+            f"brackets: {where}[{'.'.join(rest)}]=..."
+        )
+    if len(rest) > 2:
+        raise ConfigError(
+            f"{where}: override {text!r} is ambiguous; allowed: {where}.PATTERN=VALUE or "
+            f"{where}.PATTERN.KEY=VALUE, with a dotted pattern in brackets: "
+            f"{where}[{'.'.join(rest[:-1])}].{rest[-1]}=..."
+        )
+    if len(rest) == 1:
+        mapping[rest[0]] = value
+        return
+    entry = mapping.get(rest[0])
+    mapping[rest[0]] = {**(entry if isinstance(entry, dict) else {}), rest[1]: value}
 
 
 def _is_mapping_type(tp: Any) -> bool:
@@ -925,8 +1044,55 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names a key twice (``yaml.safe_load`` would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Construct a mapping like ``SafeLoader``, after checking that no key repeats.
+
+        Raises:
+            DuplicateKeyError: ``line N: duplicate key 'k' (first on line M)``.
+        """
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` may be overridden explicitly
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(
+                    f"line {line}: duplicate key {key!r} (first on line {first})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load`` (no code execution), refusing duplicate keys.
+
+    Args:
+        text: The YAML document.
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        DuplicateKeyError: if a mapping repeats a key (naming it and both lines).
+        yaml.YAMLError: if ``text`` is not valid YAML.
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load`` (no code execution).
+    """Read a YAML mapping safely (no code execution; a repeated key is an error).
 
     Args:
         path: The YAML file.
@@ -935,13 +1101,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         Its mapping (``{}`` for an empty file).
 
     Raises:
-        ConfigError: if the file is missing, not valid YAML or not a mapping.
+        ConfigError: if the file is missing, unreadable, not UTF-8 (naming the line), not valid
+            YAML, repeats a key (naming it and its lines) or is not a mapping.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: {str(path)!r} is not an existing file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config: {str(path)!r} cannot be read ({exc.strerror})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config: {str(path)!r} line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; "
+            f"allowed: a UTF-8 text file"
+        ) from exc
+    try:
+        raw = safe_load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config: {str(path)!r} {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {str(path)!r} is not valid YAML ({exc})") from exc
     if raw is None:

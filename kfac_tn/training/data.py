@@ -269,8 +269,14 @@ def _imagenet(cfg: DataConfig) -> DataBundle:
 
     root = Path(cfg.root).expanduser()
     size = cfg.image_size or 224
-    train = datasets.ImageFolder(str(root / "train"), _vision_transforms(cfg, size, True, True))
-    test = datasets.ImageFolder(str(root / "val"), _vision_transforms(cfg, size, False, True))
+    try:
+        train = datasets.ImageFolder(str(root / "train"), _vision_transforms(cfg, size, True, True))
+        test = datasets.ImageFolder(str(root / "val"), _vision_transforms(cfg, size, False, True))
+    except FileNotFoundError as exc:  # no class folder / no image in one
+        raise ValueError(
+            f"data.root: {cfg.root!r} is not an ImageFolder root with train/<class>/* and "
+            f"val/<class>/* images ({exc})"
+        ) from exc
     if train.classes != test.classes:
         raise ValueError(
             f"data.root: {cfg.root!r} has different class folders in train/ "

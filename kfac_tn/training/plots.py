@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["compare_runs", "load_run", "plot_run", "summarize_runs"]
+__all__ = ["compare_runs", "load_run", "plot_run", "read_rows", "summarize_runs"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,46 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"run_dir: {str(run_dir)!r} has no metrics.jsonl (not a kfac-tn run?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     if not rows:
         raise ValueError(f"run_dir: {str(run_dir)!r} has an empty metrics.jsonl")
     return Path(run_dir).name, rows
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file: one JSON object per non-blank line.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Its rows, in order.
+
+    Raises:
+        ValueError: naming the file and the line if a line is not UTF-8, not JSON (e.g. cut
+            off by a crash) or not a JSON object.
+    """
+    data = Path(path).read_bytes()
+    rows = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"metrics: {str(path)!r} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{where}: not UTF-8 text; the file is corrupt") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); the file is "
+                f"truncated or corrupt"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: {line.strip()[:40]!r} is not a JSON object (one per epoch)")
+        rows.append(row)
+    return rows
 
 
 def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:

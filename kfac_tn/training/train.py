@@ -46,6 +46,8 @@ from kfac_tn.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     capture_rng_state,
+    check_run_checkpoint,
+    clean_stale_temporaries,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -61,6 +63,7 @@ from kfac_tn.training.config import (
     TrainConfig,
     config_from_dict,
     config_to_dict,
+    is_path_component,
     kfac_arguments,
     save_config,
 )
@@ -76,6 +79,7 @@ __all__ = [
     "lr_factor",
     "read_metrics",
     "resolve_device",
+    "resolve_resume_dir",
     "train",
 ]
 
@@ -241,11 +245,16 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
     Returns:
         The rows of ``run_dir/metrics.jsonl``, one dict per epoch (``[]`` if there is none).
+
+    Raises:
+        ValueError: naming the file and line of a truncated or corrupt row.
     """
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from kfac_tn.training.plots import read_rows
+
+    return read_rows(path)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -330,13 +339,43 @@ def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+class _Collect(logging.Handler):
+    """Keeps the records logged while a run is built, for its ``train.log`` once it exists."""
+
+    def __init__(self) -> None:
+        """Collect INFO and above."""
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep ``record``."""
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def _file_logging(path: Path | None) -> Iterator[None]:
+def _collect_logs() -> Iterator[_Collect]:
+    handler = _Collect()
+    pkg = logging.getLogger("kfac_tn")
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+
+
+@contextlib.contextmanager
+def _file_logging(path: Path | None, replay: list[logging.LogRecord] = ()) -> Iterator[None]:
     if path is None:
         yield
         return
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for record in replay:  # what was logged while the run was built, before the file existed
+        handler.handle(record)
     pkg = logging.getLogger("kfac_tn")
     old_level = pkg.level
     if pkg.getEffectiveLevel() > logging.INFO:
@@ -350,18 +389,106 @@ def _file_logging(path: Path | None) -> Iterator[None]:
         handler.close()
 
 
-def _new_run_dir(cfg: TrainConfig) -> Path:
+def _planned_run_dir(cfg: TrainConfig) -> Path:
+    """Return ``out_dir/run_name`` for a new run (not created), refusing an occupied one."""
     name = cfg.run_name or (
         f"{cfg.model.name}-{cfg.optimizer.name.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if not is_path_component(name):  # config_from_dict refuses it too; a TrainConfig may be
+        raise ConfigError(  # built directly
+            f"run_name: {name!r} is not a single directory name; allowed: null or a name "
+            f"without a slash, backslash or NUL that is not '', '.' or '..'"
+        )
     run_dir = Path(cfg.out_dir).expanduser() / name
     if (run_dir / METRICS_NAME).exists() or (run_dir / CHECKPOINT_NAME).exists():
         raise ConfigError(
             f"run_name: {str(run_dir)!r} already holds a run; pass --resume {run_dir} to continue "
             f"it or choose another run_name/out_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+class _RunDirectory:
+    """A new run's directory, removable again if the run fails before recording anything.
+
+    On such a failure exactly what this invocation created goes: its own files, then the
+    directories it made (if empty).
+    """
+
+    OWN_FILES = (CONFIG_NAME, LOG_NAME, PLOT_NAME)
+
+    def __init__(self, run_dir: Path) -> None:
+        """Create ``run_dir`` (and its parents), remembering what existed before."""
+        self.run_dir = run_dir
+        self.made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        self.existed = {n for n in self.OWN_FILES if (run_dir / n).exists()}
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def discard(self) -> None:
+        """Undo the creation if the run recorded nothing (no metrics row, no checkpoint)."""
+        d = self.run_dir
+        if (d / METRICS_NAME).exists() or (d / CHECKPOINT_NAME).exists():
+            return  # a run with results: keep it (resumable or inspectable)
+        for name in self.OWN_FILES:
+            if name not in self.existed:
+                with contextlib.suppress(FileNotFoundError):
+                    (d / name).unlink()
+        for made in self.made:  # innermost first; only directories this run made, if empty
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def resolve_resume_dir(path: str | Path) -> Path:
+    """Return the run directory that ``--resume PATH`` means.
+
+    ``PATH`` is a run directory (it holds ``checkpoint.pt`` or ``config.yaml``), or a folder of
+    run directories such as ``out_dir``: then the run whose ``checkpoint.pt`` was written last
+    is resumed, and the choice is logged.
+
+    Args:
+        path: The ``--resume`` argument.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        CheckpointError: if ``path`` is not a directory, holds no resumable run, or its newest
+            checkpoints tie; the message lists the runs found.
+    """
+    p = Path(path).expanduser()
+    if (p / CHECKPOINT_NAME).is_file() or (p / CONFIG_NAME).is_file():
+        return p
+    if not p.is_dir():
+        what = "is not a directory" if p.exists() else "does not exist"
+        raise CheckpointError(f"resume: {str(path)!r} {what}; allowed: a run directory")
+    runs = sorted(c for c in p.iterdir() if c.is_dir() and (c / CHECKPOINT_NAME).is_file())
+    if not runs:
+        subdirs = sorted(c.name for c in p.iterdir() if c.is_dir())
+        raise CheckpointError(
+            f"resume: {str(path)!r} is neither a run directory (no {CHECKPOINT_NAME}, "
+            f"{CONFIG_NAME}) nor a folder of runs (no subdirectory holds {CHECKPOINT_NAME}; "
+            f"subdirectories: {subdirs})"
+        )
+    times = {r: (r / CHECKPOINT_NAME).stat().st_mtime_ns for r in runs}
+    newest = max(times.values())
+    latest = [r for r in runs if times[r] == newest]
+    listing = ", ".join(
+        f"{r.name} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(times[r] / 1e9))})"
+        for r in sorted(runs, key=times.get, reverse=True)
+    )
+    if len(latest) > 1:
+        raise CheckpointError(
+            f"resume: {str(path)!r} holds {len(runs)} runs whose newest checkpoints were written "
+            f"at the same time ({', '.join(r.name for r in latest)}); pass one of them: {listing}"
+        )
+    logger.info(
+        "resume: %s is a folder of %d runs; resuming the newest checkpoint, %s (runs: %s)",
+        p,
+        len(runs),
+        latest[0],
+        listing,
+    )
+    return latest[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,10 +501,15 @@ def train(
 ) -> RunResult:
     """Train and evaluate as configured; see the module docstring for the outputs.
 
+    Everything that can fail on a valid config (the checkpoint to resume and its fit, data
+    sets, model, optimizer) is built before a new run directory is created; if the run still
+    fails before its first epoch is recorded, what this call created is removed again.
+
     Args:
         cfg: validated config. When resuming, it must agree with the checkpoint's config except
             for :data:`RESUMABLE_KEYS` (e.g. more ``epochs`` or another ``device``).
-        resume: run directory to continue from its ``checkpoint.pt``.
+        resume: run directory to continue from its ``checkpoint.pt``, or a folder of run
+            directories (the newest checkpoint is resumed, :func:`resolve_resume_dir`).
         stop_after: end this invocation (with a checkpoint) after this many more epochs even
             if ``cfg.epochs`` is not reached, as a preempted job would; resume later.
 
@@ -386,7 +518,7 @@ def train(
 
     Raises:
         ConfigError: on an invalid config or an occupied run directory.
-        CheckpointError: on a missing, corrupt or mismatched checkpoint.
+        CheckpointError: on a missing, corrupt, malformed or mismatched checkpoint.
         DistributedRunError: when a distributed run fails (e.g. a peer died).
         ValueError: if ``stop_after`` is below 1.
     """
@@ -427,26 +559,41 @@ def _train(
     stop_after: int | None,
 ) -> RunResult:
     state, run_dir = _open_run(cfg, resume, ctx)
-    with _file_logging(run_dir / LOG_NAME if ctx.is_main and run_dir else None):
-        if ctx.is_main:
-            save_config(cfg, run_dir / CONFIG_NAME)
-            logger.info(
-                "run directory %s (device %s, world size %d)", run_dir, device, ctx.world_size
-            )
+    with _collect_logs() as early:  # nothing is written until everything is built
         run = Run(cfg, ctx, device, run_dir)
         if state is not None:
-            run.restore(state)
-        return run.execute(stop_after)
+            run.restore(state, run_dir / CHECKPOINT_NAME if run_dir else CHECKPOINT_NAME)
+    created = _RunDirectory(run_dir) if ctx.is_main and state is None else None
+    try:
+        with _file_logging(run_dir / LOG_NAME if ctx.is_main else None, early.records):
+            if ctx.is_main:
+                clean_stale_temporaries(run_dir / CHECKPOINT_NAME)
+                save_config(cfg, run_dir / CONFIG_NAME)
+                logger.info(
+                    "run directory %s (device %s, world size %d)", run_dir, device, ctx.world_size
+                )
+                if state is not None:  # rows a crashed run wrote after its checkpoint go
+                    _write_metrics(run_dir, run.rows)
+            return run.execute(stop_after)
+    except BaseException:
+        if created is not None:
+            created.discard()
+        raise
 
 
 def _open_run(
     cfg: TrainConfig, resume: str | Path | None, ctx: DistContext
 ) -> tuple[dict[str, Any] | None, Path | None]:
-    """Return the checkpoint to resume (checked against ``cfg``) or ``None``, and the run dir."""
+    """Return the checkpoint to resume (checked against ``cfg``) or ``None``, and the run dir.
+
+    Nothing is created: a new run's directory is only planned (:func:`_planned_run_dir`).
+    """
     if resume is None:
-        return None, (_new_run_dir(cfg) if ctx.is_main else None)
-    run_dir = Path(resume).expanduser()
-    state = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location="cpu")
+        return None, (_planned_run_dir(cfg) if ctx.is_main else None)
+    run_dir = resolve_resume_dir(resume)
+    path = run_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path, map_location="cpu")
+    check_run_checkpoint(state, path)
     try:
         saved_cfg = config_from_dict(state["config"])
     except ConfigError as exc:
@@ -454,8 +601,7 @@ def _open_run(
     mismatch = _config_mismatch(config_to_dict(saved_cfg), config_to_dict(cfg))
     if mismatch:
         raise CheckpointError(
-            f"checkpoint: {str(run_dir / CHECKPOINT_NAME)!r} belongs to a different run:\n  "
-            + "\n  ".join(mismatch)
+            f"checkpoint: {str(path)!r} belongs to a different run:\n  " + "\n  ".join(mismatch)
         )
     return state, run_dir
 
@@ -529,34 +675,41 @@ class Run:
         self.start_epoch, self.elapsed, self.rows = 0, 0.0, []
         self.show_bar = ctx.is_main and not cfg.quiet and sys.stderr.isatty()
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], path: str | Path = CHECKPOINT_NAME) -> None:
         """Continue from a checkpoint: states, RNGs, epoch, elapsed time and metrics rows.
 
-        On rank 0, ``metrics.jsonl`` is rewritten with the checkpoint's rows (rows a crashed
-        run wrote after its last checkpoint are dropped).
+        Writes nothing (the caller rewrites ``metrics.jsonl`` with the checkpoint's rows). The
+        model's entries (names and shapes) and a torch optimizer's per-parameter state shapes
+        are checked before anything is loaded; KFAC checks its own state dict.
 
         Args:
-            state: The checkpoint (:func:`~kfac_tn.training.checkpoint.load_checkpoint`).
+            state: The checkpoint (loaded by
+                :func:`~kfac_tn.training.checkpoint.load_checkpoint` and checked by
+                :func:`~kfac_tn.training.checkpoint.check_run_checkpoint`).
+            path: Its file (for messages).
 
         Raises:
-            CheckpointError: if the states do not fit the configured model/optimizer.
+            CheckpointError: naming the entry if the states do not fit the configured
+                model/optimizer.
         """
+        _check_model_state(self.model, state["model"], path)
+        if not isinstance(self.optimizer, KFAC):
+            _check_torch_optimizer_state(self.optimizer, state["optimizer"], path)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(
-                f"checkpoint: state does not fit the configured model/optimizer ({exc})"
+                f"checkpoint: {str(path)!r}: state does not fit the configured model/optimizer "
+                f"({exc})"
             ) from exc
         restore_rng_state(state["rng"])
         self.start_epoch, self.elapsed = state["epoch"], state["elapsed_s"]
         self.rows = list(state["metrics"])
         logger.info("resumed from epoch %d", self.start_epoch)
-        if self.ctx.is_main:
-            _write_metrics(self.run_dir, self.rows)
 
     def execute(self, stop_after: int | None = None) -> RunResult:
         """Run the remaining epochs (at most ``stop_after`` of them), then plot the curves.
@@ -739,6 +892,57 @@ class Run:
                 },
                 self.run_dir / CHECKPOINT_NAME,
             )
+
+
+def _check_model_state(model: nn.Module, saved: dict[str, Any], path: str | Path) -> None:
+    """Refuse a model state with a missing or extra entry or a tensor of another shape."""
+    expected = model.state_dict()
+    where = f"checkpoint: {str(path)!r} entry"
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise CheckpointError(
+            f"{where} model[{missing[0]!r}] is missing ({len(missing)} entries of the configured "
+            f"model are: {missing[:5]})"
+        )
+    extra = [k for k in saved if k not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{where} model[{extra[0]!r}] is not in the configured model ({len(extra)} unknown "
+            f"entries: {extra[:5]})"
+        )
+    for key, tensor in saved.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{where} model[{key!r}] has shape {tuple(tensor.shape)}; the configured model's "
+                f"is {tuple(expected[key].shape)}"
+            )
+
+
+def _check_torch_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], path: str | Path
+) -> None:
+    """Refuse a torch optimizer state whose parameters or per-parameter tensors do not fit."""
+    where = f"checkpoint: {str(path)!r} entry optimizer"
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointError(f"{where} is not a torch optimizer state dict (state, param_groups)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
+    if len(ids) != len(params):
+        raise CheckpointError(
+            f"{where}: {len(ids)} parameters; the configured optimizer has {len(params)}"
+        )
+    by_id = dict(zip(ids, params))
+    for pid, entries in state.items():
+        if pid not in by_id or not isinstance(entries, dict):
+            raise CheckpointError(f"{where}['state'][{pid!r}] is not a parameter's state")
+        for name, value in entries.items():
+            shape = by_id[pid].shape
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != shape:
+                raise CheckpointError(
+                    f"{where}['state'][{pid!r}][{name!r}] has shape {tuple(value.shape)}; its "
+                    f"parameter's is {tuple(shape)}"
+                )
 
 
 def _build_model(cfg: TrainConfig, bundle: DataBundle, device: torch.device) -> nn.Module:

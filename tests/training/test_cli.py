@@ -86,6 +86,11 @@ BAD_CLI = [
     ("bad_override", ["train", "=3"], "is not of the form dotted.key=value"),
     ("compare_not_a_run", ["compare", "."], "has no metrics.jsonl"),
     ("threads", ["train", "--threads", "0"], "--threads: 0 is out of range"),
+    ("sgd_inf_lr", ["train", "optimizer=sgd", "optimizer.lr=.inf"], "optimizer.lr: inf is not"),
+    ("inf_width", ["train", "model.width=.inf"], "model.width: inf is not finite; allowed: > 0"),
+    ("inf_timeout", ["train", "dist_timeout_s=.inf"], "dist_timeout_s: inf is not finite"),
+    ("nan_damping", ["train", "optimizer.damping=.nan"], "optimizer.damping: nan is not finite"),
+    ("type_and_range", ["train", "epochs=abc", "batch_size=0"], "batch_size: 0 is out of range"),
     (
         "override_after_option",
         ["train", "--epochs", "2", "optimizer.kfac_approx=x"],
@@ -347,3 +352,62 @@ def test_console_main_exit_status(status, monkeypatch):
         with pytest.raises(SystemExit) as info:
             cli.console_main()
         assert info.value.code == status
+
+
+# --- hardening (#10 §2) ---------------------------------------------------------------------------
+
+ESCAPING_RUN_NAMES = [
+    ("parent", ["--run-name", "../victim"], "'../victim'"),
+    ("absolute", ["--run-name", "{victim}"], "is not a single directory name"),
+    ("nested", ["--run-name", "a/b"], "'a/b'"),
+    ("dot", ["--run-name", "."], "'.'"),
+    ("dotdot", ["run_name=.."], "'..'"),
+    ("empty_flag", ["--run-name", ""], "run_name: ''"),
+    ("yaml_parent", ["{yaml}"], "'../victim'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"), [c[1:] for c in ESCAPING_RUN_NAMES], ids=[c[0] for c in ESCAPING_RUN_NAMES]
+)
+def test_run_name_cannot_leave_out_dir(args, shown, tmp_path, capsys):
+    """`--run-name ../victim` (or in YAML) is refused before anything is written."""
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.yaml").write_text("precious\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("run_name: ../victim\n")
+    args = [a.format(victim=victim, yaml=config) for a in args]
+    tiny = ["data.train_subset=32", "data.test_subset=32", "--epochs", "1"]  # if it ran anyway
+    assert main(["train", *args, *tiny, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run_name: " in err and shown in err and "allowed: null or a name" in err
+    assert (victim / "config.yaml").read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "victim"]  # no out/ either
+
+
+BAD_METRICS = [
+    ("truncated", b'{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "test_', "line 2: not valid JSON"),
+    ("not_an_object", b'{"epoch": 1}\n[1, 2]\n', "line 2: '[1, 2]' is not a JSON object"),
+    ("not_utf8", b'{"epoch": 1}\n\n{"epoch": "\xff"}\n', "line 3: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [c[1:] for c in BAD_METRICS], ids=[c[0] for c in BAD_METRICS]
+)
+def test_compare_names_file_and_line_of_a_corrupt_metrics_file(content, message, tmp_path, capsys):
+    run = fake_run(tmp_path / "r", [0.5], [1.0])
+    (run / "metrics.jsonl").write_bytes(content)
+    assert main(["compare", str(run), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"metrics: {str(run / 'metrics.jsonl')!r} {message}" in err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_help_documents_layer_override_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "optimizer.layer_settings.conv1.damping=0.01" in text
+    assert "'optimizer.layer_settings[layer1.0.conv1].damping=0.01'" in text

@@ -235,8 +235,8 @@ OVERRIDES = [
     ("yaml_off_is_not_false", "distributed=off", ("distributed",), "off"),
     ("numeric_name_is_text", "run_name=2024", ("run_name",), "2024"),
     (
-        "dotted_layer_pattern",
-        "optimizer.layer_settings.features.0=skip",
+        "bracketed_layer_pattern",
+        "optimizer.layer_settings[features.0]=skip",
         ("optimizer", "layer_settings"),
         {"features.0": "skip"},
     ),
@@ -504,3 +504,248 @@ def test_other_groups_and_bad_group_names():
         load_config(None, ["optimizer=lbfgs"])
     with pytest.raises(ConfigError, match="sampled_backprop: 'spatial' is not a mapping"):
         load_config(None, ["sampled_backprop=spatial"])  # no name: not a group
+
+
+# --- hardening (#10 §2): run names, non-finite values, overrides, YAML files -------------------
+
+BAD_RUN_NAMES = [
+    ("parent", "../victim"),
+    ("absolute", "/abs/path"),
+    ("nested", "a/b"),
+    ("dot", "."),
+    ("dotdot", ".."),
+    ("empty", ""),
+    ("backslash", "a\\b"),
+]
+
+
+@pytest.mark.parametrize("name", [c[1] for c in BAD_RUN_NAMES], ids=[c[0] for c in BAD_RUN_NAMES])
+def test_run_name_is_one_path_component(name):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"run_name": name})
+    text = str(info.value)
+    assert f"run_name: {name!r} is not a single directory name; allowed: null or a name" in text
+
+
+def _numeric_keys(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """Every dotted key of the schema whose type involves float or int (found, not listed)."""
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_keys(tp, f"{prefix}{f.name}.")
+        elif re.search(r"\b(float|int)\b", str(tp)):
+            out.append((f"{prefix}{f.name}", tp))
+    return out
+
+
+NUMERIC_KEYS = [k for k, _ in _numeric_keys()]
+NON_FINITE = [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")]
+
+
+def _override(key: str, text: str) -> list[str]:
+    """``key=text``, behind an optimizer.name that takes ``key``; containers get one element."""
+    tp = dict(_numeric_keys())[key]
+    value = f"[{text}, 0.5]" if "tuple" in str(tp) else f"[{text}]" if "list" in str(tp) else text
+    pre = []
+    if key.startswith("optimizer."):
+        name = next(n for n, keys in OPTIMIZER_KEYS.items() if key.split(".")[1] in keys)
+        pre = [f"optimizer.name={name.value}"]
+    return [*pre, f"{key}={value}"]
+
+
+def test_numeric_keys_are_found():
+    assert {"optimizer.lr", "model.width", "dist_timeout_s", "optimizer.betas"} <= set(NUMERIC_KEYS)
+    assert {"optimizer.bucket_cap_mb", "schedule.milestones", "epochs"} <= set(NUMERIC_KEYS)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+def test_non_finite_values_are_rejected_for_every_numeric_key(key):
+    """`.inf`/`-.inf`/`.nan` never pass: float keys say 'not finite', int keys 'not an int'."""
+    tp = str(dict(_numeric_keys())[key])
+    reason = "is not finite; allowed: " if "float" in tp else "is not an int"
+    for text, shown in NON_FINITE:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, _override(key, text))
+        lines = str(info.value).splitlines()[1:]
+        assert len(lines) == 1, lines  # reported once, by the type check
+        assert lines[0].strip().startswith(key) and f": {shown} {reason}" in lines[0], lines
+
+
+TYPE_AND_RANGE = [
+    (
+        "int_and_int",
+        ["epochs=abc", "batch_size=0"],
+        ["epochs: 'abc' is not an int", "batch_size: 0"],
+    ),
+    (
+        "float_and_float",
+        ["optimizer.lr=abc", "optimizer.damping=0"],
+        ["optimizer.lr: 'abc' is not a float", "optimizer.damping: 0.0 is out of range"],
+    ),
+    (
+        "list_and_section",
+        ["schedule.milestones=[1, x]", "schedule.gamma=2"],
+        ["schedule.milestones[1]: 'x' is not an int", "schedule.gamma: 2.0 is out of range"],
+    ),
+    (
+        "choice_and_range",
+        ["optimizer.name=bogus", "epochs=0"],
+        ["optimizer.name: 'bogus' is not one of", "epochs: 0 is out of range"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [c[1:] for c in TYPE_AND_RANGE], ids=[c[0] for c in TYPE_AND_RANGE]
+)
+def test_type_errors_do_not_hide_range_errors(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == len(expected), lines  # each problem once, nothing invented
+    for line, text in zip(lines, expected):
+        assert text in line
+
+
+BAD_YAML_FILES = [
+    (
+        "duplicate_top_level",
+        b"epochs: 2\nseed: 1\nepochs: 3\n",
+        "line 3: duplicate key 'epochs' (first on line 1)",
+    ),
+    (
+        "duplicate_in_section",
+        b"optimizer:\n  lr: 0.1\n  damping: 0.01\n  lr: 0.2\n",
+        "line 4: duplicate key 'lr' (first on line 2)",
+    ),
+    (
+        "duplicate_in_flow_mapping",
+        b"optimizer: {layer_settings: {fc: skip, fc: {damping: 0.1}}}\n",
+        "line 1: duplicate key 'fc' (first on line 1)",
+    ),
+    ("latin1", b"epochs: 2\nrun_name: caf\xe9\n", "line 2: byte 0xe9 is not UTF-8"),
+    ("binary", b"\xff\xfe\x00\x01", "line 1: byte 0xff is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [c[1:] for c in BAD_YAML_FILES], ids=[c[0] for c in BAD_YAML_FILES]
+)
+def test_yaml_file_errors_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config: {str(path)!r} {message}")
+
+
+def test_yaml_merge_key_may_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.1, momentum: 0.5}\noptimizer:\n  <<: *b\n  lr: 0.2\n")
+    assert read_yaml(path)["optimizer"] == {"lr": 0.2, "momentum": 0.5}
+
+
+def test_duplicate_key_in_an_override_value():
+    with pytest.raises(ConfigError, match="duplicate key 'fc'"):
+        parse_override("optimizer.layer_settings={fc: skip, fc: skip}")
+
+
+LAYER_OVERRIDES = [
+    ("pattern_key", ["optimizer.layer_settings.conv1.damping=0.01"], {"conv1": {"damping": 0.01}}),
+    ("pattern_skip", ["optimizer.layer_settings.fc=skip"], {"fc": "skip"}),
+    (
+        "keys_accumulate",
+        [
+            "optimizer.layer_settings.conv1.damping=0.01",
+            "optimizer.layer_settings.conv1.inversion=cholesky",
+        ],
+        {"conv1": {"damping": 0.01, "inversion": "cholesky"}},
+    ),
+    (
+        "bracketed_dotted_pattern",
+        ["optimizer.layer_settings[layer1.0.conv1].damping=0.01"],
+        {"layer1.0.conv1": {"damping": 0.01}},
+    ),
+    (
+        "quoted_as_in_messages",
+        ["optimizer.layer_settings['layer1.0.conv1'].damping=0.01"],
+        {"layer1.0.conv1": {"damping": 0.01}},
+    ),
+    (
+        "bracketed_char_class",
+        ["optimizer.layer_settings[layer[12].*]=skip"],
+        {"layer[12].*": "skip"},
+    ),
+    (
+        "json_mapping",
+        ['optimizer.layer_settings={"layer1.0.conv1": {"damping": 0.01}}'],
+        {"layer1.0.conv1": {"damping": 0.01}},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [c[1:] for c in LAYER_OVERRIDES],
+    ids=[c[0] for c in LAYER_OVERRIDES],
+)
+def test_layer_settings_override_forms(overrides, expected):
+    assert load_config(None, overrides).optimizer.layer_settings == expected
+
+
+BAD_LAYER_OVERRIDES = [
+    ("zero_damping", "optimizer.layer_settings.conv1.damping=0", "damping", "0"),
+    ("negative_damping", "optimizer.layer_settings[layer1.0.conv1].damping=-1", "damping", "-1"),
+    ("inf_damping", "optimizer.layer_settings.conv1.damping=.inf", "damping", ".inf"),
+    ("decay_one", "optimizer.layer_settings.conv1.factor_decay=1", "factor_decay", "1"),
+    (
+        "period_zero",
+        "optimizer.layer_settings.fc.inverse_update_period=0",
+        "inverse_update_period",
+        "0",
+    ),
+    ("bad_choice", "optimizer.layer_settings.fc.inversion=svd", "inversion", "svd"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [c[1:] for c in BAD_LAYER_OVERRIDES],
+    ids=[c[0] for c in BAD_LAYER_OVERRIDES],
+)
+def test_layer_settings_values_get_the_top_level_message(override, key, value):
+    """A layer override is checked by the optimizer's rule, with the top-level key's message."""
+    pattern = parse_override(override)[0][2]
+    with pytest.raises(ConfigError) as layer:
+        load_config(None, [override])
+    with pytest.raises(ConfigError) as top:
+        load_config(None, [f"optimizer.{key}={value}"])
+    top_line = str(top.value).splitlines()[1].strip()
+    assert top_line.startswith(f"optimizer.{key}: ")
+    expected = f"optimizer.layer_settings[{pattern!r}].{key}: " + top_line.split(": ", 1)[1]
+    assert str(layer.value).splitlines()[1:] == ["  " + expected]
+
+
+AMBIGUOUS_LAYER_OVERRIDES = [
+    ("dotted_pattern", "optimizer.layer_settings.features.0=skip", "[features.0]="),
+    (
+        "dotted_pattern_key",
+        "optimizer.layer_settings.layer1.0.conv1.damping=0.1",
+        "[layer1.0.conv1].damping=",
+    ),
+    ("unbalanced", "optimizer.layer_settings[layer1.0.conv1.damping=0.1", "dotted.key=value"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [c[1:] for c in AMBIGUOUS_LAYER_OVERRIDES],
+    ids=[c[0] for c in AMBIGUOUS_LAYER_OVERRIDES],
+)
+def test_dotted_layer_patterns_need_brackets(override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert hint in str(info.value) and repr(override) in str(info.value)

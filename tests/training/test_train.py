@@ -435,3 +435,196 @@ def test_metrics_of_other_optimizers_have_no_self_tuning_keys(tmp_path):
     cfg = load_config(None, tiny(tmp_path, "epochs=1", "run_name=s", "optimizer=sgd"))
     rows = train(cfg).metrics
     assert set(rows[0]) == ROW_KEYS
+
+
+# --- hardening (#10 §2, §3): nothing half-written, resume folders, checked checkpoints ---------
+
+FAST = ["data.limit_batches=1", "optimizer.name=sgd"]
+
+
+AFTER_VALIDATION = [  # configs that validate (the folders exist) but whose data cannot be built
+    ("cifar_empty", "cifar10", ["cifar-10-batches-py"], "lacks cifar-10-batches-py/data_batch_1"),
+    ("imagenet_empty", "imagenet", ["train", "val"], "is not an ImageFolder root"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "folders", "message"),
+    [c[1:] for c in AFTER_VALIDATION],
+    ids=[c[0] for c in AFTER_VALIDATION],
+)
+def test_failure_after_validation_leaves_no_run_dir(tmp_path, data, folders, message):
+    from kfac_tn.training.cli import main
+
+    for folder in folders:
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    out = tmp_path / "out"
+    argv = ["train", f"data.name={data}", f"data.root={tmp_path / 'data'}", "model.name=2c2d"]
+    assert main([*argv, "--out", str(out), "--run-name", "r", "--quiet"]) == 2
+    assert not out.exists()  # not even out_dir: it did not exist before
+    with pytest.raises(ValueError, match=message):
+        train(load_config(None, [*argv[1:], f"out_dir={out}"]))
+
+
+def test_failure_before_the_first_epoch_removes_only_what_the_run_created(tmp_path, monkeypatch):
+    from kfac_tn.training import train as train_module
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")  # an existing directory without a run in it
+
+    def broken(self, stop_after=None):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(train_module.Run, "execute", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(load_config(None, tiny(tmp_path, "run_name=r", *FAST)))
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]  # config.yaml, train.log removed
+
+
+def test_build_warnings_reach_train_log(tmp_path):
+    """Records logged while the run is built (before its directory exists) end up in train.log."""
+    import logging
+
+    from kfac_tn.training import train as train_module
+
+    original = train_module.Run.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        logging.getLogger("kfac_tn.training.train").warning("built; a warning from the build")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module.Run, "__init__", init)
+        train(load_config(None, tiny(tmp_path, "run_name=r", "epochs=1", *FAST)))
+    assert "a warning from the build" in (tmp_path / "r" / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """One finished tiny SGD run (2 epochs, 1 step each) and its overrides."""
+    out = tmp_path_factory.mktemp("finished")
+    overrides = [*TINY_DIGITS, f"out_dir={out}", "run_name=r", "epochs=2", *FAST]
+    torch.set_num_threads(1)
+    train(load_config(None, overrides), stop_after=1)
+    return out / "r", overrides
+
+
+def _mutate(state, path, value):
+    node = state
+    for part in path[:-1]:
+        node = node[part]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value(node.get(path[-1])) if callable(value) else value
+
+
+BAD_CHECKPOINTS = [
+    ("no_rng", ("rng",), KeyError, "entry 'rng' is missing"),
+    ("epoch_text", ("epoch",), "two", "entry 'epoch': 'two' is not an int >= 0"),
+    ("numpy_pos_text", ("rng", "numpy", "pos"), "x", "entry 'rng.numpy.pos': 'x' is not"),
+    (
+        "short_torch_rng",
+        ("rng", "torch"),
+        lambda t: t.float(),
+        "entry 'rng.torch': a torch.float32",
+    ),
+    ("metrics_rows", ("metrics",), [], "entry 'metrics': 0 rows for epoch 1"),
+    ("no_model", ("model",), KeyError, "entry 'model' is missing"),
+    (
+        "missing_model_key",
+        ("model", "features.0.weight"),
+        KeyError,
+        "entry model['features.0.weight'] is missing",
+    ),
+    (
+        "extra_model_key",
+        ("model", "bogus.weight"),
+        torch.zeros(1),
+        "entry model['bogus.weight'] is not in the configured model",
+    ),
+    (
+        "wrong_shape",
+        ("model", "features.0.weight"),
+        lambda t: torch.zeros(t.shape[0] + 1, *t.shape[1:]),
+        "entry model['features.0.weight'] has shape (",
+    ),
+    (
+        "momentum_shape",
+        ("optimizer", "state", 0, "momentum_buffer"),
+        lambda t: torch.zeros(3),
+        "entry optimizer['state'][0]['momentum_buffer'] has shape (3,); its parameter's is (",
+    ),
+    ("scheduler_text", ("scheduler", "last_epoch"), "x", "entry 'scheduler': {"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [c[1:] for c in BAD_CHECKPOINTS],
+    ids=[c[0] for c in BAD_CHECKPOINTS],
+)
+def test_malformed_checkpoint_is_refused_before_resuming(
+    finished_run, tmp_path, path, value, message
+):
+    """A checkpoint that loads with weights_only=True but is incomplete or does not fit."""
+    import shutil
+
+    from kfac_tn.training.checkpoint import load_checkpoint
+
+    source, overrides = finished_run
+    run = tmp_path / "r"
+    shutil.copytree(source, run)
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["format_version"]
+    _mutate(state, path, value)
+    torch.save({"format_version": 1, **state}, run / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    cfg = load_config(None, [*overrides[:-3], f"out_dir={tmp_path}", "epochs=2", *FAST])
+    with pytest.raises(CheckpointError) as info:
+        train(cfg, resume=run)
+    assert message in str(info.value) and str(run / "checkpoint.pt") in str(info.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing resumed/written
+
+
+def test_resume_given_the_out_folder_resumes_the_newest_run(finished_run, tmp_path, caplog):
+    import logging
+    import os
+    import shutil
+
+    from kfac_tn.training.cli import main
+
+    source, _ = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(source, out / "new")
+    (out / "old").mkdir()
+    (out / "old" / "checkpoint.pt").write_bytes(b"not even read")
+    (out / "plots").mkdir()  # not a run: ignored
+    os.utime(out / "old" / "checkpoint.pt", (1e9, 1e9))
+    with caplog.at_level(logging.INFO, logger="kfac_tn"):
+        assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "new")] == [1, 2]
+    assert f"resuming the newest checkpoint, {out / 'new'} (runs: new (" in caplog.text
+
+
+def test_resume_folder_errors_list_the_runs(tmp_path):
+    import os
+
+    from kfac_tn.training.train import resolve_resume_dir
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x" / "notes").mkdir(parents=True)
+    with pytest.raises(
+        CheckpointError, match=r"nor a folder of runs .*subdirectories: \['notes'\]"
+    ):
+        resolve_resume_dir(tmp_path / "x")
+    for name in ("a", "b"):
+        (tmp_path / "tie" / name).mkdir(parents=True)
+        (tmp_path / "tie" / name / "checkpoint.pt").write_bytes(b"")
+        os.utime(tmp_path / "tie" / name / "checkpoint.pt", ns=(10**18, 10**18))
+    with pytest.raises(CheckpointError, match=r"same time \(a, b\); pass one of them: "):
+        resolve_resume_dir(tmp_path / "tie")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_resume_dir(tmp_path / "nowhere")
+    assert resolve_resume_dir(tmp_path / "tie" / "a") == tmp_path / "tie" / "a"
