@@ -411,9 +411,10 @@ def _inverse_bytes(name: str, ekfac_only: bool = False) -> int:
             continue
         d_a, d_g = block.dims
         g = block.groups
-        size = (
+        cholesky = "cholesky" in name and block.inversion_for("cholesky").value == "cholesky"
+        size = (  # norm blocks are always eigen-inverted
             g * (d_a * (d_a + 1) // 2 + d_g * (d_g + 1) // 2)
-            if "cholesky" in name
+            if cholesky
             else g * (d_a + d_a * d_a + d_g + d_g * d_g)
         )
         size += g * d_g * d_a if ekfac else 0

@@ -175,6 +175,7 @@ RULES: dict[str, Rule] = {
     "qmodel": OneOf(QModel),
     "step_size": OneOf(StepSize),
     "max_step_scale": Number(0.0, low_open=True),
+    "qmodel_samples": Number(1, integer=True, nullable=True),
 }
 """The rule of every hyperparameter the optimizer validates."""
 

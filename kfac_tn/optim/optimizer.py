@@ -105,6 +105,7 @@ GLOBAL_KEYS = (
     "qmodel",
     "step_size",
     "max_step_scale",
+    "qmodel_samples",
     "curvature_budget",
 )
 _COUNTERS = (
@@ -181,6 +182,10 @@ class KFAC(torch.optim.Optimizer):
             (every step rescaled by the minimiser of the exact quadratic model along it, capped by
             ``max_step_scale``).
         max_step_scale: Largest rescaling of a step with ``step_size="qmodel"``, ``> 0``.
+        qmodel_samples: Samples of each recorded pass the exact curvature term
+            ``Δᵀ G Δ`` is evaluated on (the first ones, scaled up to the
+            batch; ``None``: all). The forward-mode pass costs about three forward passes, so a
+            sub-batch keeps the self-tuning cheap (:mod:`kfac_tn.optim.qmodel`).
         grad_scaler: The ``torch.amp.GradScaler`` scaling the loss, if any (its scale is divided
             out of ``G``).
 
@@ -210,7 +215,7 @@ class KFAC(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         inversion: str = "eigen",
         preconditioner: str = "kfac",
-        norm_block: str = "skip",
+        norm_block: str = "unitwise",
         kl_clip: float | None = 1e-3,
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
@@ -225,6 +230,7 @@ class KFAC(torch.optim.Optimizer):
         qmodel: str = "kronecker",
         step_size: str = "qmodel",
         max_step_scale: float = 1.0,
+        qmodel_samples: int | None = 32,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -605,6 +611,7 @@ class KFAC(torch.optim.Optimizer):
             curvature=curvature if damping_due else None,
             exact=qmodel_step,
             comm=self.placement.comm,
+            samples=d["qmodel_samples"],
         )
 
     def _rescale(self, update: Update, pieces: StepPieces | None) -> float:

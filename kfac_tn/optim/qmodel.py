@@ -182,8 +182,19 @@ def exact_curvature(
     r: float,
     params: Mapping[str, Tensor],
     tangents: Mapping[str, Tensor],
+    *,
+    samples: int | None = None,
 ) -> Tensor:
     r""":math:`\Delta^\top G \Delta` (GGN) on the recorded batch, by one JVP per pass.
+
+    With ``samples`` = m smaller than the step's N samples (over all passes), the JVP runs on
+    the first m of them in pass order (every tensor argument of a pass whose leading dimension
+    is its batch size is sliced; later passes are skipped) and the sum is scaled by N / m: an
+    unbiased estimate when the samples are exchangeable, at about m / N of the cost. Taking
+    them in pass order keeps accumulated micro-batches equal to one large batch.
+    Batch-coupled layers (BatchNorm in training mode) then normalise with the
+    sub-batch's statistics, and dropout masks are drawn afresh for the smaller shape, so the
+    estimate is of a slightly different function; ``samples=None`` is exact.
 
     Args:
         model: The model (DDP unwrapped).
@@ -192,6 +203,7 @@ def exact_curvature(
         r: Reduction scale.
         params: Parameters to evaluate at, by ``named_parameters`` name (others: the module's).
         tangents: :math:`\Delta` for (a subset of) those names.
+        samples: Samples per pass to evaluate on (``None``: all).
 
     Returns:
         A float64 scalar.
@@ -200,19 +212,42 @@ def exact_curvature(
     names = [n for n in tangents if n in params]
     frozen = {n: p.detach() for n, p in module.named_parameters() if n not in names}
     total = torch.zeros((), dtype=torch.float64)
-    for p in passes:
+    sizes = [_batch_size(p) for p in passes]
+    left = sum(sizes) if samples is None else min(samples, sum(sizes))
+    scale = sum(sizes) / left if left else 1.0
+    for p, size in zip(passes, sizes):
+        if left <= 0:
+            break
+        take, left = min(size, left), left - min(size, left)
         buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        args, kwargs = _sub_batch(p, size, take)
 
-        def f(*values: Tensor, p: RecordedPass = p, buffers: dict = buffers) -> Tensor:
+        def f(*values: Tensor, args: tuple = args, kwargs: dict = kwargs, buffers=buffers):
             state = {**frozen, **buffers, **dict(zip(names, values))}
-            return functional_call(module, state, p.args, p.kwargs)
+            return functional_call(module, state, args, kwargs)
 
         primals = tuple(params[n].detach() for n in names)
         directions = tuple(tangents[n].detach().to(params[n].dtype) for n in names)
         with torch.no_grad(), p.rng.replay(), _running_stats_frozen(module):
             output, jv = jvp(f, primals, directions)
         total = total + hessian_quadratic(output, jv, loss, r).cpu()
-    return total
+    return scale * total
+
+
+def _batch_size(p: RecordedPass) -> int:
+    """Return the samples of a recorded pass (leading output dimension; 1 for a scalar)."""
+    return p.output.shape[0] if p.output is not None and p.output.dim() > 0 else 1
+
+
+def _sub_batch(p: RecordedPass, size: int, take: int) -> tuple[tuple, dict]:
+    """Return the pass's model arguments cut to their first ``take`` of ``size`` samples."""
+    if take >= size:
+        return p.args, p.kwargs
+
+    def cut(a: Any) -> Any:
+        return a[:take] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == size else a
+
+    return tuple(cut(a) for a in p.args), {k: cut(v) for k, v in p.kwargs.items()}
 
 
 def kronecker_curvature(
@@ -289,6 +324,7 @@ def step_pieces(
     curvature: QModel | None,
     exact: bool,
     comm: Communicator | None,
+    samples: int | None = None,
 ) -> StepPieces:
     """Evaluate the quadratic-model terms of ``update`` at the current (old) parameters.
 
@@ -304,6 +340,7 @@ def step_pieces(
         curvature: Which curvature :attr:`StepPieces.curvature` uses (``None``: not needed).
         exact: Whether :attr:`StepPieces.exact_curvature` is needed.
         comm: Averages the terms over workers (``None``: one process).
+        samples: Samples per pass the exact curvature uses (:func:`exact_curvature`).
 
     Returns:
         The :class:`StepPieces`.
@@ -322,7 +359,7 @@ def step_pieces(
     nan = torch.tensor([math.nan], dtype=torch.float64)
     ggn = nan
     if exact or curvature is QModel.EXACT:
-        ggn = _exact_for(update, model, records, loss, r).reshape(1)
+        ggn = _exact_for(update, model, records, loss, r, samples).reshape(1)
     kron = nan
     if curvature is QModel.KRONECKER:
         kron = kronecker_curvature(blocks, state, update.steps).reshape(1)
@@ -335,9 +372,14 @@ def step_pieces(
 
 
 def _exact_for(
-    update: Update, model: nn.Module, records: Sequence[RecordedPass], loss: LossType, r: float
+    update: Update,
+    model: nn.Module,
+    records: Sequence[RecordedPass],
+    loss: LossType,
+    r: float,
+    samples: int | None,
 ) -> Tensor:
     names = {id(p): n for n, p in _module(model).named_parameters()}
     params = {names[id(p)]: p for p in update.params if id(p) in names}
     tangents = {names[id(p)]: update.steps[id(p)] for p in update.params if id(p) in names}
-    return exact_curvature(model, records, loss, r, params, tangents)
+    return exact_curvature(model, records, loss, r, params, tangents, samples=samples)

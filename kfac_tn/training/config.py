@@ -222,7 +222,7 @@ class OptimizerConfig:
     mc_samples: int = 1
     inversion: Inversion = Inversion.EIGEN
     preconditioner: Preconditioner = Preconditioner.KFAC
-    norm_block: NormBlock = NormBlock.SKIP
+    norm_block: NormBlock = NormBlock.UNITWISE
     kl_clip: float | None = 1e-3
     factor_dtype: DtypeName | None = None
     inverse_dtype: DtypeName | None = None
@@ -237,6 +237,7 @@ class OptimizerConfig:
     qmodel: QModel = QModel.KRONECKER
     step_size: StepSize = StepSize.QMODEL
     max_step_scale: float = 1.0
+    qmodel_samples: int | None = 32
 
 
 KFAC_KEYS: tuple[str, ...] = tuple(
@@ -308,6 +309,8 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "step_size": "``fixed`` (lr, momentum, KL clip) or ``qmodel`` (each step rescaled by the "
     "exact quadratic model's minimiser along it).",
     "max_step_scale": "largest rescaling of a step with ``step_size: qmodel``.",
+    "qmodel_samples": "samples per batch the exact quadratic-model curvature is evaluated on "
+    "(scaled up to the batch; null: all).",
 }
 
 

@@ -162,7 +162,7 @@ def test_param_groups_use_their_own_lr_and_damping():
 
 def test_lr_scheduler_changes_the_step():
     model = small_cnn()
-    opt = KFAC(model, lr=0.1)
+    opt = KFAC(model, lr=0.1, norm_block="skip")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
     train(model, opt, 1)
     sched.step()
@@ -176,7 +176,11 @@ def test_lr_scheduler_changes_the_step():
 
 def test_layer_settings_override_and_skip():
     model = small_cnn()
-    opt = KFAC(model, layer_settings={"6": "skip", "3": {"kfac_approx": "reduce", "damping": 0.5}})
+    opt = KFAC(
+        model,
+        norm_block="skip",
+        layer_settings={"6": "skip", "3": {"kfac_approx": "reduce", "damping": 0.5}},
+    )
     assert [b.name for b in opt.blocks] == ["0", "3"]
     hp = opt.layer_hp()
     assert hp[id(opt.blocks[1])].kfac_approx.value == "reduce"
@@ -185,8 +189,16 @@ def test_layer_settings_override_and_skip():
 
 
 def test_skipped_layer_and_batchnorm_get_the_sgd_update():
+    """A layer set to "skip" and a BatchNorm with ``norm_block="skip"`` get plain SGD."""
     model = small_cnn()
-    opt = KFAC(model, lr=0.1, momentum=0.0, weight_decay=0.01, layer_settings={"6": "skip"})
+    opt = KFAC(
+        model,
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=0.01,
+        norm_block="skip",
+        layer_settings={"6": "skip"},
+    )
     x, y = batch(0)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -205,7 +217,7 @@ def test_params_without_grad_and_frozen_params():
     model[0].weight.requires_grad_(False)  # frozen: not optimised, its layer falls back to SGD
     extra = nn.Linear(2, 2).double()  # never used in forward: grads stay None
     holder = nn.ModuleDict({"net": model, "unused": extra})
-    opt = KFAC(holder, lr=0.1)
+    opt = KFAC(holder, lr=0.1, norm_block="skip")
     assert [b.name for b in opt.blocks] == ["net.3", "net.6", "unused"]
     before = copy.deepcopy(extra.state_dict())
     for i in range(2):
@@ -305,7 +317,7 @@ def test_remove_hooks_then_momentum_sgd_everywhere():
 
 def test_factor_and_inverse_periods():
     model = small_cnn()
-    opt = KFAC(model, factor_update_period=2, inverse_update_period=3)
+    opt = KFAC(model, factor_update_period=2, inverse_update_period=3, norm_block="skip")
     train(model, opt, 6)
     state = opt.state[model[0].weight]
     assert state["factor_updates"] == 3  # steps 0, 2, 4
@@ -397,7 +409,7 @@ def test_bf16_autocast_factors_are_float32():
 
 def test_stats_counters():
     model = small_cnn()
-    opt = KFAC(model, inverse_update_period=2)
+    opt = KFAC(model, inverse_update_period=2, norm_block="skip")
     train(model, opt, 3)
     stats = opt.stats
     assert stats == {

@@ -64,6 +64,36 @@ def _record(model, x, y, fn):
     return RecordedPass((x,), {}, RngState.capture(None), out.detach(), g), loss
 
 
+def _dense_ggn(model, params, tangents, x, y, fn):
+    """``vᵀ Jᵀ H J v`` of the loss ``fn`` (mean-reduced) on the batch ``x``, from dense matrices."""
+    n = x.shape[0]
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    flat_j = torch.cat([jac[k].reshape(3 * n, -1) for k in params], dim=1)
+    out = model(x).detach().reshape(-1).requires_grad_()
+    hess = torch.autograd.functional.hessian(lambda o: fn(o.reshape(n, 3), y), out)
+    v = torch.cat([tangents[k].reshape(-1) for k in params])
+    return v @ flat_j.T @ hess @ flat_j @ v
+
+
+@pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
+@pytest.mark.parametrize("samples", [2, 4, 6, None], ids=lambda m: f"samples={m}")
+def test_sub_batch_curvature_is_the_scaled_ggn_of_the_first_samples(
+    name, r, fn, samples, generator
+):
+    """With ``samples=m`` the estimate is ``N/m`` times the r-scaled GGN sum over the first m
+    samples, which for a mean-reduced loss is the sub-batch's own mean GGN."""
+    model = tiny_net()
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = targets_for(name, generator)
+    record, _ = _record(model, x, y, fn)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    actual = exact_curvature(model, [record], kind, r, params, tangents, samples=samples)
+    m = 6 if samples is None else samples
+    assert_close(actual, _dense_ggn(model, params, tangents, x[:m], y[:m], fn))
+
+
 @pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
 def test_exact_curvature_equals_the_dense_ggn(name, r, fn, generator):
     model = tiny_net()
