@@ -33,9 +33,10 @@ quoted for the shell: 'optimizer.layer_settings[layer1.0.conv1].damping=0.01',
 'optimizer.layer_settings[features.*]=skip', or give the mapping as JSON:
 optimizer.layer_settings='{"layer1.0.conv1": {"damping": 0.01}}'.
 Config groups: SECTION=NAME (optimizer, model, data, schedule) replaces the whole section by NAME
-with every other key at its default, e.g. optimizer=adam gives Adam with its documented defaults;
-later overrides refine it (optimizer=adam optimizer.lr=1e-3). optimizer.name=adam changes only
-the name, and keys of the old optimizer that Adam does not take are then refused.
+with every other key at its default, e.g. optimizer=adam gives Adam with its documented defaults
+(and lr 1e-3, Adam's usual value); later overrides refine it
+(optimizer=adam optimizer.lr=3e-4). optimizer.name=adam changes only the name, and keys of
+the old optimizer that Adam does not take are then refused.
 With --resume and no CONFIG, the run's own config.yaml is used; the config must match the
 checkpoint except for epochs, device, quiet, log_every, checkpoint_period, out_dir, run_name,
 dist_timeout_s, test_batch_size, data.root, data.download and data.num_workers.

@@ -410,6 +410,13 @@ GROUPS: tuple[str, ...] = tuple(
 )
 """Sections with a ``name`` that an override ``SECTION=NAME`` selects as a config group."""
 
+GROUP_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("optimizer", "adam"): {"lr": 1e-3},
+    ("optimizer", "adamw"): {"lr": 1e-3},
+}
+"""Keys a config group sets besides its name, where the schema's default does not suit it
+(the schema's ``lr`` of 0.05 is an SGD/KFAC value; Adam's usual one is 1e-3)."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Generic typed conversion
@@ -970,8 +977,10 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
 
     A section that has a ``name`` (:data:`GROUPS`: ``model``, ``data``, ``optimizer``,
     ``schedule``) set to a name selects a config group: ``optimizer=adam`` replaces the whole
-    ``optimizer`` section by ``{name: adam}``, so every other key of it takes its documented
-    default (``kfac-tn reference``), and later overrides (``optimizer.lr=1e-3``) refine it.
+    ``optimizer`` section by ``{name: adam}`` plus the group's own defaults
+    (:data:`GROUP_DEFAULTS`: ``lr: 1e-3`` for Adam and AdamW), so every other key of it takes its
+    documented default (``kfac-tn reference``), and later overrides (``optimizer.lr=3e-4``)
+    refine it.
     ``optimizer.name=adam`` instead changes only the name and keeps the section's other keys.
 
     Args:
@@ -989,7 +998,7 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
     for text in overrides:
         path, value = parse_override(text)
         if len(path) == 1 and path[0] in GROUPS and isinstance(value, str):
-            value = {"name": value}
+            value = {"name": value, **GROUP_DEFAULTS.get((path[0], value), {})}
         node: dict[str, Any] = out
         cls: Any = TrainConfig
         for i, part in enumerate(path[:-1]):

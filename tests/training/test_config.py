@@ -479,9 +479,10 @@ def test_optimizer_group_replaces_the_section():
     with pytest.raises(ConfigError, match="optimizer.momentum: does not apply"):
         load_config(sgd, ["optimizer.name=adam"])  # renaming keeps SGD's keys
     cfg = load_config(sgd, ["optimizer=adam"])
-    assert cfg.optimizer == OptimizerConfig(name=OptimizerName.ADAM)
+    assert cfg.optimizer == OptimizerConfig(name=OptimizerName.ADAM, lr=1e-3)  # group's own lr
     refined = load_config(sgd, ["optimizer=adam", "optimizer.lr=1e-3", "optimizer.eps=1e-6"])
     assert refined.optimizer == OptimizerConfig(name=OptimizerName.ADAM, lr=1e-3, eps=1e-6)
+    assert load_config(None, ["optimizer=adamw", "optimizer.lr=3e-4"]).optimizer.lr == 3e-4
     assert config_to_dict(refined)["optimizer"] == {
         "name": "adam",
         "lr": 0.001,
