@@ -157,10 +157,12 @@ def test_blocks_are_eigendecomposed_whatever_the_inversion(inversion: str):
 
 
 def test_skip_is_exactly_momentum_sgd():
-    """``norm_block="skip"`` (the default): no block, the update of ``torch.optim.SGD``."""
+    """``norm_block="skip"``: no block, the update of ``torch.optim.SGD``."""
     layer, model, x, y = setup(CASES[2])
     twin = nn.Sequential(setup(CASES[2])[0], model[1])
-    kfac = KFAC(model, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    kfac = KFAC(
+        model, lr=0.1, momentum=0.9, weight_decay=1e-2, norm_block="skip", step_size="fixed"
+    )
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     assert kfac.blocks == []
     for _ in range(3):
@@ -202,5 +204,6 @@ def test_layer_settings_choose_the_mode_per_layer():
     ).double()
     opt = KFAC(model, norm_block="unitwise", layer_settings={"3": {"norm_block": "skip"}})
     assert [b.name for b in opt.blocks] == ["0", "1", "2"]
-    opt = KFAC(model, layer_settings={"1": {"norm_block": "diagonal"}})
+    opt = KFAC(model, norm_block="skip", layer_settings={"1": {"norm_block": "diagonal"}})
     assert [b.name for b in opt.blocks] == ["0", "1", "2"]
+    assert [b.name for b in KFAC(model).blocks] == ["0", "1", "2", "3"]  # default: unitwise
