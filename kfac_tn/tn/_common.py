@@ -23,6 +23,7 @@ __all__ = [
     "ShapeOnly",
     "TensorLike",
     "cached_call",
+    "check_cotangent",
     "check_groups",
     "check_impl",
     "hashable",
@@ -129,6 +130,24 @@ def check_groups(channels: int, groups: int, name: str = "x") -> None:
     if channels % groups != 0:
         raise ValueError(
             f"Invalid groups: {groups} does not divide the {channels} channels of {name}"
+        )
+
+
+def check_cotangent(x: TensorLike, v: TensorLike, spatial: tuple[int, ...]) -> None:
+    """Check that ``v`` is shaped like a cotangent ``[N, C, *spatial]`` of a layer with input ``x``.
+
+    Args:
+        x: Layer input ``[N, C_in, *]`` (a tensor or its shape).
+        v: The cotangent (a tensor or its shape).
+        spatial: The spatial size ``v`` must have.
+
+    Raises:
+        ValueError: Naming ``v``'s shape and the expected one.
+    """
+    if v.ndim != x.ndim or v.shape[0] != x.shape[0] or tuple(v.shape[2:]) != spatial:
+        raise ValueError(
+            f"Invalid v: shape {tuple(v.shape)} (expected [{x.shape[0]}, C_out, *{spatial}] "
+            f"for x of shape {tuple(x.shape)})"
         )
 
 

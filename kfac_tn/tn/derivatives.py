@@ -26,6 +26,7 @@ from kfac_tn.tn._common import (
     ShapeOnly,
     TensorLike,
     cached_call,
+    check_cotangent,
     check_groups,
     check_impl,
     input_spatial,
@@ -124,11 +125,7 @@ def prepare_weight_vjp(
     check_groups(x.shape[1], groups)
     spec = make_spec(x.shape[2:], kernel_size, stride, padding, dilation, groups)
     check_groups(v.shape[1], groups, "v")
-    if v.ndim != x.ndim or v.shape[0] != x.shape[0] or tuple(v.shape[2:]) != spec.out_spatial:
-        raise ValueError(
-            f"Invalid v: shape {tuple(v.shape)} (expected [{x.shape[0]}, C_out, "
-            f"*{spec.out_spatial}] for x of shape {tuple(x.shape)})"
-        )
+    check_cotangent(x, v, spec.out_spatial)
     return spec, (tuple(x.shape), tuple(v.shape))
 
 

@@ -43,6 +43,7 @@ from kfac_tn.tn._common import (
     ShapeOnly,
     TensorLike,
     cached_call,
+    check_cotangent,
     check_groups,
     check_impl,
     make_spec,
@@ -102,12 +103,7 @@ def prepare_per_sample_weight_grad(
         transpose=transpose,
         output_padding=output_padding,
     )
-    v_spatial = spec.in_spatial if transpose else spec.out_spatial
-    if v.ndim != x.ndim or v.shape[0] != x.shape[0] or tuple(v.shape[2:]) != v_spatial:
-        raise ValueError(
-            f"Invalid v: shape {tuple(v.shape)} (expected [{x.shape[0]}, C_out, *{v_spatial}] "
-            f"for x of shape {tuple(x.shape)})"
-        )
+    check_cotangent(x, v, spec.in_spatial if transpose else spec.out_spatial)
     return spec, (tuple(x.shape), tuple(v.shape))
 
 
