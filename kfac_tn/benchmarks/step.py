@@ -324,6 +324,7 @@ def _make_step(
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     peer = None
+    opt: torch.optim.Optimizer | None = None
     if name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     elif name == "adam":

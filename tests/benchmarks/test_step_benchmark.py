@@ -88,3 +88,12 @@ def test_variant_rows_report_their_extra_cost(monkeypatch):
         extra = row["extra_vs_kfac_s"]
         assert extra["step"] == pytest.approx(row["time_s"]["step"] - base["time_s"]["step"])
     assert "extra_vs_kfac_s" not in base
+
+
+def test_peer_rows_run(monkeypatch):
+    """Regression: the peer rows failed ("local variable 'opt'") and were silently left out."""
+    pytest.importorskip("curvlinops")
+    monkeypatch.setattr(step, "build", tiny)
+    rows = step.main("--models 3c3d --batch-size 2 --steps 1 --no-budget --approx reduce".split())
+    peers = [(r["optimizer"], r["kfac_approx"]) for r in rows if r["mode"] is None]
+    assert ("curvlinops", "reduce") in peers and ("curvlinops", "expand") in peers
