@@ -141,8 +141,9 @@ class KFAC(torch.optim.Optimizer):
             ``curvature_budget``, else 10.
         curvature_budget: Fraction in ``(0, 1)`` of a step's time that curvature work
             (capture, factors, decompositions, preconditioning) may take; the periods that are
-            ``None`` are chosen per layer to keep it (:mod:`kfac_tn.optim.schedule`). ``None``:
-            fixed periods.
+            ``None`` are chosen per layer to keep it (:mod:`kfac_tn.optim.schedule`). ``None``
+            (default): fixed periods, so a run, its resume and its replicas are reproducible
+            bitwise by construction; a budget's periods depend on measured time.
         eigenbasis_tolerance: Keep (or refine with one QR iteration) a layer's previous
             eigenbasis when its relative off-diagonal mass on the new factor is at most this, in
             ``[0, 1]``; 0: a full ``eigh`` every inverse update (:mod:`kfac_tn.decompositions`).
@@ -206,7 +207,7 @@ class KFAC(torch.optim.Optimizer):
         factor_decay: float = 0.95,
         factor_update_period: int | None = None,
         inverse_update_period: int | None = None,
-        curvature_budget: float | None = 0.25,
+        curvature_budget: float | None = None,
         eigenbasis_tolerance: float = 0.0,
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
