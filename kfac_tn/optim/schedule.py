@@ -137,7 +137,9 @@ def stagger_phases(periods: Mapping[str, int], costs: Mapping[str, float]) -> di
     phases: dict[str, int] = {}
     for name in sorted(periods, key=lambda k: (-float(costs.get(k, 0.0)), k)):
         period, cost = int(periods[name]), float(costs.get(name, 0.0))
-        best = min(range(period), key=lambda s: (max(load[s::period]), sum(load[s::period]), s))
+        # a period beyond the horizon touches at most one step in it: phases past it add nothing
+        choices = range(min(period, horizon))
+        best = min(choices, key=lambda s: (max(load[s::period]), sum(load[s::period]), s))
         for t in range(best, horizon, period):
             load[t] += cost
         phases[name] = best

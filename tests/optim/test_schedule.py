@@ -83,6 +83,26 @@ def test_stagger_keeps_every_period_and_balances_the_cost(periods, costs, peak):
     assert stagger_phases(dict(reversed(periods.items())), costs) == phases  # deterministic
 
 
+def test_stagger_accepts_periods_beyond_the_horizon():
+    # regression: inverse_update_period=10**6 ("freeze the inverses") raised ValueError, as
+    # phases past the 4096-step horizon had no steps to balance
+    periods = {"a": 10**6, "b": 10**6, "c": 7}
+    phases = stagger_phases(periods, {"a": 2.0, "b": 1.0, "c": 1.0})
+    assert all(0 <= phases[n] < periods[n] for n in periods)
+    assert phases["a"] != phases["b"]  # still spread: the two jobs do not share a step
+
+
+def test_optimizer_with_a_frozen_inverse_period_steps(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()
+    opt = KFAC(model, inverse_update_period=10**9)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+        opt.step()
+    assert opt.stats["inverse_updates"] == 2  # the first inverse of each layer, then frozen
+
+
 def test_optimizer_inverse_steps_are_staggered_and_periodic(one_thread):
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(5))).double()
