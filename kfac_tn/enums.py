@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 __all__ = [
+    "BudgetCosts",
     "Choice",
     "DistributedStrategy",
     "DtypeName",
@@ -146,6 +147,13 @@ class StepSize(Choice):
 
     FIXED = "fixed"
     QMODEL = "qmodel"
+
+
+class BudgetCosts(Choice):
+    """Where ``curvature_budget`` takes the costs it plans with (:mod:`kfac_tn.optim.schedule`)."""
+
+    MODEL = "model"
+    MEASURED = "measured"
 
 
 class Impl(Choice):

@@ -396,11 +396,16 @@ BUDGET_STEPS = 10
 BUDGET_CHECKPOINT = 5
 
 
-def budget_kfac(model, clock=None):
+def budget_kfac(model, clock=None, costs="measured"):
     """KFAC with a curvature budget, a short probe and frequent decisions (for 10 steps)."""
     from kfac_tn.optimizer import KFAC
 
-    opt = KFAC(model, **KFAC_COMMON | dict(inverse_update_period=None), curvature_budget=0.2)
+    opt = KFAC(
+        model,
+        **KFAC_COMMON | dict(inverse_update_period=None),
+        curvature_budget=0.2,
+        budget_costs=costs,
+    )
     opt.schedule.probe_start, opt.schedule.probe_steps, opt.schedule.decide_every = 1, 2, 3
     if clock is not None:
         opt.schedule.meter.clock = clock
@@ -419,6 +424,15 @@ def _scenario_budget(rank: int, world_size: int, workdir: Path, args: Sequence[s
     out["real"] = {
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "periods": copy.deepcopy(opt.state["kfac"]["schedule"]["periods"]),
+    }
+    opt.remove_hooks()
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = budget_kfac(ddp, costs="model")  # modeled costs: no clock at all
+    train_steps(ddp, opt, range(BUDGET_STEPS), rank, world_size)
+    out["model"] = {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "schedule": copy.deepcopy(opt.state["kfac"]["schedule"]),
     }
     opt.remove_hooks()
     model = make_model()

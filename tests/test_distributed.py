@@ -453,6 +453,9 @@ def test_budget_ranks_agree_and_resume_exactly(suite):
         assert _max_diff(res["real"]["params"], first["real"]["params"]) == 0.0, f"rank {rank}"
         assert res["resumed"]["periods"] == res["tick"]["schedule"]["periods"], f"rank {rank}"
         assert _max_diff(res["resumed"]["params"], res["tick"]["params"]) < 1e-12, f"rank {rank}"
+        assert res["model"]["schedule"] == first["model"]["schedule"], f"rank {rank}"
+        assert _max_diff(res["model"]["params"], first["model"]["params"]) == 0.0, f"rank {rank}"
+    assert first["model"]["schedule"]["decisions"] == 1  # modeled costs: one decision, step 1
     schedule = first["tick"]["schedule"]
     assert schedule["step"] == workers.BUDGET_STEPS and schedule["next_decision"] == 12
     assert _max_diff(first["tick"]["params"], workers.make_model().state_dict()) > 1e-3

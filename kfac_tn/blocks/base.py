@@ -36,6 +36,7 @@ in the optimizer's ``state[weight]`` dict that is passed in.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class KroneckerBlock(ABC):
         self._a_counts: list[int] = []  # their sample counts n_i
         self._g_parts: dict[str, list[Tensor]] = {}  # gradient statistics by STATISTICS key
         self._samples = 0
+        self._seen: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (x, output) shapes
 
     # ------------------------------------------------------------------ layer-specific parts
     @abstractmethod
@@ -242,6 +244,28 @@ class KroneckerBlock(ABC):
     def skipped(self, norm_block: NormBlock | str) -> bool:
         """Whether the block is switched off (then its parameters get momentum SGD)."""
         return False
+
+    def _input_positions(self, x_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> float:
+        """Columns of the input factor per sample and group (default: the output positions)."""
+        return self._output_positions(output_shape)
+
+    def _output_positions(self, output_shape: tuple[int, ...]) -> float:
+        """Rows of the gradient factor per sample and group: the output's entries per channel."""
+        n = output_shape[0] if output_shape else 1
+        return max(math.prod(output_shape) / max(n * self.groups * self.dims[1], 1), 1.0)
+
+    def seen_positions(self) -> tuple[int, float, float] | None:
+        """``(N, P_A, P_G)`` of the last captured forward pass (the cost model's shapes).
+
+        Samples, input-factor columns and gradient-factor rows per sample and group
+        (:func:`kfac_tn.optim.schedule.modeled_costs`); ``None`` before the first capture.
+        """
+        if self._seen is None:
+            return None
+        x_shape, output_shape = self._seen
+        n = output_shape[0] if output_shape else 1
+        p_a = self._input_positions(x_shape, output_shape)
+        return n, p_a, self._output_positions(output_shape)
 
     def _keeps_input(self, basis: EigenBasis | None) -> bool:
         """Whether the backward statistics need the layer input (EKFAC: with a basis)."""
@@ -336,6 +360,7 @@ class KroneckerBlock(ABC):
         Returns:
             The :class:`Forward`; its ``a_mean`` is a fresh tensor (it may be updated in place).
         """
+        self._seen = (tuple(x.shape), tuple(output.shape))
         with torch.autocast(x.device.type, enabled=False):  # factors in ``dtype``, not bf16
             a_mean, n = self._input_factor(x.detach().to(dtype), output, approx)
         return Forward(a_mean, n, x.detach() if self._keeps_input(basis) else None)

@@ -15,6 +15,8 @@ transposed convolution the output padding is read off the actual output shape, s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -130,6 +132,10 @@ class ConvBlock(_ConvBase):
 @register_block(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvTransposeBlock(_ConvBase):
     """``nn.ConvTransposeNd``: weight ``[C_in, C_out/G, *K]`` as ``[G, C_out/G, C_in/G·ΠK]``."""
+
+    def _input_positions(self, x_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> float:
+        # the transpose-unfolded columns are taken at the input positions
+        return float(math.prod(x_shape[-self.spatial_dims :]))
 
     def _output_padding(self, x: Tensor, output: Tensor) -> tuple[int, ...]:
         """Output padding that produced ``output`` (differs from the module's with output_size)."""

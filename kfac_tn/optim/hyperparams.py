@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kfac_tn.enums import (
+    BudgetCosts,
     Choice,
     DistributedStrategy,
     DtypeName,
@@ -153,6 +154,7 @@ RULES: dict[str, Rule] = {
     "factor_update_period": Number(1, integer=True, nullable=True),
     "inverse_update_period": Number(1, integer=True, nullable=True),
     "curvature_budget": Number(0.0, 1.0, low_open=True, high_open=True, nullable=True),
+    "budget_costs": OneOf(BudgetCosts),
     "eigenbasis_tolerance": Number(0.0, 1.0),
     "kfac_approx": OneOf(KFACApprox),
     "fisher_type": OneOf(FisherType),

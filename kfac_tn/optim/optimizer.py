@@ -68,7 +68,16 @@ import torch
 from torch import Tensor, nn
 
 from kfac_tn.blocks import EigenBasis, KroneckerBlock
-from kfac_tn.enums import DistributedStrategy, LossReduction, LossType, QModel, StepSize
+from kfac_tn.enums import (
+    BudgetCosts,
+    DistributedStrategy,
+    Inversion,
+    KFACApprox,
+    LossReduction,
+    LossType,
+    QModel,
+    StepSize,
+)
 from kfac_tn.faults import log_fault
 from kfac_tn.losses import reduction_scale
 from kfac_tn.optim import hyperparams
@@ -83,7 +92,12 @@ from kfac_tn.optim.inverses import PATH_COUNTERS
 from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
 from kfac_tn.optim.qmodel import RecordedPass, StepPieces, recorded_loss, step_pieces
-from kfac_tn.optim.schedule import CostMeter, CurvatureSchedule, check_schedule_state
+from kfac_tn.optim.schedule import (
+    CostMeter,
+    CurvatureSchedule,
+    LayerWork,
+    check_schedule_state,
+)
 from kfac_tn.optim.state_dict import CURVATURE_KEYS, check_state_dict
 from kfac_tn.optim.statistics import Capture, StatisticsCollector
 from kfac_tn.optim.update import Update, propose
@@ -107,6 +121,7 @@ GLOBAL_KEYS = (
     "max_step_scale",
     "qmodel_samples",
     "curvature_budget",
+    "budget_costs",
 )
 _COUNTERS = (
     "factor_updates",
@@ -139,11 +154,14 @@ class KFAC(torch.optim.Optimizer):
         inverse_update_period: Recompute inverses every this many steps (each layer on its own
             phase, see :mod:`kfac_tn.optim.schedule`); ``None``: chosen by
             ``curvature_budget``, else 10.
-        curvature_budget: Fraction in ``(0, 1)`` of a step's time that curvature work
+        curvature_budget: Fraction in ``(0, 1)`` of a step's work that curvature work
             (capture, factors, decompositions, preconditioning) may take; the periods that are
-            ``None`` are chosen per layer to keep it (:mod:`kfac_tn.optim.schedule`). ``None``
-            (default): fixed periods, so a run, its resume and its replicas are reproducible
-            bitwise by construction; a budget's periods depend on measured time.
+            ``None`` are chosen per layer to keep it (:mod:`kfac_tn.optim.schedule`). ``None``:
+            fixed periods (``1/10``).
+        budget_costs: What the budget plans with: ``"model"`` (work computed from the layer
+            shapes of the first step, periods chosen once: a rerun, its resume and its replicas
+            are bitwise reproducible by construction) or ``"measured"`` (seconds of sampled
+            steps: follows the machine, adapts, but depends on timing).
         eigenbasis_tolerance: Keep (or refine with one QR iteration) a layer's previous
             eigenbasis when its relative off-diagonal mass on the new factor is at most this, in
             ``[0, 1]``; 0: a full ``eigh`` every inverse update (:mod:`kfac_tn.decompositions`).
@@ -208,6 +226,7 @@ class KFAC(torch.optim.Optimizer):
         factor_update_period: int | None = None,
         inverse_update_period: int | None = None,
         curvature_budget: float | None = None,
+        budget_costs: str = "model",
         eigenbasis_tolerance: float = 0.0,
         kfac_approx: str = "expand",
         fisher_type: str = "empirical",
@@ -700,7 +719,7 @@ class KFAC(torch.optim.Optimizer):
         own = self.state[_OWN]
         own["step"] = own.get("step", 0) + 1
         if self.schedule.budget is not None:
-            self.schedule.end_step(self._due_next, self._explicit_periods)
+            self.schedule.end_step(self._due_next, self._explicit_periods, self._layer_work)
         self._plan_capture()
 
     # ------------------------------------------------------------------ small helpers
@@ -714,6 +733,48 @@ class KFAC(torch.optim.Optimizer):
     def _explicit_periods(self) -> dict[str, tuple[int | None, int | None]]:
         """Layer -> its explicit (factor, inverse) periods, ``None`` where the budget chooses."""
         return {b.name: hp.explicit_periods for b, hp in self._hp_by_block().items()}
+
+    def _layer_work(self) -> tuple[dict[str, LayerWork], float]:
+        """Return what the modeled budget plans with (:func:`.schedule.modeled_costs`).
+
+        Layer -> its :class:`LayerWork` (shapes of its last capture), for the layers seen, and
+        the self-tuning's forward passes per step.
+        """
+        out = {}
+        for block, hp in self._hp_by_block().items():
+            seen = block.seen_positions()
+            if seen is None or block.skipped(hp.norm_block):
+                continue
+            d_a, d_g = block.dims
+            out[block.name] = LayerWork(
+                samples=seen[0],
+                input_positions=seen[1],
+                output_positions=seen[2],
+                groups=block.groups,
+                d_a=d_a,
+                d_g=d_g,
+                reduce=hp.kfac_approx is KFACApprox.REDUCE,
+                cholesky=block.inversion_for(hp.inversion) is Inversion.CHOLESKY,
+                ekfac=block.uses_ekfac(hp.preconditioner),
+            )
+        return out, self._extra_forwards(out)
+
+    def _extra_forwards(self, layers: Mapping[str, LayerWork]) -> float:
+        """Forward passes of the batch the self-tuning adds per step, amortised.
+
+        A JVP (``step_size="qmodel"`` every step, ``qmodel="exact"`` on adaptation steps) costs
+        about three forward passes on its samples; the damping adaptation one forward.
+        """
+        d = self.defaults
+        batch = max((w.samples for w in layers.values()), default=1)
+        share = 1.0 if d["qmodel_samples"] is None else min(1.0, d["qmodel_samples"] / batch)
+        period = int(d["damping_adaptation_period"])
+        adapting = any(g["damping_adaptation"] for g in self.param_groups)
+        extra = 3.0 * share if self._qmodel_step() else 0.0
+        if adapting:
+            exact = not self._qmodel_step() and d["qmodel"] == QModel.EXACT.value
+            extra += (1.0 + (3.0 * share if exact else 0.0)) / period
+        return extra
 
     def _due_next(self) -> dict[str, tuple[bool, bool]]:
         """Layer -> (factor update, inverse update) due at its next step (sampling decisions)."""
@@ -738,6 +799,7 @@ def _make_schedule(opt: KFAC) -> CurvatureSchedule:
     return CurvatureSchedule(
         layers=[(b.name, b.inversion_cost(), _factor_size(b)) for b in opt.blocks],
         budget=budget,
+        costs_from=BudgetCosts(opt.defaults["budget_costs"]),
         meter=CostMeter(sync=sync),
         agree=comm.agree if comm is not None else None,
         store=(lambda: opt.state[_OWN].setdefault("schedule", {})) if budget is not None else None,

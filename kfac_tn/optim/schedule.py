@@ -33,26 +33,38 @@ expensive layers update less often, cheap ones every step. Integer periods
 longest periods exceed the budget (``P`` alone is too large), all periods go to the bounds and a
 warning says so. Bounds: :data:`FACTOR_PERIODS`, :data:`INVERSE_PERIODS`.
 
-Measurement (:class:`CostMeter`): a few *sampled* steps are timed phase by phase, with a device
-synchronisation around each timed phase on those steps only: :data:`PROBE_STEPS` steps from
-step :data:`PROBE_START` on (earlier steps pay one-off costs: plans, workspaces; the periods
-are ``1/10`` meanwhile, so every layer's inverse runs once in the probe), then a step whenever
-a layer due for an update has not been measured for :data:`REMEASURE_STEPS` steps (at most one
-sampled step in :data:`SAMPLE_GAP`). A step's time runs from the model's first training
-forward after the previous step to the end of ``step()`` (so it includes the self-tuning's
-extra loss evaluation, counted as base time). Estimates are exponential averages (weight
-:data:`COST_DECAY`) of the measurements. Decisions happen after the probe and then every
-:data:`DECIDE_EVERY` steps; a plan that still fits the budget (and uses at least
-:data:`KEEP_FRACTION` of it) is kept, so noise does not make the periods flap. Changes are logged
-(one line per decision that changes something).
+Costs (``budget_costs``). ``"model"`` (default): the costs are *work* (flop-equivalents)
+computed by :func:`modeled_costs` from the shapes the layers saw on the first step — samples,
+positions, groups and factor sizes — and their settings (expand or reduce, eigen or Cholesky,
+EKFAC), with :data:`EIGH_WORK`, :data:`CHOLESKY_WORK` and :data:`CALL_WORK` as the only
+constants; base work is the layers' forward and backward GEMMs (other operations are not
+counted, so the plan errs on the cheap side). The periods are chosen once, at the end of the
+first step, and kept: a function of the model, the batch shape and the settings only, so a rerun,
+a resume and every replica take the same periods by construction, and no step is timed or
+synchronised. ``"measured"``: the costs are seconds measured on sampled steps, as below; the
+plan follows the machine (and its load) and adapts when costs change, at the price of
+run-to-run reproducibility.
+
+Measurement (:class:`CostMeter`, ``budget_costs="measured"``): a few *sampled* steps are timed
+phase by phase, with a device synchronisation around each timed phase on those steps only:
+:data:`PROBE_STEPS` steps from step :data:`PROBE_START` on (earlier steps pay one-off costs:
+plans, workspaces; the periods are ``1/10`` meanwhile, so every layer's inverse runs once in the
+probe), then a step whenever a layer due for an update has not been measured for
+:data:`REMEASURE_STEPS` steps (at most one sampled step in :data:`SAMPLE_GAP`). A step's time
+runs from the model's first training forward after the previous step to the end of ``step()``
+(so it includes the self-tuning's extra loss evaluation, counted as base time). Estimates are
+exponential averages (weight :data:`COST_DECAY`) of the measurements. Decisions happen after the
+probe and then every :data:`DECIDE_EVERY` steps; a plan that still fits the budget (and uses at
+least :data:`KEEP_FRACTION` of it) is kept, so noise does not make the periods flap. Changes are
+logged (one line per decision that changes something).
 
 State and agreement. The chosen periods, the estimates and the step counters live in the
 optimizer's own state entry (``state["kfac"]["schedule"]``), so ``state_dict()`` /
-``load_state_dict()`` resume exactly until the next decision (which then uses the resumed run's
-own measurements; with a deterministic clock, exactly). Under ``torch.distributed`` the
-estimates are summed over ranks and rank 0's result is broadcast before each decision
-(:meth:`~kfac_tn.distributed.Communicator.agree`), so every rank takes the same decision by
-construction. Tests inject the clock (``KFAC.schedule.meter.clock``).
+``load_state_dict()`` resume exactly (measured costs: until the next decision, which then uses
+the resumed run's own measurements; with a deterministic clock, exactly). Under
+``torch.distributed`` the estimates are summed over ranks and rank 0's result is broadcast
+before each decision (:meth:`~kfac_tn.distributed.Communicator.agree`), so every rank takes the
+same decision by construction. Tests inject the clock (``KFAC.schedule.meter.clock``).
 """
 
 from __future__ import annotations
@@ -67,11 +79,15 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kfac_tn.enums import BudgetCosts
 from kfac_tn.faults import log_fault
 
 __all__ = [
+    "CALL_WORK",
+    "CHOLESKY_WORK",
     "COST_DECAY",
     "DECIDE_EVERY",
+    "EIGH_WORK",
     "FACTOR_PERIODS",
     "INVERSE_PERIODS",
     "KEEP_FRACTION",
@@ -82,10 +98,12 @@ __all__ = [
     "CostMeter",
     "CurvatureCosts",
     "CurvatureSchedule",
+    "LayerWork",
     "Periods",
     "Plan",
     "check_schedule_state",
     "choose_periods",
+    "modeled_costs",
     "stagger_phases",
 ]
 
@@ -256,6 +274,85 @@ def choose_periods(
     return Plan(periods, curvature, allowed, curvature <= allowed)
 
 
+# ------------------------------------------------------------------------------ the cost model
+EIGH_WORK = 12.0
+"""Work of a symmetric eigendecomposition of an ``n × n`` matrix, in flops: ``EIGH_WORK · n³``
+(on CPU an ``eigh`` takes 5–7 times a GEMM of the same size, which is ``2 n³`` flops)."""
+CHOLESKY_WORK = 2.0
+"""Work of a Cholesky factorisation and inverse of an ``n × n`` matrix: ``CHOLESKY_WORK · n³``."""
+CALL_WORK = 5e6
+"""Fixed work of one routine of a layer (kernel launches, Python), in flops (~60 µs on CPU)."""
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What a layer's curvature work depends on: the shapes it saw and its settings.
+
+    Attributes:
+        samples: ``N``, samples of the batch.
+        input_positions: Columns of the input factor per sample and group (output positions of
+            a convolution, input positions of a transposed one; 1 for a linear layer on
+            ``[N, D]``).
+        output_positions: Rows of the gradient factor per sample and group.
+        groups: Kronecker blocks of the layer.
+        d_a: Input factor size per group.
+        d_g: Gradient factor size per group.
+        reduce: KFAC-reduce (else expand).
+        cholesky: Cholesky inversion (else eigendecompositions).
+        ekfac: EKFAC scalings from per-sample gradients.
+    """
+
+    samples: int
+    input_positions: float
+    output_positions: float
+    groups: int
+    d_a: int
+    d_g: int
+    reduce: bool = False
+    cholesky: bool = False
+    ekfac: bool = False
+
+
+def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) -> CurvatureCosts:
+    """Work of every part of a step, in flops, for :func:`choose_periods` (module docstring).
+
+    Per layer with ``N`` samples, ``P_A``/``P_G`` positions, ``g`` groups and sizes ``a``,
+    ``o``: base ``(3 + extra_forwards) · 2 N P_A g a o`` (forward, two backward GEMMs and the
+    self-tuning's extra forward passes, which count as base time when measured); factors (expand)
+    ``2 N g (P_A a² + P_G o²)``, (reduce) ``N g (P_A a + P_G o) + 2 N g (a² + o²)``, EKFAC adds
+    the per-sample gradients and their projection ``2 N g (P_G o a + o² a + o a²)``; inverse
+    ``EIGH_WORK g (a³ + o³)`` (Cholesky: ``CHOLESKY_WORK``); fixed (preconditioning) ``4 g
+    (o² a + o a²)`` (Cholesky: two GEMMs, half of it). Every routine adds :data:`CALL_WORK`.
+
+    Args:
+        layers: Layer name -> its :class:`LayerWork`.
+        extra_forwards: Forward passes of the whole batch per step beyond the training one
+            (the self-tuning's loss evaluations and JVPs, amortised over their periods).
+
+    Returns:
+        The :class:`CurvatureCosts` in flops; deterministic in its arguments.
+    """
+    base = fixed = 0.0
+    factor: dict[str, float] = {}
+    inverse: dict[str, float] = {}
+    for name, w in layers.items():
+        n, g, a, o = float(w.samples), float(w.groups), float(w.d_a), float(w.d_g)
+        p_a, p_g = float(w.input_positions), float(w.output_positions)
+        base += (3.0 + extra_forwards) * (2.0 * n * p_a * g * a * o + CALL_WORK)
+        if w.reduce:
+            work = n * g * (p_a * a + p_g * o) + 2.0 * n * g * (a * a + o * o)
+        else:
+            work = 2.0 * n * g * (p_a * a * a + p_g * o * o)
+        if w.ekfac:
+            work += 2.0 * n * g * (p_g * o * a + o * o * a + o * a * a)
+        factor[name] = work + 2.0 * CALL_WORK
+        per_n3 = CHOLESKY_WORK if w.cholesky else EIGH_WORK
+        inverse[name] = per_n3 * g * (a**3 + o**3) + 2.0 * CALL_WORK
+        gemms = 2.0 if w.cholesky else 4.0
+        fixed += gemms * g * (o * o * a + o * a * a) + CALL_WORK
+    return CurvatureCosts(base=base, fixed=fixed, factor=factor, inverse=inverse)
+
+
 # ------------------------------------------------------------------------------ measuring
 class CostMeter:
     """Times phases of sampled steps: ``with meter.span(kind, layer): ...``.
@@ -340,6 +437,7 @@ class CurvatureSchedule:
         probe_start: First sampled step (:data:`PROBE_START`).
         probe_steps: Sampled steps before the first decision (:data:`PROBE_STEPS`).
         decide_every: Steps between later decisions (:data:`DECIDE_EVERY`).
+        costs_from: ``budget_costs``: plan once with modeled work, or with measured seconds.
     """
 
     layers: Sequence[tuple[str, float, float]]
@@ -350,6 +448,7 @@ class CurvatureSchedule:
     probe_start: int = PROBE_START
     probe_steps: int = PROBE_STEPS
     decide_every: int = DECIDE_EVERY
+    costs_from: BudgetCosts = BudgetCosts.MEASURED
 
     @property
     def state(self) -> dict[str, Any]:
@@ -417,6 +516,7 @@ class CurvatureSchedule:
         self,
         due_next: Callable[[], Mapping[str, tuple[bool, bool]]],
         explicit: Callable[[], Mapping[str, tuple[int | None, int | None]]],
+        work: Callable[[], tuple[Mapping[str, LayerWork], float]] | None = None,
     ) -> None:
         """Close a step: record its measurements, decide if it is time, sample the next or not.
 
@@ -425,11 +525,20 @@ class CurvatureSchedule:
                 under the periods after this call's decision (whether to sample the next step).
             explicit: Returns layer -> its explicit ``(factor, inverse)`` periods (``None``:
                 chosen); called at decisions only.
+            work: Returns the :class:`LayerWork` of the layers whose shapes were seen and the
+                extra forward passes per step (modeled costs; called until the one decision).
         """
         if self.budget is None:
             return
         st = self.state
         step = st.get("step", 0)
+        if self.costs_from is BudgetCosts.MODEL:
+            st["step"] = step + 1
+            layers, extra = work() if work is not None and "periods" not in st else ({}, 0.0)
+            if layers:
+                self._store(modeled_costs(layers, extra), step + 1)
+                self._decide(step + 1, explicit())
+            return
         if self.meter.active:
             self._record(step)
         st["step"] = step = step + 1
@@ -466,6 +575,14 @@ class CurvatureSchedule:
         self._estimate("fixed", "", spans.get(("fixed", ""), 0.0), step)
         if start is not None:
             self._estimate("base", "", max(end - start - curvature, 0.0), step)
+
+    def _store(self, costs: CurvatureCosts, step: int) -> None:
+        """Keep modeled costs as the estimates (replacing any)."""
+        st = self.state
+        st["base"] = {"": [float(costs.base), step]}
+        st["fixed"] = {"": [float(costs.fixed), step]}
+        st["factor"] = {n: [float(v), step] for n, v in costs.factor.items()}
+        st["inverse"] = {n: [float(v), step] for n, v in costs.inverse.items()}
 
     def _estimate(self, kind: str, name: str, seconds: float, step: int) -> None:
         table = self.state.setdefault(kind, {})
@@ -542,16 +659,20 @@ class CurvatureSchedule:
                 return
         st["periods"] = {n: [p.factor, p.inverse] for n, p in plan.periods.items()}
         st["decisions"] = st.get("decisions", 0) + 1
+        unit = "flops" if self.costs_from is BudgetCosts.MODEL else "s"
         if not plan.feasible:
             self._unreachable += 1
             log_fault(
                 logger,
                 self._unreachable,
                 "KFAC curvature_budget=%g is out of reach: per-step curvature work alone "
-                "(preconditioning, checks) is %.3g s of a %.3g s step; periods set to their bounds",
+                "(preconditioning, checks) is %.3g %s of a %.3g %s step; periods set to their "
+                "bounds",
                 self.budget,
                 costs.fixed,
+                unit,
                 costs.base + costs.fixed,
+                unit,
             )
         shown = ", ".join(
             f"{n} {p.factor}/{p.inverse}" for n, p in list(sorted(plan.periods.items()))[:8]
@@ -560,13 +681,14 @@ class CurvatureSchedule:
         step_time = costs.base + plan.curvature
         logger.info(
             "KFAC curvature_budget=%g at step %d: factor/inverse periods %s%s "
-            "(estimated curvature %.0f%% of a %.3g s step)",
+            "(estimated curvature %.0f%% of a %.3g %s step)",
             self.budget,
             step,
             shown,
             more,
             100.0 * plan.curvature / step_time if step_time > 0 else 0.0,
             step_time,
+            unit,
         )
 
 

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from kfac_tn.enums import (
+    BudgetCosts,
     Choice,
     DistributedStrategy,
     DtypeName,
@@ -216,6 +217,7 @@ class OptimizerConfig:
     factor_update_period: int | None = None
     inverse_update_period: int | None = None
     curvature_budget: float | None = None
+    budget_costs: BudgetCosts = BudgetCosts.MODEL
     eigenbasis_tolerance: float = 0.0
     kfac_approx: KFACApprox = KFACApprox.EXPAND
     fisher_type: FisherType = FisherType.EMPIRICAL
@@ -277,8 +279,10 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "``curvature_budget``, else 1).",
     "inverse_update_period": "recompute the inverses every N steps, each layer on its own phase "
     "(null: chosen by ``curvature_budget``, else 10).",
-    "curvature_budget": "fraction of a step's time curvature work may take; the null periods "
+    "curvature_budget": "fraction of a step's work curvature work may take; the null periods "
     "are chosen per layer to keep it (null: fixed periods).",
+    "budget_costs": "what the budget plans with: ``model`` (work from the layer shapes, chosen "
+    "once: reproducible) or ``measured`` (timed steps: follows the machine, adapts).",
     "eigenbasis_tolerance": "keep a layer's previous eigenbasis (after one QR iteration) while "
     "its relative off-diagonal mass stays below this (0: a full eigh every inverse update).",
     "kfac_approx": "``expand`` (KFC) or ``reduce`` (cheaper, Eschenhagen et al. 2023).",

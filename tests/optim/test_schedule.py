@@ -288,6 +288,7 @@ def _train(model, opt, steps, start=0):
 
 
 def _budget_opt(model, **kw):
+    kw.setdefault("budget_costs", "measured")
     opt = KFAC(model, lr=0.05, curvature_budget=0.2, eigenbasis_tolerance=0.05, **kw)
     opt.schedule.meter.clock = FakeClock(tick=1e-3)  # durations: clock readings inside a span
     opt.schedule.probe_start, opt.schedule.probe_steps, opt.schedule.decide_every = 1, 3, 4
@@ -358,3 +359,88 @@ def test_malformed_schedule_state_is_refused(entry, match):
     state["state"]["kfac"]["schedule"] = entry
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ modeled costs
+WORK_CASES = [
+    ("conv2d-stride2", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), (5, 4, 9, 9)),
+    ("conv1d-groups", lambda: nn.Conv1d(4, 6, 3, groups=2, bias=False), (5, 4, 11)),
+    ("conv-transpose2d", lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, bias=False), (5, 4, 7, 7)),
+    ("linear-sequence", lambda: nn.Linear(4, 6, bias=False), (5, 3, 4)),
+]
+
+
+def _layer_work_after_one_step(layer: nn.Module, shape: tuple[int, ...]) -> schedule.LayerWork:
+    model = nn.Sequential(layer).double()
+    opt = KFAC(model, curvature_budget=0.5)
+    opt.zero_grad()
+    model(torch.randn(shape, dtype=torch.float64)).square().sum().backward()
+    opt.step()
+    opt.remove_hooks()  # the flop count below is of the layer alone
+    return opt._layer_work()[0]["0"]
+
+
+@pytest.mark.parametrize("make,shape", [c[1:] for c in WORK_CASES], ids=[c[0] for c in WORK_CASES])
+def test_modeled_base_work_is_the_layer_flops_of_torch_flop_counter(make, shape):
+    """The cost model's base work equals the flops torch counts for the layer's forward pass
+    (independent reference: ``torch.utils.flop_counter``), three times for forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer = make()
+    work = _layer_work_after_one_step(layer, shape)
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.randn(shape, dtype=torch.float64))
+    base = schedule.modeled_costs({"0": work}).base - 3 * schedule.CALL_WORK
+    assert base == pytest.approx(3 * counter.get_total_flops())
+
+
+ORDER_CASES = [  # (id, cheaper settings, dearer settings, which cost)
+    ("reduce-factors-cheaper", dict(reduce=True), dict(reduce=False), "factor"),
+    ("cholesky-inverse-cheaper", dict(cholesky=True), dict(cholesky=False), "inverse"),
+    ("cholesky-preconditioning-cheaper", dict(cholesky=True), dict(cholesky=False), "fixed"),
+    ("ekfac-factors-dearer", dict(ekfac=False), dict(ekfac=True), "factor"),
+]
+
+
+@pytest.mark.parametrize(
+    "cheap,dear,part", [c[1:] for c in ORDER_CASES], ids=[c[0] for c in ORDER_CASES]
+)
+def test_modeled_costs_order_the_settings(cheap, dear, part):
+    layer = dict(samples=32, input_positions=64.0, output_positions=64.0, groups=1, d_a=289)
+    works = [schedule.LayerWork(**layer, d_g=64, **s) for s in (cheap, dear)]
+    costs = [schedule.modeled_costs({"l": w}) for w in works]
+    value = [c.fixed if part == "fixed" else getattr(c, part)["l"] for c in costs]
+    assert value[0] < value[1]
+
+
+def _model_budget_run(steps, checkpoint_at=None):
+    model = _net()
+    opt = KFAC(model, lr=0.05, curvature_budget=0.2)
+    saved = None
+    for t in range(steps):
+        if t == checkpoint_at:
+            saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        _train(model, opt, 1, start=t)
+        assert not opt.schedule.meter.active  # modeled costs: no step is ever timed
+    return model, opt, saved
+
+
+def test_budget_with_modeled_costs_decides_once_and_is_reproducible(one_thread, caplog):
+    with caplog.at_level("INFO", logger="kfac_tn"):
+        model, opt, saved = _model_budget_run(12, checkpoint_at=1)
+    state = opt.state["kfac"]["schedule"]
+    assert state["decisions"] == 1 and state["step"] == 12
+    assert sum("at step 1:" in r.getMessage() for r in caplog.records) == 1
+    assert set(state["periods"]) == {"0", "3"}
+    assert max(p for periods in state["periods"].values() for p in periods) > 1
+    again, opt_again, _ = _model_budget_run(12)  # a rerun: the same periods, bitwise
+    assert opt_again.state["kfac"]["schedule"] == state
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    resumed = _net()  # resume from step 1, right after the decision: bitwise the same run
+    resumed.load_state_dict(saved[0])
+    opt2 = KFAC(resumed, lr=0.05, curvature_budget=0.2)
+    opt2.load_state_dict(saved[1])
+    _train(resumed, opt2, 11, start=1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    assert opt2.state["kfac"]["schedule"] == state
