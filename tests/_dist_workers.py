@@ -382,9 +382,10 @@ def _scenario_kfac(rank: int, world_size: int, workdir: Path, args: Sequence[str
 
 
 class TickClock:
-    """A deterministic clock: every reading is ``tick`` seconds after the previous one."""
+    """A deterministic clock: every reading is ``tick`` seconds after the previous one (a power
+    of two, so sums of durations are exact and a restarted clock measures the same)."""
 
-    def __init__(self, tick: float = 1e-3) -> None:
+    def __init__(self, tick: float = 2**-10) -> None:
         self.now, self.tick = 0.0, tick
 
     def __call__(self) -> float:

@@ -254,6 +254,15 @@ class KroneckerBlock(ABC):
         n = output_shape[0] if output_shape else 1
         return max(math.prod(output_shape) / max(n * self.groups * self.dims[1], 1), 1.0)
 
+    def input_factor_work(self, approx: KFACApprox) -> float | None:
+        """Modeled work (flops) of the input factor at the last captured shapes.
+
+        ``None`` (default): the cost model's Gram formula applies
+        (:func:`kfac_tn.optim.schedule.modeled_costs`); convolutions return the TN engine's
+        own estimate of the expand path it takes.
+        """
+        return None
+
     def seen_positions(self) -> tuple[int, float, float] | None:
         """``(N, P_A, P_G)`` of the last captured forward pass (the cost model's shapes).
 

@@ -101,6 +101,26 @@ class ConvBlock(_ConvBase):
         )
         return a, x.shape[0]
 
+    def input_factor_work(self, approx: KFACApprox) -> float | None:
+        """Return the TN engine's modeled work of the expand factor (:func:`.tn.kfac_expand_work`).
+
+        ``None`` for reduce and for padding modes other than zeros (the Gram formula applies).
+        """
+        m = self.module
+        if self._seen is None or approx is KFACApprox.REDUCE or m.padding_mode != "zeros":
+            return None
+        shape = self._seen[0]
+        shape = (1, *shape) if len(shape) == self.spatial_dims + 1 else shape
+        return tn.kfac_expand_work(
+            shape,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            device_type=m.weight.device.type,
+        )
+
     def _columns(self, x: Tensor, g: Tensor) -> Tensor:
         m = self.module
         x, padding = self._padded(x)

@@ -155,9 +155,9 @@ class KFAC(torch.optim.Optimizer):
             phase, see :mod:`kfac_tn.optim.schedule`); ``None``: chosen by
             ``curvature_budget``, else 10.
         curvature_budget: Fraction in ``(0, 1)`` of a step's work that curvature work
-            (capture, factors, decompositions, preconditioning) may take; the periods that are
-            ``None`` are chosen per layer to keep it (:mod:`kfac_tn.optim.schedule`). ``None``:
-            fixed periods (``1/10``).
+            (capture, factors, decompositions, preconditioning) may take (default 0.25); the
+            periods that are ``None`` are chosen per layer to keep it
+            (:mod:`kfac_tn.optim.schedule`). ``None``: fixed periods (``1/10``).
         budget_costs: What the budget plans with: ``"model"`` (work computed from the layer
             shapes of the first step, periods chosen once: a rerun, its resume and its replicas
             are bitwise reproducible by construction) or ``"measured"`` (seconds of sampled
@@ -225,7 +225,7 @@ class KFAC(torch.optim.Optimizer):
         factor_decay: float = 0.95,
         factor_update_period: int | None = None,
         inverse_update_period: int | None = None,
-        curvature_budget: float | None = None,
+        curvature_budget: float | None = 0.25,
         budget_costs: str = "model",
         eigenbasis_tolerance: float = 0.0,
         kfac_approx: str = "expand",
@@ -756,6 +756,7 @@ class KFAC(torch.optim.Optimizer):
                 reduce=hp.kfac_approx is KFACApprox.REDUCE,
                 cholesky=block.inversion_for(hp.inversion) is Inversion.CHOLESKY,
                 ekfac=block.uses_ekfac(hp.preconditioner),
+                input_factor_work=block.input_factor_work(hp.kfac_approx),
             )
         return out, self._extra_forwards(out)
 

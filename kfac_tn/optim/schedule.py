@@ -30,8 +30,10 @@ preconditioning, finiteness checks), per layer :math:`F_\ell` per factor update 
 (curvature ≤ β of the whole step). Its Lagrangian solution is :math:`p \propto \sqrt{\text{cost}}`:
 expensive layers update less often, cheap ones every step. Integer periods
 :math:`\lceil\sqrt{c/\mu}\rceil` are found by bisection on μ (deterministic). If even the
-longest periods exceed the budget (``P`` alone is too large), all periods go to the bounds and a
-warning says so. Bounds: :data:`FACTOR_PERIODS`, :data:`INVERSE_PERIODS`.
+budget is out of reach (``P`` alone takes more than ``1 -`` :data:`RESERVE_FRACTION` of it), the
+periodic work is still given :data:`RESERVE_FRACTION` of the budget on top of ``P`` (periods at
+their bounds only if even that is too much) and a warning says so. Bounds:
+:data:`FACTOR_PERIODS`, :data:`INVERSE_PERIODS`.
 
 Costs (``budget_costs``). ``"model"`` (default): the costs are *work* (flop-equivalents)
 computed by :func:`modeled_costs` from the shapes the layers saw on the first step — samples,
@@ -94,6 +96,7 @@ __all__ = [
     "PROBE_START",
     "PROBE_STEPS",
     "REMEASURE_STEPS",
+    "RESERVE_FRACTION",
     "SAMPLE_GAP",
     "CostMeter",
     "CurvatureCosts",
@@ -129,6 +132,8 @@ COST_DECAY = 0.5
 """Weight of the previous estimate when a new measurement arrives."""
 KEEP_FRACTION = 0.8
 """A current plan is kept while its estimated curvature cost is in [this, 1] × the budget."""
+RESERVE_FRACTION = 0.25
+"""Share of the budget the factor and inverse updates get when the fixed work leaves less."""
 _PHASE_HORIZON = 4096  # steps over which phases are balanced (the lcm of the periods, capped)
 
 
@@ -243,6 +248,9 @@ def choose_periods(
         The :class:`Plan`; deterministic in its arguments.
     """
     allowed = budget / (1.0 - budget) * max(costs.base, 0.0)
+    # out of reach (the fixed work alone near or over the budget): the periodic work still gets
+    # RESERVE_FRACTION of the budget, rather than all periods going to their bounds
+    target = max(allowed, costs.fixed + RESERVE_FRACTION * allowed)
     names = sorted(explicit)
 
     def plan_at(mu: float) -> dict[str, Periods]:
@@ -258,14 +266,14 @@ def choose_periods(
         return Plan(periods, _cost(costs, periods), allowed, _cost(costs, periods) <= allowed)
     hi = max(positive) * 2.0  # every period at its lower bound
     lo = min(positive) / (2.0 * max(FACTOR_PERIODS[1], INVERSE_PERIODS[1]) ** 2)  # all at max
-    if _cost(costs, plan_at(hi)) <= allowed:
+    if _cost(costs, plan_at(hi)) <= target:
         periods = plan_at(hi)
-    elif _cost(costs, plan_at(lo)) > allowed:
+    elif _cost(costs, plan_at(lo)) > target:
         periods = plan_at(lo)
     else:
         for _ in range(80):  # bisection on log(mu): cost is non-decreasing in mu
             mid = math.sqrt(lo * hi)
-            if _cost(costs, plan_at(mid)) <= allowed:
+            if _cost(costs, plan_at(mid)) <= target:
                 lo = mid
             else:
                 hi = mid
@@ -275,13 +283,15 @@ def choose_periods(
 
 
 # ------------------------------------------------------------------------------ the cost model
-EIGH_WORK = 12.0
+EIGH_WORK = 7.0
 """Work of a symmetric eigendecomposition of an ``n × n`` matrix, in flops: ``EIGH_WORK · n³``
-(on CPU an ``eigh`` takes 5–7 times a GEMM of the same size, which is ``2 n³`` flops)."""
+(on CPU an ``eigh`` of n = 300–1200 takes 3–5 times a GEMM of the same size, ``2 n³`` flops)."""
 CHOLESKY_WORK = 2.0
 """Work of a Cholesky factorisation and inverse of an ``n × n`` matrix: ``CHOLESKY_WORK · n³``."""
-CALL_WORK = 5e6
-"""Fixed work of one routine of a layer (kernel launches, Python), in flops (~60 µs on CPU)."""
+CALL_WORK = 2e7
+"""Fixed work of one curvature routine of a layer (factor update, decomposition,
+preconditioning: their kernel launches and Python), in flops (~0.4 ms on CPU, measured on the
+digits CNN's smallest layers)."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +310,8 @@ class LayerWork:
         reduce: KFAC-reduce (else expand).
         cholesky: Cholesky inversion (else eigendecompositions).
         ekfac: EKFAC scalings from per-sample gradients.
+        input_factor_work: The block's own estimate of its expand input factor's work
+            (:meth:`KroneckerBlock.input_factor_work`), replacing the Gram formula.
     """
 
     samples: int
@@ -311,6 +323,7 @@ class LayerWork:
     reduce: bool = False
     cholesky: bool = False
     ekfac: bool = False
+    input_factor_work: float | None = None
 
 
 def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) -> CurvatureCosts:
@@ -322,7 +335,9 @@ def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) 
     ``2 N g (P_A a² + P_G o²)``, (reduce) ``N g (P_A a + P_G o) + 2 N g (a² + o²)``, EKFAC adds
     the per-sample gradients and their projection ``2 N g (P_G o a + o² a + o a²)``; inverse
     ``EIGH_WORK g (a³ + o³)`` (Cholesky: ``CHOLESKY_WORK``); fixed (preconditioning) ``4 g
-    (o² a + o a²)`` (Cholesky: two GEMMs, half of it). Every routine adds :data:`CALL_WORK`.
+    (o² a + o a²)`` (Cholesky: two GEMMs, half of it). Every curvature routine adds
+    :data:`CALL_WORK`; a layer's own estimate of its expand input factor
+    (:attr:`LayerWork.input_factor_work`) replaces the Gram term.
 
     Args:
         layers: Layer name -> its :class:`LayerWork`.
@@ -338,11 +353,14 @@ def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) 
     for name, w in layers.items():
         n, g, a, o = float(w.samples), float(w.groups), float(w.d_a), float(w.d_g)
         p_a, p_g = float(w.input_positions), float(w.output_positions)
-        base += (3.0 + extra_forwards) * (2.0 * n * p_a * g * a * o + CALL_WORK)
+        base += (3.0 + extra_forwards) * 2.0 * n * p_a * g * a * o
         if w.reduce:
             work = n * g * (p_a * a + p_g * o) + 2.0 * n * g * (a * a + o * o)
         else:
-            work = 2.0 * n * g * (p_a * a * a + p_g * o * o)
+            gram = 2.0 * n * g * p_a * a * a
+            work = (gram if w.input_factor_work is None else w.input_factor_work) + (
+                2.0 * n * g * p_g * o * o
+            )
         if w.ekfac:
             work += 2.0 * n * g * (p_g * o * a + o * o * a + o * a * a)
         factor[name] = work + 2.0 * CALL_WORK
@@ -449,6 +467,11 @@ class CurvatureSchedule:
     probe_steps: int = PROBE_STEPS
     decide_every: int = DECIDE_EVERY
     costs_from: BudgetCosts = BudgetCosts.MEASURED
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the schedule times sampled steps (a budget with ``budget_costs="measured"``)."""
+        return self.budget is not None and self.costs_from is BudgetCosts.MEASURED
 
     @property
     def state(self) -> dict[str, Any]:
@@ -666,13 +689,14 @@ class CurvatureSchedule:
                 logger,
                 self._unreachable,
                 "KFAC curvature_budget=%g is out of reach: per-step curvature work alone "
-                "(preconditioning, checks) is %.3g %s of a %.3g %s step; periods set to their "
-                "bounds",
+                "(preconditioning, checks) is %.3g %s of a %.3g %s step; the factor and "
+                "inverse updates get %g of the budget on top",
                 self.budget,
                 costs.fixed,
                 unit,
                 costs.base + costs.fixed,
                 unit,
+                RESERVE_FRACTION,
             )
         shown = ", ".join(
             f"{n} {p.factor}/{p.inverse}" for n, p in list(sorted(plan.periods.items()))[:8]

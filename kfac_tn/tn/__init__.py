@@ -69,6 +69,7 @@ from kfac_tn.tn.kfac import (
     grad_expand_factor,
     grad_reduce_factor,
     kfac_expand_factor,
+    kfac_expand_work,
     kfac_reduce_factor,
 )
 from kfac_tn.tn.patterns import index_pattern
@@ -104,6 +105,7 @@ __all__ = [
     "index_pattern",
     "kernel_unfold",
     "kfac_expand_factor",
+    "kfac_expand_work",
     "kfac_reduce_factor",
     "per_sample_weight_grad",
     "symbolic",

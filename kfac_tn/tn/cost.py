@@ -30,6 +30,7 @@ from kfac_tn.tn.spec import ConvSpec
 __all__ = [
     "choose_impl",
     "estimated_seconds",
+    "expand_factor_work",
     "expand_strategy",
     "resolve_impl",
     "simplified_seconds",
@@ -159,6 +160,26 @@ def expand_strategy(
     """
     times = simplified_seconds(spec, batch_size, channels, torch.device(device).type)
     return min(times, key=times.__getitem__)
+
+
+def expand_factor_work(spec: ConvSpec, batch_size: int, channels: int, device_type: str) -> float:
+    """Work of the expand input factor ``impl='auto'`` runs, in GEMM-flop equivalents.
+
+    The estimated seconds of the faster simplified strategy (:func:`simplified_seconds`) at the
+    fitted GEMM rate, so the lag products of stride-1 convolutions count for what they cost
+    rather than for the Gram GEMM they replace (the ``curvature_budget`` cost model).
+
+    Args:
+        spec: The layer's spec.
+        batch_size: ``N``.
+        channels: Input channels ``C_in``.
+        device_type: ``'cpu'``, ``'cuda'``, ...
+
+    Returns:
+        Flop-equivalents ``>= 0``.
+    """
+    seconds = simplified_seconds(spec, batch_size, channels, device_type)
+    return min(seconds.values()) / _SECONDS_PER_FLOP
 
 
 def estimated_seconds(flops: float, elements: float, calls: float) -> float:

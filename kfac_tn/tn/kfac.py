@@ -65,7 +65,7 @@ from kfac_tn.tn._common import (
     prod,
     spatial_ndim,
 )
-from kfac_tn.tn.cost import expand_strategy, resolve_impl
+from kfac_tn.tn.cost import expand_factor_work, expand_strategy, resolve_impl
 from kfac_tn.tn.einsum import contract
 from kfac_tn.tn.expressions import evaluate, routine_expression
 from kfac_tn.tn.gram import mirror_upper_, symmetric_gram
@@ -79,6 +79,7 @@ __all__ = [
     "grad_expand_factor",
     "grad_reduce_factor",
     "kfac_expand_factor",
+    "kfac_expand_work",
     "kfac_reduce_factor",
     "prepare_factor",
     "prepare_grad_factor",
@@ -133,6 +134,41 @@ def kfac_expand_factor(
     )
     path = _expand_path(resolve_impl("expand", impl, spec, x), spec, x)
     return path(x, spec, bias)
+
+
+def kfac_expand_work(
+    x_shape: Shape,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+    *,
+    device_type: str = "cpu",
+) -> float:
+    """Modeled work of :func:`kfac_expand_factor` (``impl='auto'``, no transpose), in flops.
+
+    The fitted time model of the strategy ``'auto'`` takes (:mod:`kfac_tn.tn.cost`) at its
+    GEMM rate: deterministic in the shapes, used by ``curvature_budget``'s cost model.
+
+    Args:
+        x_shape: Layer input shape ``[N, C_in, *spatial]``.
+        kernel_size: Kernel size, int or N ints.
+        stride: Stride, int or N ints.
+        padding: As in :func:`kfac_expand_factor`.
+        dilation: Dilation, int or N ints.
+        groups: Channel groups ``G``.
+        device_type: ``'cpu'``, ``'cuda'``, ...
+
+    Returns:
+        GEMM-flop equivalents ``>= 0``.
+
+    Raises:
+        ValueError: On invalid hyperparameters, input rank or groups.
+    """
+    x = torch.empty(tuple(x_shape), device="meta")
+    spec, _ = prepare_factor(x, kernel_size, stride, padding, dilation, groups)
+    return expand_factor_work(spec, x.shape[0], x.shape[1], device_type)
 
 
 def kfac_reduce_factor(

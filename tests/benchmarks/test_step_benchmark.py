@@ -80,9 +80,9 @@ def test_variant_rows_report_their_extra_cost(monkeypatch):
     monkeypatch.setattr(step, "build", tiny_with_norm)
     rows = step.main("--models resnet18 --batch-size 2 --steps 2 --no-peers".split())
     variants = {r["variant"]: r for r in rows if r["optimizer"] == "kfac"}
-    assert set(variants) == {None, "ekfac", "norm", "ekfac+norm"}
+    assert set(variants) == {None, "ekfac", "no-norm"}
     base = next(r for r in rows if r["kfac_approx"] == "expand" and r["variant"] is None)
-    for name in ("ekfac", "norm", "ekfac+norm"):
+    for name in ("ekfac", "no-norm"):
         row = variants[name]
         assert row["kfac_approx"] == "expand"
         extra = row["extra_vs_kfac_s"]

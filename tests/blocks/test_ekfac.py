@@ -152,6 +152,7 @@ def make_opt(model, **kwargs):
         factor_decay=DECAY,
         damping_adaptation=False,  # the formula's damping stays DAMPING
         step_size="fixed",  # the formula's step is the preconditioned gradient itself
+        curvature_budget=None,  # fixed periods: the formula updates the factors every step
     )
     kw.update(kwargs)
     return KFAC(model, preconditioner="ekfac", **kw)

@@ -93,7 +93,7 @@ SKIPPED_FAULTS = [
     Fault("inf_bias_gradient", inf_in_a_bias_gradient),
     Fault("nan_input_type2", nan_input, "type2"),
 ]
-KW = dict(lr=0.05, weight_decay=5e-4, inverse_update_period=2)
+KW = dict(lr=0.05, weight_decay=5e-4, inverse_update_period=2, curvature_budget=None)
 
 
 def state_equal(a: KFAC, b: KFAC) -> bool:
