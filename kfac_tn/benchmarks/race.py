@@ -301,9 +301,10 @@ def run_race(
         ``{task: {"runs": [...], "summary": {optimizer: {...}}}}``.
     """
     out: dict[str, Any] = {}
+    # every task's data first: a missing dataset package fails before any run, not after hours
+    datasets = {task_name: TASKS[task_name].data() for task_name in tasks}
     for task_name in tasks:
-        task = TASKS[task_name]
-        data = task.data()
+        task, data = TASKS[task_name], datasets[task_name]
         runs: list[RunResult] = []
         for name in optimizers:
             grid = GRIDS["kfac" if name in (variants or {}) else name]
