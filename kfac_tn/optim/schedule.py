@@ -29,7 +29,7 @@ preconditioning, finiteness checks), per layer :math:`F_\ell` per factor update 
 
 (curvature ≤ β of the whole step). Its Lagrangian solution is :math:`p \propto \sqrt{\text{cost}}`:
 expensive layers update less often, cheap ones every step. Integer periods
-:math:`\lceil\sqrt{c/\mu}\rceil` are found by bisection on μ (deterministic). If even the
+:math:`\lceil\sqrt{c/\mu}\rceil` are found by bisection on μ (deterministic). If the
 budget is out of reach (``P`` alone takes more than ``1 -`` :data:`RESERVE_FRACTION` of it), the
 periodic work is still given :data:`RESERVE_FRACTION` of the budget on top of ``P`` (periods at
 their bounds only if even that is too much) and a warning says so. Bounds:
@@ -38,14 +38,14 @@ their bounds only if even that is too much) and a warning says so. Bounds:
 Costs (``budget_costs``). ``"model"`` (default): the costs are *work* (flop-equivalents)
 computed by :func:`modeled_costs` from the shapes the layers saw on the first step — samples,
 positions, groups and factor sizes — and their settings (expand or reduce, eigen or Cholesky,
-EKFAC), with :data:`EIGH_WORK`, :data:`CHOLESKY_WORK` and :data:`CALL_WORK` as the only
-constants; base work is the layers' forward and backward GEMMs (other operations are not
-counted, so the plan errs on the cheap side). The periods are chosen once, at the end of the
-first step, and kept: a function of the model, the batch shape and the settings only, so a rerun,
-a resume and every replica take the same periods by construction, and no step is timed or
-synchronised. ``"measured"``: the costs are seconds measured on sampled steps, as below; the
-plan follows the machine (and its load) and adapts when costs change, at the price of
-run-to-run reproducibility.
+EKFAC), with :data:`EIGH_WORK`, :data:`CHOLESKY_WORK`, :data:`CALL_WORK` and :data:`PASS_WORK`
+as the only constants; base work is the layers' forward and backward GEMMs plus a fixed work per
+layer and pass (the operations between layers are not counted otherwise). The periods are chosen
+once, at the end of the first step, and kept: a function of the model, the batch shape and the
+settings only, so a rerun, a resume and every replica take the same periods by construction, and
+no step is timed or synchronised. ``"measured"``: the costs are seconds measured on sampled
+steps, as below; the plan follows the machine (and its load) and adapts when costs change, at
+the price of run-to-run reproducibility.
 
 Measurement (:class:`CostMeter`, ``budget_costs="measured"``): a few *sampled* steps are timed
 phase by phase, with a device synchronisation around each timed phase on those steps only:
@@ -93,6 +93,7 @@ __all__ = [
     "FACTOR_PERIODS",
     "INVERSE_PERIODS",
     "KEEP_FRACTION",
+    "PASS_WORK",
     "PROBE_START",
     "PROBE_STEPS",
     "REMEASURE_STEPS",
@@ -288,6 +289,10 @@ EIGH_WORK = 7.0
 (on CPU an ``eigh`` of n = 300–1200 takes 3–5 times a GEMM of the same size, ``2 n³`` flops)."""
 CHOLESKY_WORK = 2.0
 """Work of a Cholesky factorisation and inverse of an ``n × n`` matrix: ``CHOLESKY_WORK · n³``."""
+PASS_WORK = 1.5e7
+"""Fixed work of one layer in one forward or backward pass (kernel launches, the activation and
+pooling around it, Python), in flops (~0.3 ms on CPU: the digits autoencoder's SGD-sized step is
+~7 ms for 2.5e7 flops of GEMMs)."""
 CALL_WORK = 2e7
 """Fixed work of one curvature routine of a layer (factor update, decomposition,
 preconditioning: their kernel launches and Python), in flops (~0.4 ms on CPU, measured on the
@@ -330,8 +335,9 @@ def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) 
     """Work of every part of a step, in flops, for :func:`choose_periods` (module docstring).
 
     Per layer with ``N`` samples, ``P_A``/``P_G`` positions, ``g`` groups and sizes ``a``,
-    ``o``: base ``(3 + extra_forwards) · 2 N P_A g a o`` (forward, two backward GEMMs and the
-    self-tuning's extra forward passes, which count as base time when measured); factors (expand)
+    ``o``: base ``(3 + extra_forwards) · (2 N P_A g a o + PASS_WORK)`` (forward, two backward
+    GEMMs and the self-tuning's extra forward passes, which count as base time when measured);
+    factors (expand)
     ``2 N g (P_A a² + P_G o²)``, (reduce) ``N g (P_A a + P_G o) + 2 N g (a² + o²)``, EKFAC adds
     the per-sample gradients and their projection ``2 N g (P_G o a + o² a + o a²)``; inverse
     ``EIGH_WORK g (a³ + o³)`` (Cholesky: ``CHOLESKY_WORK``); fixed (preconditioning) ``4 g
@@ -353,7 +359,7 @@ def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) 
     for name, w in layers.items():
         n, g, a, o = float(w.samples), float(w.groups), float(w.d_a), float(w.d_g)
         p_a, p_g = float(w.input_positions), float(w.output_positions)
-        base += (3.0 + extra_forwards) * 2.0 * n * p_a * g * a * o
+        base += (3.0 + extra_forwards) * (2.0 * n * p_a * g * a * o + PASS_WORK)
         if w.reduce:
             work = n * g * (p_a * a + p_g * o) + 2.0 * n * g * (a * a + o * o)
         else:
