@@ -187,6 +187,7 @@ class KroneckerBlock(ABC):
         self._g_parts: dict[str, list[Tensor]] = {}  # gradient statistics by STATISTICS key
         self._samples = 0
         self._seen: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (x, output) shapes
+        self._step_samples = 0  # samples of the last factor update (accumulated passes)
 
     # ------------------------------------------------------------------ layer-specific parts
     @abstractmethod
@@ -264,15 +265,16 @@ class KroneckerBlock(ABC):
         return None
 
     def seen_positions(self) -> tuple[int, float, float] | None:
-        """``(N, P_A, P_G)`` of the last captured forward pass (the cost model's shapes).
+        """``(N, P_A, P_G)`` of the last factor update (the cost model's shapes).
 
-        Samples, input-factor columns and gradient-factor rows per sample and group
-        (:func:`kfac_tn.optim.schedule.modeled_costs`); ``None`` before the first capture.
+        Samples of all the step's passes (so accumulated micro-batches count as one large
+        batch), input-factor columns and gradient-factor rows per sample and group of the last
+        captured pass (:func:`kfac_tn.optim.schedule.modeled_costs`); ``None`` before the first.
         """
         if self._seen is None:
             return None
         x_shape, output_shape = self._seen
-        n = output_shape[0] if output_shape else 1
+        n = self._step_samples or (output_shape[0] if output_shape else 1)
         p_a = self._input_positions(x_shape, output_shape)
         return n, p_a, self._output_positions(output_shape)
 
@@ -462,6 +464,7 @@ class KroneckerBlock(ABC):
         grads = {key: _total(parts) for key, parts in self._g_parts.items()}
         if grad_scale != 1.0:
             grads = {key: t * grad_scale for key, t in grads.items()}
+        self._step_samples = self._samples  # of all the step's passes (cost model)
         self.clear_statistics()
         # one reduction per statistic: a sum is finite iff every entry is (non-overflowing sums)
         finite = torch.isfinite(a_new.sum() + sum(t.sum() for t in grads.values()))

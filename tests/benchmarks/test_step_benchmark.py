@@ -31,8 +31,8 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
         ("adam", None, None),
         ("kfac", "reduce", "1/10"),
         ("kfac", "expand", "1/10"),
-        ("kfac", "reduce", "budget 0.25"),
-        ("kfac", "expand", "budget 0.25"),
+        ("kfac", "reduce", f"budget {step.DEFAULT_BUDGET:g}"),
+        ("kfac", "expand", f"budget {step.DEFAULT_BUDGET:g}"),
     ]
     for row in rows:
         assert row["model"] == "3c3d" and row["batch_size"] == 2 and row["device"] == "cpu"

@@ -453,3 +453,21 @@ def test_budget_with_modeled_costs_decides_once_and_is_reproducible(one_thread, 
     _train(resumed, opt2, 11, start=1)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
     assert opt2.state["kfac"]["schedule"] == state
+
+
+def test_modeled_plan_of_accumulated_micro_batches_is_that_of_one_batch(one_thread):
+    """Regression: the cost model took N from the last micro-batch, so accumulating 3 passes
+    chose other periods than one batch 3 times larger (and the runs diverged)."""
+    plans = []
+    for chunks in (1, 3):
+        model = _net()
+        opt = KFAC(model, lr=0.05, curvature_budget=0.2)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(12, 2, 5, 5, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (12,), generator=gen)
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(chunks), y.chunk(chunks)):
+            (F.cross_entropy(model(xs), ys) / chunks).backward()
+        opt.step()
+        plans.append(opt.state["kfac"]["schedule"])
+    assert plans[0]["base"] == plans[1]["base"] and plans[0]["periods"] == plans[1]["periods"]
