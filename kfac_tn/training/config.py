@@ -216,7 +216,7 @@ class OptimizerConfig:
     factor_decay: float = 0.95
     factor_update_period: int | None = None
     inverse_update_period: int | None = None
-    curvature_budget: float | None = 0.5
+    curvature_budget: float | None = None
     budget_costs: BudgetCosts = BudgetCosts.MODEL
     eigenbasis_tolerance: float = 0.0
     kfac_approx: KFACApprox = KFACApprox.EXPAND
