@@ -334,16 +334,18 @@ class LayerWork:
 def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) -> CurvatureCosts:
     """Work of every part of a step, in flops, for :func:`choose_periods` (module docstring).
 
-    Per layer with ``N`` samples, ``P_A``/``P_G`` positions, ``g`` groups and sizes ``a``,
-    ``o``: base ``(3 + extra_forwards) · (2 N P_A g a o + PASS_WORK)`` (forward, two backward
-    GEMMs and the self-tuning's extra forward passes, which count as base time when measured);
-    factors (expand)
-    ``2 N g (P_A a² + P_G o²)``, (reduce) ``N g (P_A a + P_G o) + 2 N g (a² + o²)``, EKFAC adds
-    the per-sample gradients and their projection ``2 N g (P_G o a + o² a + o a²)``; inverse
-    ``EIGH_WORK g (a³ + o³)`` (Cholesky: ``CHOLESKY_WORK``); fixed (preconditioning) ``4 g
-    (o² a + o a²)`` (Cholesky: two GEMMs, half of it). Every curvature routine adds
-    :data:`CALL_WORK`; a layer's own estimate of its expand input factor
-    (:attr:`LayerWork.input_factor_work`) replaces the Gram term.
+    Per layer with ``N`` samples, ``P_A``/``P_G`` positions, ``g`` groups and sizes ``a``, ``o``:
+
+    * base ``(3 + extra_forwards) · (2 N P_A g a o + PASS_WORK)`` (forward, two backward GEMMs
+      and the self-tuning's extra forward passes, which count as base time when measured);
+    * factors: expand ``2 N g (P_A a² + P_G o²)``, reduce ``N g (P_A a + P_G o) + 2 N g (a² +
+      o²)``; EKFAC adds the per-sample gradients and their projection
+      ``2 N g (P_G o a + o² a + o a²)``; a layer's own estimate of its expand input factor
+      (:attr:`LayerWork.input_factor_work`) replaces the Gram term;
+    * inverse ``EIGH_WORK g (a³ + o³)`` (Cholesky: ``CHOLESKY_WORK``);
+    * fixed (preconditioning) ``4 g (o² a + o a²)`` (Cholesky: two GEMMs, half of it).
+
+    Every curvature routine adds :data:`CALL_WORK`.
 
     Args:
         layers: Layer name -> its :class:`LayerWork`.

@@ -163,11 +163,13 @@ def expand_strategy(
 
 
 def expand_factor_work(spec: ConvSpec, batch_size: int, channels: int, device_type: str) -> float:
-    """Work of the expand input factor ``impl='auto'`` runs, in GEMM-flop equivalents.
+    """Work of the simplified expand input factor, in GEMM-flop equivalents.
 
     The estimated seconds of the faster simplified strategy (:func:`simplified_seconds`) at the
     fitted GEMM rate, so the lag products of stride-1 convolutions count for what they cost
-    rather than for the Gram GEMM they replace (the ``curvature_budget`` cost model).
+    rather than for the Gram GEMM they replace (the ``curvature_budget`` cost model). Where
+    ``impl='auto'`` runs the plain network instead, it does so because that is estimated
+    cheaper, so this is an upper bound of what ``auto`` costs.
 
     Args:
         spec: The layer's spec.

@@ -148,8 +148,9 @@ def kfac_expand_work(
 ) -> float:
     """Modeled work of :func:`kfac_expand_factor` (``impl='auto'``, no transpose), in flops.
 
-    The fitted time model of the strategy ``'auto'`` takes (:mod:`kfac_tn.tn.cost`) at its
-    GEMM rate: deterministic in the shapes, used by ``curvature_budget``'s cost model.
+    The fitted time model of the faster simplified strategy at its GEMM rate (an upper bound
+    where ``'auto'`` picks the plain network; :func:`kfac_tn.tn.cost.expand_factor_work`):
+    deterministic in the shapes, used by ``curvature_budget``'s cost model.
 
     Args:
         x_shape: Layer input shape ``[N, C_in, *spatial]``.
