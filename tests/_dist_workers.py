@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kfac_tn.distributed import close_process_group
+
 # ---------------------------------------------------------------- shared test data
 
 #: (leading shape, d, dtype) of the factors the "comm" scenario reduces; d = 1 exercises the
@@ -504,7 +506,8 @@ def _worker_main(argv: Sequence[str]) -> None:
     )
     result = SCENARIOS[scenario](rank, world_size, workdir, args)
     torch.save(result, workdir / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    failed = isinstance(result, dict) and result.get("error") is not None  # a peer is gone
+    close_process_group(finished=not failed)
 
 
 def launch(

@@ -21,6 +21,7 @@ import torch
 from kfac_tn.distributed import (
     STRATEGIES,
     assign_by_cost,
+    close_process_group,
     get_communicator,
     init_process_group_from_env,
     packed_size,
@@ -43,6 +44,45 @@ def test_get_communicator_without_init_returns_none():
 def test_get_communicator_invalid_strategy_raises():
     with pytest.raises(ValueError, match="strategy.*'bogus'.*replicate, shard"):
         get_communicator(strategy="bogus")
+
+
+@pytest.mark.parametrize(
+    "finished,calls",
+    [(True, ["barrier", "collect", "destroy"]), (False, ["collect", "destroy"])],
+    ids=["finished-waits-for-peers", "failed-does-not-wait"],
+)
+def test_close_process_group_order(monkeypatch, finished, calls):
+    """Regression: ranks tore gloo down without waiting for each other and one aborted (SIGABRT,
+    3 of 10 two-rank ``kfac-tn train distributed=ddp`` runs); a finished rank waits first."""
+    import kfac_tn.distributed as kd
+
+    seen: list[str] = []
+    monkeypatch.setattr(kd.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(kd.dist, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(kd.gc, "collect", lambda: seen.append("collect"))
+    monkeypatch.setattr(kd.dist, "destroy_process_group", lambda: seen.append("destroy"))
+    close_process_group(finished=finished)
+    assert seen == calls
+
+
+def test_close_process_group_survives_a_failed_barrier(monkeypatch, caplog):
+    import kfac_tn.distributed as kd
+
+    def barrier() -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    destroyed: list[bool] = []
+    monkeypatch.setattr(kd.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(kd.dist, "barrier", barrier)
+    monkeypatch.setattr(kd.dist, "destroy_process_group", lambda: destroyed.append(True))
+    close_process_group(finished=True)
+    assert destroyed == [True]
+    assert "did not reach the final barrier" in caplog.text
+
+
+def test_close_process_group_without_init_does_nothing():
+    assert not torch.distributed.is_initialized()
+    close_process_group(finished=True)
 
 
 @pytest.mark.parametrize(

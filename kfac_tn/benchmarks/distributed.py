@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kfac_tn.distributed import close_process_group
+
 log = logging.getLogger(__name__)
 
 METHODS = ("sgd", "kfac-replicate", "kfac-shard")
@@ -199,7 +201,7 @@ def _worker(args: argparse.Namespace) -> None:
         result["inverse_bytes_held"] = inverse_bytes
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
-    dist.destroy_process_group()
+    close_process_group(finished=True)
 
 
 # ---------------------------------------------------------------- parent side

@@ -525,8 +525,11 @@ def train(
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after: {stop_after!r} is out of range; allowed: >= 1 or None")
     ctx, device = _init_distributed(cfg)
+    finished = False
     try:
-        return _train(cfg, resume, ctx, device, stop_after)
+        result = _train(cfg, resume, ctx, device, stop_after)
+        finished = True
+        return result
     except (ConfigError, CheckpointError):
         raise
     except Exception as exc:
@@ -545,10 +548,10 @@ def train(
         ) from exc
     finally:
         if ctx.enabled:
-            import torch.distributed as dist
+            from kfac_tn.distributed import close_process_group
 
             with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+                close_process_group(finished=finished)
 
 
 def _train(

@@ -418,6 +418,34 @@ def test_ddp_needs_torchrun(tmp_path, monkeypatch):
         train(cfg)
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])
+def test_distributed_run_closes_its_groups(tmp_path, monkeypatch, fails):
+    """Regression: a finished DDP run waits for its peers before it destroys the groups (see
+    ``close_process_group``); a failed one closes without waiting."""
+    import kfac_tn.distributed as kd
+    import kfac_tn.training.train as tr
+
+    closed: list[bool] = []
+
+    def fake_train(*args, **kwargs):
+        if fails:
+            raise RuntimeError("peer died")
+        return tr.RunResult(None, [])
+
+    monkeypatch.setattr(
+        tr, "_init_distributed", lambda cfg: (tr.DistContext(True, 1, 2, 1), torch.device("cpu"))
+    )
+    monkeypatch.setattr(tr, "_train", fake_train)
+    monkeypatch.setattr(kd, "close_process_group", lambda *, finished: closed.append(finished))
+    cfg = load_config(None, tiny(tmp_path, "distributed=ddp"))
+    if fails:
+        with pytest.raises(tr.DistributedRunError, match="rank 1: distributed training aborted"):
+            train(cfg)
+    else:
+        train(cfg)
+    assert closed == [not fails]
+
+
 def test_build_optimizer_passes_every_kfac_key():
     """Every ``optimizer`` KFAC key reaches the optimizer (here: EKFAC and norm blocks)."""
     from kfac_tn.training.config import config_from_dict
