@@ -8,15 +8,20 @@ Both are decided from shapes alone and cached per shape (``functools.lru_cache``
   strided patch view (``'gemm'``) or the lag products of stride-1 convolutions (``'lag'``,
   :mod:`kfac_tn.tn.lag`).
 
-Estimated time ``= FLOPs·8.5e-12 s + elements moved·8.9e-10 s + GEMM calls·7.6e-5 s``
-(relative least-squares fit over 25 layer shapes at batch 32-128, one thread, on a 2-core CPU:
-``python -m kfac_tn.benchmarks.expand_strategies``; it picks the faster strategy wherever the
-two differ by more than the run-to-run noise).
+Estimated time ``= FLOPs·s_flop + elements moved·s_element + GEMM calls·s_call`` with the
+plain network's FLOPs at ``plain_rate`` of the GEMM's rate. The constants
+(:class:`CpuCalibration`) are fitted per CPU capability (``torch.backends.cpu
+.get_cpu_capability()``; relative least squares over the layer shapes of
+``python -m kfac_tn.benchmarks.expand_strategies --fit``, one thread, 2-core machines): the AVX2
+and the AVX-512 machines differ by up to 2x in how FLOPs compare with memory traffic, enough to
+flip choices. The calibration depends only on the machine, so a rerun, a resume and every
+replica on one machine take the same paths by construction; other capabilities use AVX2's.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -28,20 +33,55 @@ from kfac_tn.tn.lag import lag_cost, lag_plan
 from kfac_tn.tn.spec import ConvSpec
 
 __all__ = [
+    "CALIBRATIONS",
+    "CpuCalibration",
     "choose_impl",
+    "cpu_calibration",
     "estimated_seconds",
     "expand_factor_work",
     "expand_strategy",
+    "plain_features",
     "resolve_impl",
     "simplified_seconds",
 ]
 
-# expand cost model: seconds per FLOP, per element copied or accumulated, per GEMM call
-_SECONDS_PER_FLOP = 8.5e-12
-_SECONDS_PER_ELEMENT = 8.9e-10
-_SECONDS_PER_CALL = 7.6e-5
-# the plain network's pairwise einsums run at ~70% of the GEMM's FLOP rate (measured)
-_PLAIN_FLOP_RATE = 0.7
+
+@dataclass(frozen=True)
+class CpuCalibration:
+    """Constants of the expand time model on one kind of CPU (one thread).
+
+    Attributes:
+        seconds_per_flop: Seconds per GEMM FLOP.
+        seconds_per_element: Seconds per element copied or accumulated.
+        seconds_per_call: Seconds per GEMM (or pairwise contraction) call.
+        plain_rate: FLOP rate of the plain network's pairwise einsums relative to the GEMM's.
+    """
+
+    seconds_per_flop: float
+    seconds_per_element: float
+    seconds_per_call: float
+    plain_rate: float
+
+
+#: Fitted constants per ``torch.backends.cpu.get_cpu_capability()``.
+CALIBRATIONS: dict[str, CpuCalibration] = {
+    "AVX2": CpuCalibration(8.5e-12, 8.9e-10, 7.6e-5, 0.7),
+    "AVX512": CpuCalibration(1.20e-11, 5.06e-10, 3.91e-5, 0.615),
+}
+_FALLBACK = "AVX2"
+# accelerators: the plain network when it needs under this fraction of the GEMM's FLOPs (H100)
+_GPU_PLAIN_RATE = 0.7
+
+
+@functools.cache
+def cpu_calibration() -> CpuCalibration:
+    """Return the calibration of this machine's CPU capability (AVX2's where none was fitted).
+
+    Returns:
+        The constants :func:`estimated_seconds` uses by default.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    return CALIBRATIONS.get(capability, CALIBRATIONS[_FALLBACK])
 
 
 def choose_impl(
@@ -51,6 +91,8 @@ def choose_impl(
     channels: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    *,
+    calibration: CpuCalibration | None = None,
 ) -> str:
     """Pick the implementation ``impl='auto'`` uses for a factor, from shapes alone (cached).
 
@@ -70,9 +112,10 @@ def choose_impl(
       ``C ≥ 8``).  The plain network can be cheaper when correlating the input *before*
       applying Π saves work (long kernels on small inputs, e.g. InceptionV3's 7×1 on GPUs):
       its opt_einsum ``dp`` path is chosen when its largest intermediate is at most twice the
-      unfolded input and, on CPUs, its estimated time (FLOPs at 70% of the GEMM rate,
-      intermediates, pairwise contractions; see the module docstring) is below the
-      simplified strategy's; on GPUs, when it needs under 70% of the single GEMM's FLOPs.
+      unfolded input and, on CPUs, its estimated time (FLOPs at the calibration's
+      ``plain_rate`` of the GEMM rate, intermediates, pairwise contractions; see the module
+      docstring) is below the simplified strategy's; on GPUs, when it needs under 70% of the
+      single GEMM's FLOPs.
 
     Args:
         kind: ``'expand'`` or ``'reduce'``.
@@ -81,6 +124,8 @@ def choose_impl(
         channels: Input channels ``C_in``.
         dtype: Input dtype.
         device: Input device.
+        calibration: CPU time-model constants; ``None``: this machine's
+            (:func:`cpu_calibration`).
 
     Returns:
         ``'tn'`` or ``'tn_simplified'``.
@@ -88,7 +133,8 @@ def choose_impl(
     Raises:
         ValueError: If ``kind`` is not ``'expand'`` or ``'reduce'``.
     """
-    return _choose(kind, spec, batch_size, channels, dtype, torch.device(device).type)
+    cal = calibration or cpu_calibration()
+    return _choose(kind, spec, batch_size, channels, dtype, torch.device(device).type, cal)
 
 
 def resolve_impl(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
@@ -108,43 +154,74 @@ def resolve_impl(kind: str, impl: str, spec: ConvSpec, x: torch.Tensor) -> str:
     """
     check_impl(impl)
     if impl == "auto":
-        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type)
+        cal = cpu_calibration()
+        return _choose(kind, spec, x.shape[0], x.shape[1], x.dtype, x.device.type, cal)
     return impl
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose(
-    kind: str, spec: ConvSpec, batch: int, channels: int, dtype: torch.dtype, device_type: str
+    kind: str,
+    spec: ConvSpec,
+    batch: int,
+    channels: int,
+    dtype: torch.dtype,
+    device_type: str,
+    calibration: CpuCalibration,
 ) -> str:
     """:func:`choose_impl` on hashable arguments (the device as its type), cached."""
     if kind not in ("expand", "reduce"):
         raise ValueError(f"Invalid kind: {kind!r} (allowed: 'expand', 'reduce')")
     if kind == "reduce" or spec.ndim > 4:  # N > 4: skip the (exponential) dp path search
         return "tn_simplified"
-    spatial = spec.out_spatial if spec.transpose else spec.in_spatial
-    expr = routine_expression(networks.kfac_expand_factor, spec, ((batch, channels, *spatial),))
-    info = contraction_path(expr.equation, [shape for _, shape in expr.operands])
+    plain = plain_features(spec, batch, channels)
     positions = prod(spec.in_spatial if spec.transpose else spec.out_spatial)
     unfolded = batch * channels * prod(spec.kernel_size) * positions
     if device_type == "cpu":  # time model: the simplified strategies include lag products
-        simplified = simplified_seconds(spec, batch, channels, device_type)
-        plain = estimated_seconds(
-            float(info.opt_cost) / _PLAIN_FLOP_RATE,
-            sum(info.size_list),
-            len(info.contraction_list),
+        simplified = simplified_seconds(spec, batch, channels, device_type, calibration)
+        seconds = estimated_seconds(
+            plain["flops"] / calibration.plain_rate, plain["elements"], plain["calls"], calibration
         )
-        cheaper = plain < min(simplified.values())
+        cheaper = seconds < min(simplified.values())
     else:  # accelerators: FLOPs only, as measured on the H100
         d = channels // spec.groups * prod(spec.kernel_size)
-        gemm = _PLAIN_FLOP_RATE * 2 * spec.groups * d * d * batch * positions
-        cheaper = float(info.opt_cost) < gemm
-    if cheaper and info.largest_intermediate <= 2 * unfolded:
+        gemm = _GPU_PLAIN_RATE * 2 * spec.groups * d * d * batch * positions
+        cheaper = plain["flops"] < gemm
+    if cheaper and plain["largest"] <= 2 * unfolded:
         return "tn"
     return "tn_simplified"
 
 
+def plain_features(spec: ConvSpec, batch: int, channels: int) -> dict[str, float]:
+    """Return the time model's inputs for the plain expand network (its opt_einsum ``dp`` path).
+
+    Args:
+        spec: The layer's spec.
+        batch: ``N``.
+        channels: Input channels ``C_in``.
+
+    Returns:
+        ``{'flops', 'elements', 'calls', 'largest'}``: the path's FLOPs, the elements of its
+        intermediates, its pairwise contractions and its largest intermediate.
+    """
+    spatial = spec.out_spatial if spec.transpose else spec.in_spatial
+    expr = routine_expression(networks.kfac_expand_factor, spec, ((batch, channels, *spatial),))
+    info = contraction_path(expr.equation, [shape for _, shape in expr.operands])
+    return {
+        "flops": float(info.opt_cost),
+        "elements": float(sum(info.size_list)),
+        "calls": float(len(info.contraction_list)),
+        "largest": float(info.largest_intermediate),
+    }
+
+
 def expand_strategy(
-    spec: ConvSpec, batch_size: int, channels: int, device: torch.device | str
+    spec: ConvSpec,
+    batch_size: int,
+    channels: int,
+    device: torch.device | str,
+    *,
+    calibration: CpuCalibration | None = None,
 ) -> str:
     """Strategy of ``kfac_expand_factor(..., impl='tn_simplified')`` for these shapes (cached).
 
@@ -153,12 +230,14 @@ def expand_strategy(
         batch_size: ``N``.
         channels: Input channels ``C_in``.
         device: Input device.
+        calibration: CPU time-model constants; ``None``: this machine's.
 
     Returns:
         ``'lag'`` (lag products, :mod:`kfac_tn.tn.lag`; stride-1 convolutions on CPU, where the
         cost model estimates them faster) or ``'gemm'`` (one Gram GEMM of the patch view).
     """
-    times = simplified_seconds(spec, batch_size, channels, torch.device(device).type)
+    device_type = torch.device(device).type
+    times = simplified_seconds(spec, batch_size, channels, device_type, calibration)
     return min(times, key=times.__getitem__)
 
 
@@ -181,26 +260,36 @@ def expand_factor_work(spec: ConvSpec, batch_size: int, channels: int, device_ty
         Flop-equivalents ``>= 0``.
     """
     seconds = simplified_seconds(spec, batch_size, channels, device_type)
-    return min(seconds.values()) / _SECONDS_PER_FLOP
+    return min(seconds.values()) / cpu_calibration().seconds_per_flop
 
 
-def estimated_seconds(flops: float, elements: float, calls: float) -> float:
+def estimated_seconds(
+    flops: float, elements: float, calls: float, calibration: CpuCalibration | None = None
+) -> float:
     """Estimate seconds with the fitted time model.
 
     Args:
         flops: Floating-point operations.
         elements: Elements copied or accumulated.
         calls: GEMM (or pairwise contraction) calls.
+        calibration: The constants; ``None``: this machine's (:func:`cpu_calibration`).
 
     Returns:
-        Estimated seconds on the calibration machine (one thread).
+        Estimated seconds on a machine of the calibration's kind (one thread).
     """
-    return flops * _SECONDS_PER_FLOP + elements * _SECONDS_PER_ELEMENT + calls * _SECONDS_PER_CALL
+    c = calibration or cpu_calibration()
+    return (
+        flops * c.seconds_per_flop + elements * c.seconds_per_element + calls * c.seconds_per_call
+    )
 
 
 @functools.lru_cache(maxsize=4096)
 def simplified_seconds(
-    spec: ConvSpec, batch: int, channels: int, device_type: str
+    spec: ConvSpec,
+    batch: int,
+    channels: int,
+    device_type: str,
+    calibration: CpuCalibration | None = None,
 ) -> dict[str, float]:
     """Estimated seconds of the simplified expand strategies that apply.
 
@@ -209,6 +298,7 @@ def simplified_seconds(
         batch: ``N``.
         channels: Input channels ``C_in``.
         device_type: ``'cpu'``, ``'cuda'``, ...
+        calibration: The constants; ``None``: this machine's (:func:`cpu_calibration`).
 
     Returns:
         ``{'gemm': s}`` always, plus ``'lag'`` for stride-1 convolutions on CPU.
@@ -218,9 +308,13 @@ def simplified_seconds(
     blocks = 1 if d < 512 or device_type != "cpu" else (3 if d < 2048 else 4)  # symmetric_gram
     flops = 2 * spec.groups * d * d * batch * positions * (blocks + 1) / (2 * blocks)
     out = {
-        "gemm": estimated_seconds(flops, batch * channels * prod(spec.kernel_size) * positions, 1)
+        "gemm": estimated_seconds(
+            flops, batch * channels * prod(spec.kernel_size) * positions, 1, calibration
+        )
     }
     plan = lag_plan(spec) if device_type == "cpu" else None  # lag: never measured on GPUs
     if plan is not None:
-        out["lag"] = estimated_seconds(**lag_cost(plan, batch, channels, spec.groups))
+        out["lag"] = estimated_seconds(
+            **lag_cost(plan, batch, channels, spec.groups), calibration=calibration
+        )
     return out
