@@ -21,6 +21,7 @@ replica on one machine take the same paths by construction; other capabilities u
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,7 @@ CALIBRATIONS: dict[str, CpuCalibration] = {
     "AVX512": CpuCalibration(1.20e-11, 5.06e-10, 3.91e-5, 0.615),
 }
 _FALLBACK = "AVX2"
+logger = logging.getLogger(__name__)
 # accelerators: the plain network when it needs under this fraction of the GEMM's FLOPs (H100)
 _GPU_PLAIN_RATE = 0.7
 
@@ -81,7 +83,9 @@ def cpu_calibration() -> CpuCalibration:
         The constants :func:`estimated_seconds` uses by default.
     """
     capability = torch.backends.cpu.get_cpu_capability()
-    return CALIBRATIONS.get(capability, CALIBRATIONS[_FALLBACK])
+    used = capability if capability in CALIBRATIONS else _FALLBACK
+    logger.debug("expand cost model: CPU capability %s, calibration %s", capability, used)
+    return CALIBRATIONS[used]
 
 
 def choose_impl(
