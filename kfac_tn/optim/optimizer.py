@@ -204,13 +204,13 @@ class KFAC(torch.optim.Optimizer):
             ``max_step_scale``).
         max_step_scale: Largest rescaling of a step with ``step_size="qmodel"``, ``> 0``.
         qmodel_samples: Samples of the step's batch the exact curvature term ``Δᵀ G Δ`` is
-            evaluated on (the first ones, scaled up to the batch; ``None``, the default: all).
-            The forward-mode pass costs about three forward passes on them, so a sub-batch makes
-            the self-tuning cheaper, but its step scales are noisier: with 32 of 64 samples
-            one data order in ten made the digits CNN's test accuracy dip by 0.04-0.05 in an
-            epoch at every lr (``python -m kfac_tn.benchmarks.robustness``), with all samples
-            none did, and the race reached its targets sooner on average
-            (:mod:`kfac_tn.optim.qmodel`).
+            evaluated on (the first ones, scaled up to the batch; ``None``: all). The
+            forward-mode pass costs about three forward passes on them, so fewer samples make
+            the self-tuning cheaper, but the step scales noisier: with 32 (the earlier
+            default) one data order in ten made the digits CNN's test accuracy dip by
+            0.04-0.05 in an epoch at every lr (``python -m kfac_tn.benchmarks.robustness``);
+            with 64 (all of its batch) none did, and the race reached its targets sooner on
+            average (:mod:`kfac_tn.optim.qmodel`). Larger batches use 64 of their samples.
         grad_scaler: The ``torch.amp.GradScaler`` scaling the loss, if any (its scale is divided
             out of ``G``).
 
@@ -256,7 +256,7 @@ class KFAC(torch.optim.Optimizer):
         qmodel: str = "kronecker",
         step_size: str = "qmodel",
         max_step_scale: float = 1.0,
-        qmodel_samples: int | None = None,
+        qmodel_samples: int | None = 64,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):

@@ -239,7 +239,7 @@ class OptimizerConfig:
     qmodel: QModel = QModel.KRONECKER
     step_size: StepSize = StepSize.QMODEL
     max_step_scale: float = 1.0
-    qmodel_samples: int | None = None
+    qmodel_samples: int | None = 64
 
 
 KFAC_KEYS: tuple[str, ...] = tuple(
