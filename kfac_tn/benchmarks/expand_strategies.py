@@ -35,9 +35,8 @@ from kfac_tn.tn import choose_impl, expand_strategy
 from kfac_tn.tn._common import make_spec, prod
 from kfac_tn.tn.cost import (
     CpuCalibration,
-    cpu_calibration,
-    estimated_seconds,
     plain_features,
+    plain_seconds,
     simplified_seconds,
 )
 from kfac_tn.tn.kfac import _expand_tn, _view_expand
@@ -108,10 +107,7 @@ def measure(shape, kernel, padding, repeats: int) -> dict:
     impl = choose_impl("expand", spec, n, c, x.dtype, "cpu")
     choice = "plain" if impl == "tn" else expand_strategy(spec, n, c, "cpu")
     estimated = dict(simplified_seconds(spec, n, c, "cpu"))
-    cal = cpu_calibration()
-    estimated["plain"] = estimated_seconds(
-        plain["flops"] / cal.plain_rate, plain["elements"], plain["calls"], cal
-    )
+    estimated["plain"] = plain_seconds(plain)
     return {
         "shape": list(shape),
         "kernel": kernel,

@@ -19,6 +19,7 @@ also uses its AVX2 kernels). ``--out DIR`` writes ``robustness.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -156,13 +157,10 @@ def run_grid(
         One :class:`Run` per variant and grid point.
     """
     runs = []
-    for name, options in variants.items():
-        for wd in weight_decays:
-            for lr in lrs:
-                for seed in seeds:
-                    accs, stats = train_digits(lr, wd, seed, epochs=epochs, options=options)
-                    runs.append(Run(name, lr, wd, seed, tuple(accs), stats["skipped_steps"]))
-                    logger.info("%s lr %g wd %g seed %d: %s", name, lr, wd, seed, accs)
+    for name, wd, lr, seed in itertools.product(variants, weight_decays, lrs, seeds):
+        accs, stats = train_digits(lr, wd, seed, epochs=epochs, options=variants[name])
+        runs.append(Run(name, lr, wd, seed, tuple(accs), stats["skipped_steps"]))
+        logger.info("%s lr %g wd %g seed %d: %s", name, lr, wd, seed, accs)
     return runs
 
 
@@ -214,13 +212,14 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         parser.error("--seeds, --epochs and --threads must be >= 1")
     variants: dict[str, dict] = {} if args.no_defaults else {"kfac": {}}
     for text in args.variant:
-        name, sep, options = text.partition("=")
+        name, _, options = text.partition("=")
         try:
-            variants[name] = json.loads(options) if sep else None
-        except json.JSONDecodeError as err:
-            parser.error(f"--variant {text!r}: {err}")
-        if not sep or not isinstance(variants[name], dict):
+            value = json.loads(options)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
             parser.error(f"--variant {text!r}: expected NAME=JSON object")
+        variants[name] = value
     if not variants:
         parser.error("nothing to run: --no-defaults without --variant")
     torch.set_num_threads(args.threads)

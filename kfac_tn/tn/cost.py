@@ -42,6 +42,7 @@ __all__ = [
     "expand_factor_work",
     "expand_strategy",
     "plain_features",
+    "plain_seconds",
     "resolve_impl",
     "simplified_seconds",
 ]
@@ -183,10 +184,7 @@ def _choose(
     unfolded = batch * channels * prod(spec.kernel_size) * positions
     if device_type == "cpu":  # time model: the simplified strategies include lag products
         simplified = simplified_seconds(spec, batch, channels, device_type, calibration)
-        seconds = estimated_seconds(
-            plain["flops"] / calibration.plain_rate, plain["elements"], plain["calls"], calibration
-        )
-        cheaper = seconds < min(simplified.values())
+        cheaper = plain_seconds(plain, calibration) < min(simplified.values())
     else:  # accelerators: FLOPs only, as measured on the H100
         d = channels // spec.groups * prod(spec.kernel_size)
         gemm = _GPU_PLAIN_RATE * 2 * spec.groups * d * d * batch * positions
@@ -217,6 +215,22 @@ def plain_features(spec: ConvSpec, batch: int, channels: int) -> dict[str, float
         "calls": float(len(info.contraction_list)),
         "largest": float(info.largest_intermediate),
     }
+
+
+def plain_seconds(features: dict[str, float], calibration: CpuCalibration | None = None) -> float:
+    """Estimated seconds of the plain expand network from :func:`plain_features` (CPU).
+
+    Args:
+        features: The network's :func:`plain_features`.
+        calibration: The constants; ``None``: this machine's (:func:`cpu_calibration`).
+
+    Returns:
+        Seconds: its FLOPs at the calibration's ``plain_rate`` of the GEMM rate, plus its
+        intermediates and pairwise contractions.
+    """
+    c = calibration or cpu_calibration()
+    flops = features["flops"] / c.plain_rate
+    return estimated_seconds(flops, features["elements"], features["calls"], c)
 
 
 def expand_strategy(
