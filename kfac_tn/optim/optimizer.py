@@ -208,7 +208,7 @@ class KFAC(torch.optim.Optimizer):
             forward-mode pass costs about three forward passes on them, so fewer samples make
             the self-tuning cheaper, but the step scales noisier: with 32 (the earlier
             default) one data order in ten made the digits CNN's test accuracy dip by
-            0.04-0.05 in an epoch at every lr (``python -m kfac_tn.benchmarks.robustness``);
+            0.03-0.05 in an epoch at every lr (``python -m kfac_tn.benchmarks.robustness``);
             with 64 (all of its batch) none did, and the race reached its targets sooner on
             average (:mod:`kfac_tn.optim.qmodel`). Larger batches use 64 of their samples.
         grad_scaler: The ``torch.amp.GradScaler`` scaling the loss, if any (its scale is divided
