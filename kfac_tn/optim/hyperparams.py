@@ -149,7 +149,7 @@ RULES: dict[str, Rule] = {
     "momentum": Number(0.0, 1.0, high_open=True),
     "nesterov": Flag(),
     "weight_decay": Number(0.0),
-    "damping": Number(0.0, low_open=True),
+    "damping": Number(0.0, low_open=True, nullable=True),
     "factor_decay": Number(0.0, 1.0, high_open=True),
     "factor_update_period": Number(1, integer=True, nullable=True),
     "inverse_update_period": Number(1, integer=True, nullable=True),
@@ -199,6 +199,12 @@ LAYER_KEYS: tuple[str, ...] = (
     "inverse_dtype",
 )
 """Hyperparameters a ``layer_settings`` entry may override (besides the value ``"skip"``)."""
+
+START_DAMPING: dict[str, float] = {StepSize.QMODEL.value: 1e-4, StepSize.FIXED.value: 1e-3}
+"""Start ``damping`` of a group whose ``damping`` is ``None`` (the default), by ``step_size``:
+the quadratic-model scale and the KL clip bound the step, so a small damping pays (fewer epochs);
+a fixed step has only the KL clip, and 1e-4 collapsed the digits CNN with it (see
+:mod:`kfac_tn.optim.damping`)."""
 
 DEFAULT_PERIODS: tuple[int, int] = (1, 10)
 """``(factor_update_period, inverse_update_period)`` of a layer whose periods are ``None``
@@ -299,6 +305,8 @@ def layer_settings_problems(settings: Any) -> list[Problem]:
             if key not in LAYER_KEYS:
                 allowed = ", ".join(LAYER_KEYS)
                 out.append(Problem(key, value, "unknown key", allowed, pattern))
+            elif key == "damping" and value is None:  # None means "by step_size": groups only
+                out.append(Problem(key, value, "not a number", "a number > 0", pattern))
         for p in problems({k: v for k, v in setting.items() if k in LAYER_KEYS}):
             out.append(Problem(p.key, p.value, p.reason, p.allowed, pattern))
     return out

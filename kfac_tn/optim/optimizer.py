@@ -2,7 +2,7 @@ r"""KFAC as a ``torch.optim.Optimizer``.
 
 Usage is the ordinary training loop::
 
-    opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=5e-4, damping=1e-3)
+    opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     for x, y in loader:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -147,7 +147,9 @@ class KFAC(torch.optim.Optimizer):
         momentum: Momentum in ``[0, 1)``.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 coefficient ``>= 0``, added after preconditioning.
-        damping: Damping ``δ > 0`` of the Kronecker blocks.
+        damping: Damping ``δ > 0`` of the Kronecker blocks (the start value when
+            ``damping_adaptation``); ``None``: 1e-4 with ``step_size="qmodel"``, 1e-3 with
+            ``"fixed"`` (:data:`~kfac_tn.optim.hyperparams.START_DAMPING`).
         factor_decay: EMA coefficient of the factors in ``[0, 1)`` (0: only the last batch).
         factor_update_period: Capture statistics and update factors every this many steps;
             ``None``: chosen by ``curvature_budget``, else 1.
@@ -227,7 +229,7 @@ class KFAC(torch.optim.Optimizer):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float | None = None,
         factor_decay: float = 0.95,
         factor_update_period: int | None = None,
         inverse_update_period: int | None = None,
@@ -330,6 +332,8 @@ class KFAC(torch.optim.Optimizer):
             _check_global(param_group, self.defaults)
         super().add_param_group(hyperparams.normalized(param_group))
         group = self.param_groups[-1]
+        if group["damping"] is None:  # the start value suited to how steps are sized
+            group["damping"] = hyperparams.START_DAMPING[group["step_size"]]
         if group["min_damping"] is None:  # the floor is the damping the group starts with
             group["min_damping"] = group["damping"]
             hyperparams.validate(group)

@@ -212,7 +212,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     amsgrad: bool = False
-    damping: float = 1e-3
+    damping: float | None = None
     factor_decay: float = 0.95
     factor_update_period: int | None = None
     inverse_update_period: int | None = None
@@ -273,7 +273,8 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "betas": "Adam moment coefficients.",
     "eps": "Adam denominator epsilon.",
     "amsgrad": "AMSGrad variant.",
-    "damping": "Tikhonov damping of the Kronecker blocks.",
+    "damping": "Tikhonov damping of the Kronecker blocks (start value; null: 1e-4 with "
+    "``step_size: qmodel``, 1e-3 with ``fixed``).",
     "factor_decay": "EMA coefficient of the Kronecker factors.",
     "factor_update_period": "update the factors every N steps (null: chosen by "
     "``curvature_budget``, else 1).",

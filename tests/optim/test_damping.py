@@ -154,7 +154,33 @@ def test_layer_with_fixed_damping_keeps_it_while_the_group_adapts():
     train(model, opt, 3)
     hp = opt.layer_hp()
     assert hp[id(opt.blocks[1])].damping == 0.5
-    assert hp[id(opt.blocks[0])].damping == opt.param_groups[0]["damping"] != 1e-3
+    assert hp[id(opt.blocks[0])].damping == opt.param_groups[0]["damping"] != 1e-4  # moved
+
+
+START_CASES = [  # (id, constructor kwargs, expected start damping = floor)
+    ("qmodel-default", {}, 1e-4),
+    ("fixed-default", {"step_size": "fixed"}, 1e-3),
+    ("qmodel-explicit", {"damping": 3e-3}, 3e-3),
+    ("fixed-explicit", {"step_size": "fixed", "damping": 1e-2}, 1e-2),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected", [c[1:] for c in START_CASES], ids=[c[0] for c in START_CASES]
+)
+def test_start_damping_follows_the_step_size(kwargs, expected):
+    """``damping=None`` (the default) starts at 1e-4 with qmodel steps, 1e-3 with fixed ones.
+
+    Regression: 1e-4 with ``step_size="fixed"`` collapsed the digits CNN (0.34 test accuracy after
+    2 epochs; end to end in ``tests/benchmarks/test_robustness_benchmark.py``).
+    """
+    model = cnn()
+    params = list(model.parameters())
+    opt = KFAC(model, params[:2], **kwargs)
+    opt.add_param_group({"params": params[2:]})  # a later group resolves the same way
+    assert opt.defaults["damping"] == kwargs.get("damping")
+    for group in opt.param_groups:
+        assert group["damping"] == group["min_damping"] == expected
 
 
 def test_invalid_self_tuning_settings_are_rejected():

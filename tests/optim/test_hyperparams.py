@@ -54,6 +54,12 @@ def test_layer_settings_problems_name_the_pattern():
     ]
 
 
+def test_layer_damping_must_be_a_number():
+    """``damping: None`` means "by step_size" for a group; a layer override must be a number."""
+    found = layer_settings_problems({"conv*": {"damping": None}})
+    assert [(p.pattern, p.key, p.reason) for p in found] == [("conv*", "damping", "not a number")]
+
+
 def test_validate_layer_settings_normalises_choices():
     out = hyperparams.validate_layer_settings(
         {"x": {"kfac_approx": KFACApprox.REDUCE}, "y": "skip"}

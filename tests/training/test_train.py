@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from kfac_tn.optim.hyperparams import START_DAMPING
 from kfac_tn.training.checkpoint import CheckpointError
 from kfac_tn.training.config import ConfigError, ScheduleConfig, ScheduleName, load_config
 from kfac_tn.training.train import lr_factor, read_metrics, resolve_device, train
@@ -185,7 +186,7 @@ def test_run_directory_contents(tmp_path):
     for row in rows:
         assert set(row) == ROW_KEYS | KFAC_ROW_KEYS
         assert all(math.isfinite(row[k]) for k in ROW_KEYS - {"max_memory_mib"})
-        assert row["damping"] >= cfg.optimizer.damping and 0 < row["step_scale"] <= 1
+        assert row["damping"] >= START_DAMPING["qmodel"] and 0 < row["step_scale"] <= 1
         assert row["skipped_steps"] == 0 and math.isfinite(row["rho"])
         assert row["max_memory_mib"] is None  # CPU run
         assert 0 <= row["test_acc"] <= 1 and row["images_per_s"] > 0
