@@ -87,8 +87,8 @@ CHECKPOINT_AFTER = 3  # rank 0 saves model + optimizer after this many steps
 
 #: (id, KFAC keyword arguments) of the training configurations compared with one process
 KFAC_CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("replicate-expand-empirical-eigen", dict(distributed_strategy="replicate")),
-    ("shard-expand-empirical-eigen", dict(distributed_strategy="shard")),
+    ("replicate-expand-empirical-eigen", dict(distributed_strategy="replicate", inversion="eigen")),
+    ("shard-expand-empirical-eigen", dict(distributed_strategy="shard", inversion="eigen")),
     (
         "replicate-reduce-type2-cholesky",
         dict(
@@ -110,11 +110,21 @@ KFAC_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     # self-tuning: every rank must take the same damping and step-scale decisions
     (
         "replicate-expand-empirical-eigen-qmodel-step",
-        dict(distributed_strategy="replicate", step_size="qmodel", damping_adaptation_period=2),
+        dict(
+            distributed_strategy="replicate",
+            inversion="eigen",
+            step_size="qmodel",
+            damping_adaptation_period=2,
+        ),
     ),
     (
         "shard-expand-empirical-eigen-exact-damping",
-        dict(distributed_strategy="shard", qmodel="exact", damping_adaptation_period=1),
+        dict(
+            distributed_strategy="shard",
+            inversion="eigen",
+            qmodel="exact",
+            damping_adaptation_period=1,
+        ),
     ),
     # EKFAC (scalings all-reduced, EKFAC inverses replicated under "shard" too) and norm blocks
     (

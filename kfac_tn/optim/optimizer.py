@@ -25,9 +25,11 @@ The update, per parameter ``p`` of a group with learning rate :math:`\eta`:
     d = \nu\,(A \otimes G + \delta I)^{-1} \nabla_p L + \lambda p, \qquad
     b \leftarrow \mu b + d, \qquad p \leftarrow p - \eta\,(d + \mu b \text{ if Nesterov else } b)
 
-with damping :math:`\delta` (``"eigen"``: exact; ``"cholesky"``: factored π-damping, see
-:mod:`kfac_tn.linalg`), weight decay :math:`\lambda` added *after* preconditioning (as when a KFAC
-preconditioner feeds ``torch.optim.SGD``), and the KL-clipping factor
+with damping :math:`\delta` (``"eigen"``: exact; ``"cholesky"``, the default for KFAC layers:
+factored π-damping, see :mod:`kfac_tn.linalg` and
+:func:`~kfac_tn.optim.hyperparams.auto_inversion`), weight decay :math:`\lambda` added *after*
+preconditioning (as when a KFAC preconditioner feeds ``torch.optim.SGD``), and the KL-clipping
+factor
 :math:`\nu = \min(1, \sqrt{\kappa / \sum_\ell \eta^2 \langle \Delta_\ell, \nabla_\ell\rangle})`
 over all preconditioned layers (``kl_clip=None``: :math:`\nu = 1`). Non-preconditioned parameters
 use :math:`d = \nabla_p L + \lambda p`.
@@ -174,7 +176,10 @@ class KFAC(torch.optim.Optimizer):
         mc_samples: Monte-Carlo samples per factor update (``fisher_type="mc"``).
         loss: ``"cross_entropy"`` or ``"mse"`` (the loss you backpropagate).
         loss_reduction: ``"mean"`` or ``"sum"``, the reduction of that loss.
-        inversion: ``"eigen"`` or ``"cholesky"``.
+        inversion: ``"eigen"`` (exact damping of ``A ⊗ G``, four GEMMs per step) or
+            ``"cholesky"`` (π-damped factors, two GEMMs); ``None``: Cholesky, or eigen for a
+            layer that needs the eigenbasis (EKFAC, ``eigenbasis_tolerance > 0``), see
+            :func:`~kfac_tn.optim.hyperparams.auto_inversion`.
         preconditioner: ``"kfac"`` (Kronecker eigenvalues) or ``"ekfac"`` (scalings in the
             Kronecker eigenbasis from per-sample gradients; needs ``inversion="eigen"``).
         norm_block: Curvature of norm layers' scale and shift: ``"unitwise"`` (2×2 per
@@ -241,7 +246,7 @@ class KFAC(torch.optim.Optimizer):
         mc_samples: int = 1,
         loss: str = "cross_entropy",
         loss_reduction: str = "mean",
-        inversion: str = "eigen",
+        inversion: str | None = None,
         preconditioner: str = "kfac",
         norm_block: str = "unitwise",
         kl_clip: float | None = 1e-3,

@@ -222,7 +222,7 @@ class OptimizerConfig:
     kfac_approx: KFACApprox = KFACApprox.EXPAND
     fisher_type: FisherType = FisherType.EMPIRICAL
     mc_samples: int = 1
-    inversion: Inversion = Inversion.EIGEN
+    inversion: Inversion | None = None
     preconditioner: Preconditioner = Preconditioner.KFAC
     norm_block: NormBlock = NormBlock.UNITWISE
     kl_clip: float | None = 1e-3
@@ -289,7 +289,8 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "kfac_approx": "``expand`` (KFC) or ``reduce`` (cheaper, Eschenhagen et al. 2023).",
     "fisher_type": "``empirical`` (your loss' gradients), ``mc`` (sampled labels), ``type2``.",
     "mc_samples": "Monte-Carlo samples per factor update (``fisher_type: mc``).",
-    "inversion": "``eigen`` (exact damping) or ``cholesky`` (pi-damping, faster).",
+    "inversion": "``eigen`` (exact damping) or ``cholesky`` (pi-damping, faster); null: "
+    "cholesky, eigen where EKFAC or ``eigenbasis_tolerance`` needs the eigenbasis.",
     "preconditioner": "``kfac`` or ``ekfac`` (eigenvalues re-estimated from per-sample "
     "gradients; needs ``inversion: eigen``).",
     "norm_block": "norm layers' scale/shift: ``unitwise`` (2x2 per channel), ``diagonal``, "

@@ -198,7 +198,7 @@ def test_failing_eigh_is_retried_or_the_last_inverse_kept(
     fail_dtypes, mode, counter, monkeypatch, caplog
 ):
     model = net().float()
-    opt = KFAC(model, lr=0.05, inverse_update_period=1)
+    opt = KFAC(model, lr=0.05, inverse_update_period=1, inversion="eigen")
     x, y = batch(0)
     opt.zero_grad()
     F.cross_entropy(model(x.float()), y).backward()
@@ -214,6 +214,50 @@ def test_failing_eigh_is_retried_or_the_last_inverse_kept(
     assert opt.stats[counter] == 8 * 3  # 8 steps, 3 layers
     per_layer = [r.getMessage() for r in caplog.records if "Layer 0:" in r.getMessage()]
     assert len(per_layer) == 4  # counts 1, 2, 4, 8 — one line per layer and count, no flood
+    state = opt.state[model[0].weight]
+    assert all(torch.isfinite(t).all() for t in state["inverse"])
+    if counter == "failed_inversions":
+        assert all(torch.equal(t, u) for t, u in zip(state["inverse"], good))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _failing_cholesky(fail_dtypes: tuple[torch.dtype, ...]):
+    real = torch.linalg.cholesky_ex
+
+    def cholesky_ex(a, *args, **kwargs):
+        L, info = real(a, *args, **kwargs)
+        return (L, torch.ones_like(info)) if a.dtype in fail_dtypes else (L, info)
+
+    return cholesky_ex
+
+
+CHOLESKY_FAULTS = [
+    ("float32_fails", (torch.float32,), "fallback_inversions"),
+    ("both_fail", (torch.float32, torch.float64), "failed_inversions"),
+]
+
+
+@pytest.mark.parametrize(
+    "fail_dtypes,counter", [c[1:] for c in CHOLESKY_FAULTS], ids=[c[0] for c in CHOLESKY_FAULTS]
+)
+def test_failing_cholesky_is_retried_or_the_last_inverse_kept(fail_dtypes, counter, monkeypatch):
+    """Cholesky is the default inversion: a factor it cannot factorise is retried in float64,
+    else the layer keeps its last good inverse; nothing non-finite reaches the parameters."""
+    model = net().float()
+    opt = KFAC(model, lr=0.05, inverse_update_period=1)
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x.float()), y).backward()
+    opt.step()  # a good first inverse
+    assert opt.stats["cholesky_decompositions"] > 0 and opt.stats["eigh_decompositions"] == 0
+    good = [t.clone() for t in opt.state[model[0].weight]["inverse"]]
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", _failing_cholesky(fail_dtypes))
+    for i in range(1, 5):
+        x, y = batch(i)
+        opt.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        opt.step()
+    assert opt.stats[counter] == 4 * 3  # 4 steps, 3 layers
     state = opt.state[model[0].weight]
     assert all(torch.isfinite(t).all() for t in state["inverse"])
     if counter == "failed_inversions":

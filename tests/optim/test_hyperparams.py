@@ -86,3 +86,40 @@ def test_resolve_layer_hp_applies_the_override_and_the_half_precision_default():
     assert (hp.damping, hp.kfac_approx, hp.factor_dtype) == (0.5, KFACApprox.REDUCE, torch.float32)
     assert hp.inverse_dtype == torch.float32
     assert resolve_layer_hp(group, None, torch.float64).factor_dtype == torch.float64
+
+
+# (id, the layer's inversion, preconditioner, eigenbasis_tolerance, resolved inversion)
+AUTO_INVERSION_CASES = [
+    ("default-kfac", None, "kfac", 0.0, "cholesky"),
+    ("default-ekfac", None, "ekfac", 0.0, "eigen"),
+    ("default-warm-start", None, "kfac", 1e-3, "eigen"),
+    ("explicit-eigen", "eigen", "kfac", 0.0, "eigen"),
+    ("explicit-cholesky", "cholesky", "kfac", 1e-3, "cholesky"),
+]
+
+
+@pytest.mark.parametrize(
+    "inversion,preconditioner,tolerance,expected",
+    [c[1:] for c in AUTO_INVERSION_CASES],
+    ids=[c[0] for c in AUTO_INVERSION_CASES],
+)
+def test_auto_inversion(inversion, preconditioner, tolerance, expected):
+    values = {
+        "inversion": inversion,
+        "preconditioner": preconditioner,
+        "eigenbasis_tolerance": tolerance,
+    }
+    assert hyperparams.auto_inversion(values).value == expected
+
+
+def test_default_inversion_follows_each_layers_preconditioner():
+    """With ``inversion=None`` a layer set to EKFAC is eigen-inverted and the others Cholesky
+    (an explicit ``inversion="cholesky"`` with EKFAC stays an error)."""
+    from kfac_tn import KFAC
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    opt = KFAC(model, layer_settings={"2": {"preconditioner": "ekfac"}})
+    hp = opt.layer_hp()
+    assert [hp[id(b)].inversion.value for b in opt.blocks] == ["cholesky", "eigen"]
+    with pytest.raises(ValueError, match="needs inversion='eigen'"):
+        KFAC(model, inversion="cholesky", preconditioner="ekfac")

@@ -94,7 +94,7 @@ def test_paths_are_counted_per_factor_matrix():
 def test_warm_started_training_stays_close_to_eigh():
     """A loose tolerance changes the preconditioner only by about the tolerance."""
     a, b = equal_layers(), equal_layers()
-    opt_a = KFAC(a, lr=0.05, inverse_update_period=2)
+    opt_a = KFAC(a, lr=0.05, inverse_update_period=2, inversion="eigen")
     opt_b = KFAC(b, lr=0.05, inverse_update_period=2, eigenbasis_tolerance=1e-6)
     train(a, opt_a, 6)
     train(b, opt_b, 6)

@@ -422,10 +422,10 @@ def test_stats_counters():
         "failed_inversions": 0,
         "invalid_factors": 0,
         "damping_adaptations": 1,
-        "eigh_decompositions": 16,  # per matrix: 2 updates x (2 + 2 + 4: the grouped conv)
+        "eigh_decompositions": 0,
         "warm_decompositions": 0,
         "qr_decompositions": 0,
-        "cholesky_decompositions": 0,
+        "cholesky_decompositions": 16,  # per matrix: 2 updates x (2 + 2 + 4: the grouped conv)
         "offloaded_decompositions": 0,
         "kfac_layers": 3,
         "damping": [opt.param_groups[0]["damping"]],
