@@ -181,7 +181,8 @@ class KFAC(torch.optim.Optimizer):
             layer that needs the eigenbasis (EKFAC, ``eigenbasis_tolerance > 0``), see
             :func:`~kfac_tn.optim.hyperparams.auto_inversion`.
         preconditioner: ``"kfac"`` (Kronecker eigenvalues) or ``"ekfac"`` (scalings in the
-            Kronecker eigenbasis from per-sample gradients; needs ``inversion="eigen"``).
+            Kronecker eigenbasis from per-sample gradients; needs ``inversion="eigen"`` or
+            ``None``, which picks eigen for EKFAC layers).
         norm_block: Curvature of norm layers' scale and shift: ``"unitwise"`` (2×2 per
             channel), ``"diagonal"`` or ``"skip"`` (momentum SGD).
         kl_clip: KL-clipping bound ``κ > 0``, or ``None`` to disable.
