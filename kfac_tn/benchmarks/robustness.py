@@ -1,9 +1,10 @@
 """Robustness grid over seeds: KFAC's defaults (and variants) on the digits CNN, lr × weight decay.
 
 ``python -m kfac_tn.benchmarks.robustness [--seeds 10] [--lrs ...] [--weight-decays ...]
-[--variant NAME=JSON ...] [--threads 1] [--out DIR]``
+[--batch-size 64] [--variant NAME=JSON ...] [--threads 1] [--out DIR]``
 
-Each run is the loop of ``tests/optim/test_robust_defaults.py`` (digits CNN, batch 64,
+Each run is the loop of ``tests/optim/test_robust_defaults.py`` (digits CNN, batch 64 unless
+``--batch-size``,
 :data:`EPOCHS` epochs, ``KFAC(model, lr=lr, weight_decay=wd)`` plus the variant's keyword
 arguments, no schedule) with ``torch.manual_seed(seed)`` for the initialisation and the data
 order; seed 0 is the test's run. A run passes the grid's rule (:func:`violations`) when no step
@@ -76,6 +77,7 @@ def train_digits(
     *,
     epochs: int = EPOCHS,
     options: Mapping[str, Any] | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> tuple[list[float], dict]:
     """Train the digits CNN with KFAC and return the test accuracy after each epoch.
 
@@ -85,6 +87,7 @@ def train_digits(
         seed: Seed of the initialisation and of the data order.
         epochs: Epochs.
         options: Further KFAC keyword arguments.
+        batch_size: Samples per step (the last step of an epoch may have fewer).
 
     Returns:
         ``(accuracies, opt.stats)``.
@@ -103,8 +106,8 @@ def train_digits(
     accuracies = []
     for _ in range(epochs):
         order = torch.randperm(len(y_train), generator=gen)
-        for i in range(0, len(y_train), BATCH_SIZE):
-            idx = order[i : i + BATCH_SIZE]
+        for i in range(0, len(y_train), batch_size):
+            idx = order[i : i + batch_size]
             opt.zero_grad()
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()
@@ -143,6 +146,7 @@ def run_grid(
     weight_decays: Sequence[float],
     seeds: Sequence[int],
     epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
 ) -> list[Run]:
     """Run every variant on every grid point.
 
@@ -152,13 +156,16 @@ def run_grid(
         weight_decays: Weight decays.
         seeds: Seeds.
         epochs: Epochs per run.
+        batch_size: Samples per step.
 
     Returns:
         One :class:`Run` per variant and grid point.
     """
     runs = []
     for name, wd, lr, seed in itertools.product(variants, weight_decays, lrs, seeds):
-        accs, stats = train_digits(lr, wd, seed, epochs=epochs, options=variants[name])
+        accs, stats = train_digits(
+            lr, wd, seed, epochs=epochs, options=variants[name], batch_size=batch_size
+        )
         runs.append(Run(name, lr, wd, seed, tuple(accs), stats["skipped_steps"]))
         logger.info("%s lr %g wd %g seed %d: %s", name, lr, wd, seed, accs)
     return runs
@@ -197,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument(
         "--variant",
         action="append",
@@ -208,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write DIR/robustness.json")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1 or args.threads < 1:
-        parser.error("--seeds, --epochs and --threads must be >= 1")
+    if min(args.seeds, args.epochs, args.threads, args.batch_size) < 1:
+        parser.error("--seeds, --epochs, --threads and --batch-size must be >= 1")
     variants: dict[str, dict] = {} if args.no_defaults else {"kfac": {}}
     for text in args.variant:
         name, _, options = text.partition("=")
@@ -223,10 +231,11 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     if not variants:
         parser.error("nothing to run: --no-defaults without --variant")
     torch.set_num_threads(args.threads)
-    runs = run_grid(variants, args.lrs, args.weight_decays, range(args.seeds), args.epochs)
+    seeds = range(args.seeds)
+    runs = run_grid(variants, args.lrs, args.weight_decays, seeds, args.epochs, args.batch_size)
     print(
         f"threads={torch.get_num_threads()} cpu={torch.backends.cpu.get_cpu_capability()} "
-        f"epochs={args.epochs}"
+        f"epochs={args.epochs} batch_size={args.batch_size}"
     )
     print(format_table(runs))
     if args.out is not None:

@@ -25,6 +25,12 @@ def test_violations(accuracies, skipped, expected):
     assert robustness.violations(accuracies, skipped) == expected
 
 
+def test_batch_size_sets_the_steps_per_epoch(one_thread):
+    """1437 training images: 12 steps per epoch at batch 128 (the last one 29 samples)."""
+    _, stats = robustness.train_digits(0.05, 5e-4, epochs=1, batch_size=128)
+    assert stats["steps"] == 12
+
+
 def test_one_run_grid_end_to_end(tmp_path, capsys, one_thread):
     argv = ["--seeds", "1", "--lrs", "0.05", "--weight-decays", "5e-4", "--epochs", "1"]
     argv += ["--variant", 'fixed={"step_size": "fixed"}', "--out", str(tmp_path)]
@@ -41,7 +47,14 @@ def test_one_run_grid_end_to_end(tmp_path, capsys, one_thread):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--seeds", "0"], ["--variant", "bad"], ["--variant", "x=[1]"], ["--no-defaults"]]
+    "argv",
+    [
+        ["--seeds", "0"],
+        ["--batch-size", "0"],
+        ["--variant", "bad"],
+        ["--variant", "x=[1]"],
+        ["--no-defaults"],
+    ],
 )
 def test_bad_arguments_are_rejected(argv):
     with pytest.raises(SystemExit):
