@@ -44,7 +44,7 @@ def batch(i: int):
 def clean_step(model, opt, i):
     x, y = batch(i)
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x.to(model[0].weight.dtype)), y).backward()
     opt.step()
 
 
@@ -199,18 +199,12 @@ def test_failing_eigh_is_retried_or_the_last_inverse_kept(
 ):
     model = net().float()
     opt = KFAC(model, lr=0.05, inverse_update_period=1, inversion="eigen")
-    x, y = batch(0)
-    opt.zero_grad()
-    F.cross_entropy(model(x.float()), y).backward()
-    opt.step()  # a good first inverse
+    clean_step(model, opt, 0)  # a good first inverse
     good = [t.clone() for t in opt.state[model[0].weight]["inverse"]]
     monkeypatch.setattr(torch.linalg, "eigh", _failing_eigh(fail_dtypes, mode))
     with caplog.at_level(logging.WARNING, logger="kfac_tn"):
         for i in range(1, 9):
-            x, y = batch(i)
-            opt.zero_grad()
-            F.cross_entropy(model(x.float()), y).backward()
-            opt.step()
+            clean_step(model, opt, i)
     assert opt.stats[counter] == 8 * 3  # 8 steps, 3 layers
     per_layer = [r.getMessage() for r in caplog.records if "Layer 0:" in r.getMessage()]
     assert len(per_layer) == 4  # counts 1, 2, 4, 8 — one line per layer and count, no flood
@@ -245,18 +239,12 @@ def test_failing_cholesky_is_retried_or_the_last_inverse_kept(fail_dtypes, count
     else the layer keeps its last good inverse; nothing non-finite reaches the parameters."""
     model = net().float()
     opt = KFAC(model, lr=0.05, inverse_update_period=1)
-    x, y = batch(0)
-    opt.zero_grad()
-    F.cross_entropy(model(x.float()), y).backward()
-    opt.step()  # a good first inverse
+    clean_step(model, opt, 0)  # a good first inverse
     assert opt.stats["cholesky_decompositions"] > 0 and opt.stats["eigh_decompositions"] == 0
     good = [t.clone() for t in opt.state[model[0].weight]["inverse"]]
     monkeypatch.setattr(torch.linalg, "cholesky_ex", _failing_cholesky(fail_dtypes))
     for i in range(1, 5):
-        x, y = batch(i)
-        opt.zero_grad()
-        F.cross_entropy(model(x.float()), y).backward()
-        opt.step()
+        clean_step(model, opt, i)
     assert opt.stats[counter] == 4 * 3  # 4 steps, 3 layers
     state = opt.state[model[0].weight]
     assert all(torch.isfinite(t).all() for t in state["inverse"])
