@@ -160,8 +160,8 @@ class KFAC(torch.optim.Optimizer):
             ``curvature_budget``, else 10.
         curvature_budget: Fraction in ``(0, 1)`` of a step's work that curvature work
             (capture, factors, decompositions, preconditioning) may take, e.g. 0.5; the
-            periods that are ``None`` are chosen per layer to keep it
-            (:mod:`kfac_tn.optim.schedule`). ``None`` (default): fixed periods (``1/10``). 0.5
+            periods that are ``None`` are chosen per layer to keep it, never costing more than
+            the fixed periods would (:mod:`kfac_tn.optim.schedule`). ``None`` (default): fixed periods (``1/10``). 0.5
             reached the race benchmark's targets sooner on average, but missed the robustness
             grid's accuracy bound at ``lr=1.0``, so it is opt-in.
         budget_costs: What the budget plans with: ``"model"`` (work computed from the layer

@@ -27,7 +27,13 @@ preconditioning, finiteness checks), per layer :math:`F_\ell` per factor update 
     \le \frac{\beta}{1-\beta} B,
     \qquad 1 \le f_\ell \le i_\ell,\; f_\ell \le f_{\max},\; i_\ell \le i_{\max}
 
-(curvature ≤ β of the whole step). Its Lagrangian solution is :math:`p \propto \sqrt{\text{cost}}`:
+(curvature ≤ β of the whole step), and never more than the fixed periods (the explicit ones,
+else :data:`DEFAULT_PERIODS`) would spend: the budget redistributes and cuts curvature work, it
+does not add to it. Without that ceiling a generous budget on a model with cheap factors (e.g.
+3c3d with KFAC-reduce, ``curvature_budget=0.3``) chose inverse period 1 for most layers and its
+step took 2.39× an SGD step instead of 2.06× with ``1/10``
+(``python -m kfac_tn.benchmarks.step --models 3c3d --inversion cholesky --budget 0.3``).
+Its Lagrangian solution is :math:`p \propto \sqrt{\text{cost}}`:
 expensive layers update less often, cheap ones every step. Integer periods
 :math:`\lceil\sqrt{c/\mu}\rceil` are found by bisection on μ (deterministic). If the
 budget is out of reach (``P`` alone takes more than ``1 -`` :data:`RESERVE_FRACTION` of it), the
@@ -204,12 +210,20 @@ class Plan:
         curvature: Estimated curvature seconds per step with these periods.
         allowed: Curvature seconds per step the budget allows.
         feasible: Whether ``curvature <= allowed``.
+        ceiling: Curvature seconds per step of the fixed periods (explicit, else
+            :data:`DEFAULT_PERIODS`); ``curvature`` never exceeds it.
     """
 
     periods: dict[str, Periods]
     curvature: float
     allowed: float
     feasible: bool
+    ceiling: float = math.inf
+
+    @property
+    def limit(self) -> float:
+        """The curvature cost the plan may use: the budget's, capped by :attr:`ceiling`."""
+        return min(self.allowed, self.ceiling)
 
 
 def _periods_for(
@@ -239,6 +253,8 @@ def choose_periods(
 ) -> Plan:
     """Choose the periods that keep curvature work within ``budget`` (module docstring).
 
+    The plan never costs more than the fixed periods (:attr:`Plan.ceiling`).
+
     Args:
         costs: The measured costs.
         budget: Fraction β in ``(0, 1)`` of the step time curvature work may take.
@@ -249,10 +265,12 @@ def choose_periods(
         The :class:`Plan`; deterministic in its arguments.
     """
     allowed = budget / (1.0 - budget) * max(costs.base, 0.0)
-    # out of reach (the fixed work alone near or over the budget): the periodic work still gets
-    # RESERVE_FRACTION of the budget, rather than all periods going to their bounds
-    target = max(allowed, costs.fixed + RESERVE_FRACTION * allowed)
     names = sorted(explicit)
+    ceiling = _cost(costs, {n: _fixed_periods(explicit[n]) for n in names})
+    # out of reach (the fixed work alone near or over the budget): the periodic work still gets
+    # RESERVE_FRACTION of the budget, rather than all periods going to their bounds; and never
+    # more than the fixed periods would spend
+    target = min(ceiling, max(allowed, costs.fixed + RESERVE_FRACTION * allowed))
 
     def plan_at(mu: float) -> dict[str, Periods]:
         return {
@@ -264,7 +282,8 @@ def choose_periods(
     positive = [c for c in positive if c > 0.0]
     if not positive:
         periods = plan_at(1.0)
-        return Plan(periods, _cost(costs, periods), allowed, _cost(costs, periods) <= allowed)
+        spent = _cost(costs, periods)
+        return Plan(periods, spent, allowed, spent <= allowed, ceiling)
     hi = max(positive) * 2.0  # every period at its lower bound
     lo = min(positive) / (2.0 * max(FACTOR_PERIODS[1], INVERSE_PERIODS[1]) ** 2)  # all at max
     if _cost(costs, plan_at(hi)) <= target:
@@ -280,7 +299,14 @@ def choose_periods(
                 hi = mid
         periods = plan_at(lo)
     curvature = _cost(costs, periods)
-    return Plan(periods, curvature, allowed, curvature <= allowed)
+    return Plan(periods, curvature, allowed, curvature <= allowed, ceiling)
+
+
+def _fixed_periods(explicit: tuple[int | None, int | None]) -> Periods:
+    """Return the periods a layer has without a budget: its explicit ones, else the defaults."""
+    f = explicit[0] if explicit[0] is not None else DEFAULT_PERIODS[0]
+    i = explicit[1] if explicit[1] is not None else DEFAULT_PERIODS[1]
+    return Periods(f, i)
 
 
 # ------------------------------------------------------------------------------ the cost model
@@ -686,7 +712,7 @@ class CurvatureSchedule:
         current = {n: Periods(*p) for n, p in st.get("periods", {}).items()}
         if current and set(current) == set(plan.periods):
             kept = _cost(costs, current)
-            if KEEP_FRACTION * plan.allowed <= kept <= plan.allowed or current == plan.periods:
+            if KEEP_FRACTION * plan.limit <= kept <= plan.limit or current == plan.periods:
                 return
         st["periods"] = {n: [p.factor, p.inverse] for n, p in plan.periods.items()}
         st["decisions"] = st.get("decisions", 0) + 1

@@ -145,10 +145,21 @@ CHOOSE_CASES = [
     ),
     (
         "cheap-every-step",
+        CurvatureCosts(
+            1.0, 0.1, {"a": 0.01, "b": 0.01, "c": 0.4}, {"a": 0.01, "b": 0.01, "c": 2.0}
+        ),
+        0.25,
+        {"a": (None, None), "b": (None, None), "c": (None, None)},
+        {"a": Periods(1, 1), "b": Periods(1, 1), "c": Periods(7, 15)},  # c pays for a and b
+    ),
+    (
+        # regression: the budget allowed 1/1 for both (0.16 of the allowed 0.33), more than the
+        # fixed 1/10 (0.133); a budget must not add curvature work
+        "never-above-the-fixed-periods",
         CurvatureCosts(1.0, 0.1, {"a": 0.01, "b": 0.02}, {"a": 0.01, "b": 0.02}),
         0.25,
         {"a": (None, None), "b": (None, None)},
-        {"a": Periods(1, 1), "b": Periods(1, 1)},
+        {"a": Periods(2, 2), "b": Periods(2, 2)},  # 0.13 <= 0.133
     ),
     (
         "explicit-wins",
@@ -183,6 +194,12 @@ def test_choose_periods(costs, budget, explicit, expected):
     plan = choose_periods(costs, budget, explicit)
     assert plan.periods == expected
     assert plan.allowed == pytest.approx(budget / (1 - budget) * costs.base)
+    fixed = {
+        n: Periods(*(e if e is not None else d for e, d in zip(explicit[n], (1, 10))))
+        for n in explicit
+    }
+    assert plan.ceiling == pytest.approx(schedule._cost(costs, fixed))
+    assert plan.curvature <= plan.ceiling + 1e-12
     assert plan.feasible == (plan.curvature <= plan.allowed)
     assert choose_periods(costs, budget, explicit) == plan  # deterministic
 
