@@ -216,7 +216,7 @@ class OptimizerConfig:
     factor_decay: float = 0.95
     factor_update_period: int | None = None
     inverse_update_period: int | None = None
-    curvature_budget: float | None = None
+    curvature_budget: float | None = 0.3
     budget_costs: BudgetCosts = BudgetCosts.MODEL
     eigenbasis_tolerance: float = 0.0
     kfac_approx: KFACApprox = KFACApprox.EXPAND
@@ -281,7 +281,8 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "inverse_update_period": "recompute the inverses every N steps, each layer on its own phase "
     "(null: chosen by ``curvature_budget``, else 10).",
     "curvature_budget": "fraction of a step's work curvature work may take; the null periods "
-    "are chosen per layer to keep it (null: fixed periods).",
+    "are chosen per layer to keep it, never costing more than fixed periods 1/10 "
+    "(null: fixed periods 1/10).",
     "budget_costs": "what the budget plans with: ``model`` (work from the layer shapes, chosen "
     "once: reproducible) or ``measured`` (timed steps: follows the machine, adapts).",
     "eigenbasis_tolerance": "keep a layer's previous eigenbasis (after one QR iteration) while "
