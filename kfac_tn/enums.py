@@ -24,6 +24,7 @@ __all__ = [
     "NormBlock",
     "Preconditioner",
     "QModel",
+    "QModelJvp",
     "StepSize",
 ]
 
@@ -140,6 +141,14 @@ class QModel(Choice):
 
     KRONECKER = "kronecker"
     EXACT = "exact"
+
+
+class QModelJvp(Choice):
+    """How the exact curvature's JVP is computed (see :mod:`kfac_tn.optim.qmodel`)."""
+
+    AUTO = "auto"
+    FORWARD = "forward"
+    DIFFERENCE = "difference"
 
 
 class StepSize(Choice):

@@ -45,6 +45,7 @@ and extra_vs_kfac_s for variants).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import statistics
@@ -70,8 +71,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no-norm": dict(norm_block="skip"),
 }
 """KFAC settings of the variant rows (on top of KFAC-expand, fixed periods)."""
-DEFAULT_BUDGET = 0.5
-"""The budget rows' ``curvature_budget`` unless ``--budget``/``--no-budget`` says otherwise."""
+DEFAULT_BUDGET: float = inspect.signature(KFAC).parameters["curvature_budget"].default
+"""The budget rows' ``curvature_budget`` (KFAC's default) unless ``--budget``/``--no-budget``
+says otherwise."""
 _CURVATURE_PARTS = ("factor", "inverse", "fixed")
 
 

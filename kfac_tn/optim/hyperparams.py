@@ -31,6 +31,7 @@ from kfac_tn.enums import (
     NormBlock,
     Preconditioner,
     QModel,
+    QModelJvp,
     StepSize,
 )
 
@@ -186,6 +187,7 @@ RULES: dict[str, Rule] = {
     "step_size": OneOf(StepSize),
     "max_step_scale": Number(0.0, low_open=True),
     "qmodel_samples": Number(1, integer=True, nullable=True),
+    "qmodel_jvp": OneOf(QModelJvp),
 }
 """The rule of every hyperparameter the optimizer validates."""
 

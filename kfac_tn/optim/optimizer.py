@@ -78,6 +78,7 @@ from kfac_tn.enums import (
     LossReduction,
     LossType,
     QModel,
+    QModelJvp,
     StepSize,
 )
 from kfac_tn.faults import log_fault
@@ -93,7 +94,13 @@ from kfac_tn.optim.hyperparams import LayerHP, resolve_layer_hp
 from kfac_tn.optim.inverses import PATH_COUNTERS
 from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
-from kfac_tn.optim.qmodel import RecordedPass, StepPieces, recorded_loss, step_pieces
+from kfac_tn.optim.qmodel import (
+    RecordedPass,
+    StepPieces,
+    jvp_forwards,
+    recorded_loss,
+    step_pieces,
+)
 from kfac_tn.optim.schedule import (
     CostMeter,
     CurvatureSchedule,
@@ -122,6 +129,7 @@ GLOBAL_KEYS = (
     "step_size",
     "max_step_scale",
     "qmodel_samples",
+    "qmodel_jvp",
     "curvature_budget",
     "budget_costs",
 )
@@ -220,6 +228,13 @@ class KFAC(torch.optim.Optimizer):
             0.03-0.05 in an epoch at every lr (``python -m kfac_tn.benchmarks.robustness``);
             with 64 (all of its batch) none did, and the race reached its targets sooner on
             average (:mod:`kfac_tn.optim.qmodel`). Larger batches use 64 of their samples.
+        qmodel_jvp: How ``Δᵀ G Δ``'s Jacobian-vector product ``JΔ`` is computed:
+            ``"forward"`` (``torch.func.jvp``, exact, about three forward passes),
+            ``"difference"`` (one forward pass at ``θ + tΔ`` against the recorded output,
+            relative error of ``Δᵀ G Δ`` about 1e-3 in float32; float32/float64 parameters
+            only, forward mode otherwise) or ``"auto"`` (default: ``"difference"`` on CPU,
+            ``"forward"`` elsewhere, where TF32 or reduced-precision kernels would swamp a
+            difference).
         grad_scaler: The ``torch.amp.GradScaler`` scaling the loss, if any (its scale is divided
             out of ``G``).
 
@@ -266,6 +281,7 @@ class KFAC(torch.optim.Optimizer):
         step_size: str = "qmodel",
         max_step_scale: float = 1.0,
         qmodel_samples: int | None = 64,
+        qmodel_jvp: str = "auto",
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -649,6 +665,7 @@ class KFAC(torch.optim.Optimizer):
             exact=qmodel_step,
             comm=self.placement.comm,
             samples=d["qmodel_samples"],
+            jvp_mode=QModelJvp(d["qmodel_jvp"]),
         )
 
     def _rescale(self, update: Update, pieces: StepPieces | None) -> float:
@@ -781,17 +798,20 @@ class KFAC(torch.optim.Optimizer):
         """Forward passes of the batch the self-tuning adds per step, amortised.
 
         A JVP (``step_size="qmodel"`` every step, ``qmodel="exact"`` on adaptation steps) costs
-        about three forward passes on its samples; the damping adaptation one forward.
+        about three forward passes on its samples in forward mode and one as a difference
+        quotient (:func:`~kfac_tn.optim.qmodel.jvp_forwards`); the damping adaptation one
+        forward.
         """
         d = self.defaults
         batch = max((w.samples for w in layers.values()), default=1)
         share = 1.0 if d["qmodel_samples"] is None else min(1.0, d["qmodel_samples"] / batch)
         period = int(d["damping_adaptation_period"])
         adapting = any(g["damping_adaptation"] for g in self.param_groups)
-        extra = 3.0 * share if self._qmodel_step() else 0.0
+        jvp = jvp_forwards(QModelJvp(d["qmodel_jvp"]), [b.weight for b in self.blocks]) * share
+        extra = jvp if self._qmodel_step() else 0.0
         if adapting:
             exact = not self._qmodel_step() and d["qmodel"] == QModel.EXACT.value
-            extra += (1.0 + (3.0 * share if exact else 0.0)) / period
+            extra += (1.0 + (jvp if exact else 0.0)) / period
         return extra
 
     def _due_next(self) -> dict[str, tuple[bool, bool]]:

@@ -259,11 +259,15 @@ class StatisticsCollector:
             return
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         device = tensors[0].device if tensors else None
-        self._recording = RecordedPass(args, kwargs, RngState.capture(device))
+        kinds = {"cpu", device.type if device is not None else "cpu"}
+        autocast = any(torch.is_autocast_enabled(k) for k in kinds)
+        self._recording = RecordedPass(args, kwargs, RngState.capture(device), autocast=autocast)
 
     def _on_model_output(self, output: object) -> None:
         if isinstance(output, Tensor) and output.dim() >= 1:
             self.entries_per_sample = output[0].numel()
+        if self._recording is not None:  # before the sampled statistics below draw labels
+            self._recording.drew_random = not self._recording.rng.unchanged()
         self._sample_and_commit(output)
         # after the sampled backward passes above, so that only the user's backward is recorded
         self._record_output(output)

@@ -42,6 +42,7 @@ from kfac_tn.enums import (
     NormBlock,
     Preconditioner,
     QModel,
+    QModelJvp,
     StepSize,
 )
 from kfac_tn.optim import hyperparams
@@ -240,6 +241,7 @@ class OptimizerConfig:
     step_size: StepSize = StepSize.QMODEL
     max_step_scale: float = 1.0
     qmodel_samples: int | None = 64
+    qmodel_jvp: QModelJvp = QModelJvp.AUTO
 
 
 KFAC_KEYS: tuple[str, ...] = tuple(
@@ -318,6 +320,9 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "max_step_scale": "largest rescaling of a step with ``step_size: qmodel``.",
     "qmodel_samples": "samples per batch the exact quadratic-model curvature is evaluated on "
     "(scaled up to the batch; null: all).",
+    "qmodel_jvp": "how that curvature's Jacobian-vector product is computed: ``forward`` "
+    "(forward-mode AD, exact), ``difference`` (one forward pass, float32/float64 only) or "
+    "``auto`` (difference on CPU, forward elsewhere).",
 }
 
 

@@ -13,12 +13,13 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from kfac_tn import KFAC
-from kfac_tn.enums import LossType
+from kfac_tn.enums import LossType, QModelJvp
 from kfac_tn.losses import loss_value, recovered_targets
 from kfac_tn.optim.qmodel import (
     RecordedPass,
     RngState,
     exact_curvature,
+    jvp_forwards,
     kronecker_curvature,
     recorded_loss,
 )
@@ -159,6 +160,7 @@ def test_reduction_ratio_is_one_on_a_quadratic_problem(generator):
         weight_decay=1e-2,
         loss="mse",
         qmodel="exact",
+        qmodel_jvp="forward",  # an identity: no difference quotient's rounding
         step_size="fixed",
         damping_adaptation_period=1,
         min_damping=1e-8,
@@ -172,3 +174,158 @@ def test_reduction_ratio_is_one_on_a_quadratic_problem(generator):
         opt.step()
         assert opt.state["kfac"]["rho"] == pytest.approx(1.0, rel=1e-9)
         assert opt.param_groups[0]["damping"] == pytest.approx(before * 0.9, rel=1e-12)
+
+
+class _FeatureMajorNoise(nn.Module):
+    """Adds noise drawn feature-major: a sub-batch's noise is not a slice of the batch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn(x.shape[1], x.shape[0], dtype=x.dtype).T
+
+
+def _net(kind: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    act = {"tanh": nn.Tanh(), "relu": nn.ReLU()}.get(kind, nn.Tanh())
+    layers = [nn.Conv2d(2, 4, 3, padding=1), act, nn.Flatten(), nn.Linear(4 * 16, 3)]
+    if kind == "batchnorm":
+        layers.insert(1, nn.BatchNorm2d(4))
+    if kind == "dropout":
+        layers.insert(2, nn.Dropout(0.3))
+    if kind == "noise":
+        layers.insert(3, _FeatureMajorNoise())
+    return nn.Sequential(*layers).to(dtype)
+
+
+# id, net, dtype, samples, drew_random as recorded, rtol against forward mode
+DIFFERENCE_CASES = [
+    ("tanh_f64_all", "tanh", torch.float64, None, False, 1e-6),
+    ("tanh_f64_first4_sliced", "tanh", torch.float64, 4, False, 1e-6),
+    ("batchnorm_f64_first4_not_sliced", "batchnorm", torch.float64, 4, False, 1e-6),
+    ("dropout_f64_all", "dropout", torch.float64, None, True, 1e-6),
+    ("dropout_f64_first4_not_sliced", "dropout", torch.float64, 4, True, 1e-6),
+    ("noise_f64_first4_not_sliced", "noise", torch.float64, 4, True, 1e-6),
+    ("relu_f32_all", "relu", torch.float32, None, False, 2e-2),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,dtype,samples,drew,rtol",
+    [c[1:] for c in DIFFERENCE_CASES],
+    ids=[c[0] for c in DIFFERENCE_CASES],
+)
+def test_difference_quotient_curvature_matches_forward_mode(
+    kind, dtype, samples, drew, rtol, generator
+):
+    """The difference quotient on the recorded output (or a slice, or a fresh base where a
+    slice would be another function: BatchNorm's batch statistics, dropout's masks) agrees
+    with the exact forward-mode JVP."""
+    model = _net(kind, dtype)
+    x = torch.randn(6, 2, 4, 4, generator=generator).to(dtype)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    rng = RngState.capture(None)
+    out = model(x)
+    (g,) = torch.autograd.grad(F.cross_entropy(out, y), out)
+    record = RecordedPass((x,), {}, rng, out.detach(), g, drew_random=drew)
+    params = dict(model.named_parameters())  # the recorded outputs' parameters
+    tangents = {
+        n: 0.1 * torch.randn(p.shape, generator=generator).to(dtype) for n, p in params.items()
+    }
+    kind_ = LossType.CROSS_ENTROPY
+    common = dict(samples=samples)
+    exact = exact_curvature(model, [record], kind_, 1 / 6, params, tangents, **common)
+    diff = exact_curvature(
+        model, [record], kind_, 1 / 6, params, tangents, jvp_mode=QModelJvp.DIFFERENCE, **common
+    )
+    assert_close(diff, exact, rtol=rtol)
+
+
+def test_difference_quotient_of_a_zero_step_is_zero(generator):
+    model = _net("tanh", torch.float64)
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    record, _ = _record(model, x, torch.randint(0, 3, (6,), generator=generator), F.cross_entropy)
+    params = dict(model.named_parameters())
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    curvature = exact_curvature(
+        model, [record], LossType.CROSS_ENTROPY, 1 / 6, params, zeros, jvp_mode=QModelJvp.DIFFERENCE
+    )
+    assert curvature.item() == 0.0
+
+
+# id, mode, parameter dtype, device kind, expected forward passes
+JVP_KIND_CASES = [
+    ("auto_cpu_f32_difference", QModelJvp.AUTO, torch.float32, "cpu", 1.0),
+    ("auto_cpu_f64_difference", QModelJvp.AUTO, torch.float64, "cpu", 1.0),
+    ("auto_cpu_bf16_forward", QModelJvp.AUTO, torch.bfloat16, "cpu", 3.0),
+    ("auto_meta_f32_forward", QModelJvp.AUTO, torch.float32, "meta", 3.0),
+    ("difference_meta_f32_difference", QModelJvp.DIFFERENCE, torch.float32, "meta", 1.0),
+    ("difference_cpu_f16_forward", QModelJvp.DIFFERENCE, torch.float16, "cpu", 3.0),
+    ("forward_cpu_f32_forward", QModelJvp.FORWARD, torch.float32, "cpu", 3.0),
+]
+
+
+@pytest.mark.parametrize(
+    "mode,dtype,device,expected",
+    [c[1:] for c in JVP_KIND_CASES],
+    ids=[c[0] for c in JVP_KIND_CASES],
+)
+def test_jvp_kind_follows_mode_dtype_and_device(mode, dtype, device, expected):
+    """``auto`` takes the difference quotient on CPU only (the meta device stands in for an
+    accelerator); half precision always falls back to forward mode."""
+    params = [
+        torch.zeros(3, dtype=dtype, device=device),
+        torch.zeros(2, dtype=dtype, device=device),
+    ]
+    assert jvp_forwards(mode, params) == expected
+
+
+def test_mixed_parameter_dtypes_use_forward_mode():
+    params = [torch.zeros(3), torch.zeros(3, dtype=torch.float64)]
+    assert jvp_forwards(QModelJvp.DIFFERENCE, params) == 3.0
+
+
+# id, module, autocast, drew_random expected
+RECORD_CASES = [
+    ("plain", lambda: nn.Sequential(nn.Linear(4, 3)), False, False),
+    (
+        "dropout",
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 3)),
+        False,
+        True,
+    ),
+    ("autocast", lambda: nn.Sequential(nn.Linear(4, 3)), True, False),
+]
+
+
+@pytest.mark.parametrize(
+    "make,autocast,drew", [c[1:] for c in RECORD_CASES], ids=[c[0] for c in RECORD_CASES]
+)
+def test_recorded_pass_notes_random_draws_and_autocast(make, autocast, drew, generator):
+    """What decides whether the recorded output may be the difference quotient's base; labels
+    sampled by ``fisher_type="mc"`` after the forward pass do not count as the model's draws."""
+    model = make()
+    opt = KFAC(model, lr=0.1, fisher_type="mc")
+    x = torch.randn(8, 4, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    F.cross_entropy(out.float(), torch.randint(0, 3, (8,), generator=generator)).backward()
+    (record,) = opt.statistics.take_records()
+    assert record.autocast is autocast
+    assert record.drew_random is drew
+
+
+def test_optimizer_step_scales_agree_with_either_jvp(generator):
+    """Float64: the difference quotient's step scales equal forward mode's to ~1e-7 over steps."""
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    scales = {}
+    for mode in ("forward", "difference"):
+        model = tiny_net()
+        opt = KFAC(model, lr=0.1, qmodel_jvp=mode, max_step_scale=100.0)
+        scales[mode] = []
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            scales[mode].append(opt.state["kfac"]["step_scale"])
+    assert scales["difference"] == pytest.approx(scales["forward"], rel=1e-6)
+    assert len(set(scales["forward"])) > 1  # the scale moved: not a cap both sides share
