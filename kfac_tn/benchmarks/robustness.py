@@ -1,7 +1,7 @@
 """Robustness grid over seeds: KFAC's defaults (and variants) on the digits CNN, lr × weight decay.
 
-``python -m kfac_tn.benchmarks.robustness [--seeds 10] [--lrs ...] [--weight-decays ...]
-[--batch-size 64] [--variant NAME=JSON ...] [--threads 1] [--out DIR]``
+``python -m kfac_tn.benchmarks.robustness [--seeds 10] [--first-seed 0] [--lrs ...]
+[--weight-decays ...] [--batch-size 64] [--variant NAME=JSON ...] [--threads 1] [--out DIR]``
 
 Each run is the loop of ``tests/optim/test_robust_defaults.py`` (digits CNN, batch 64 unless
 ``--batch-size``,
@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(
         prog="python -m kfac_tn.benchmarks.robustness", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1")
+    parser.add_argument("--seeds", type=int, default=10, help="N seeds, from --first-seed on")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
@@ -216,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write DIR/robustness.json")
     args = parser.parse_args(argv)
+    if args.first_seed < 0:
+        parser.error(f"Invalid --first-seed: {args.first_seed} (must be >= 0)")
     if min(args.seeds, args.epochs, args.threads, args.batch_size) < 1:
         parser.error("--seeds, --epochs, --threads and --batch-size must be >= 1")
     variants: dict[str, dict] = {} if args.no_defaults else {"kfac": {}}
@@ -231,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     if not variants:
         parser.error("nothing to run: --no-defaults without --variant")
     torch.set_num_threads(args.threads)
-    seeds = range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     runs = run_grid(variants, args.lrs, args.weight_decays, seeds, args.epochs, args.batch_size)
     print(
         f"threads={torch.get_num_threads()} cpu={torch.backends.cpu.get_cpu_capability()} "
