@@ -254,19 +254,24 @@ def exact_curvature(
     scale = sum(sizes) / left if left else 1.0
     primals = tuple(params[n].detach() for n in names)
     directions = tuple(tangents[n].detach().to(params[n].dtype) for n in names)
-    shifted = None
-    if jvp_forwards(jvp_mode, primals) < _FORWARD_MODE_PASSES:
+    difference = _uses_difference(jvp_mode, primals)
+    if difference:
         t = _difference_step(primals, directions)
         shifted = {n: x + t.to(x.device) * v for n, x, v in zip(names, primals, directions)}
         own = dict(module.named_parameters())
         recorded_at = all(params[n] is own.get(n) for n in names)  # the recorded outputs' θ
+        sliceable = not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
+        )
     for p, size in zip(passes, sizes):
         if left <= 0:
             break
         take, left = min(size, left), left - min(size, left)
         args, kwargs = _sub_batch(p, size, take)
-        if shifted is not None:
-            base = _recorded_base(module, p, take, size, primals[0].dtype) if recorded_at else None
+        if difference:
+            base = (
+                _recorded_base(p, take, size, primals[0].dtype, sliceable) if recorded_at else None
+            )
             at = None if base is not None else dict(zip(names, primals))
             output, jv = _difference_jvp(module, p, args, kwargs, shifted, t, base, at)
         else:
@@ -293,12 +298,15 @@ def jvp_forwards(jvp_mode: QModelJvp, params: Sequence[Tensor]) -> float:
         1.0 (difference quotient; 2.0 in fact where the recorded output cannot serve as the
         base) or 3.0 (forward mode).
     """
+    return 1.0 if _uses_difference(jvp_mode, params) else _FORWARD_MODE_PASSES
+
+
+def _uses_difference(jvp_mode: QModelJvp, params: Sequence[Tensor]) -> bool:
+    """Whether ``jvp_mode`` takes the difference quotient for these parameters."""
     dtypes = {x.dtype for x in params}
     if jvp_mode is QModelJvp.FORWARD or len(dtypes) != 1 or dtypes.pop() not in DIFFERENCE_STEP:
-        return _FORWARD_MODE_PASSES
-    if jvp_mode is QModelJvp.AUTO and any(x.device.type != "cpu" for x in params):
-        return _FORWARD_MODE_PASSES
-    return 1.0
+        return False
+    return jvp_mode is QModelJvp.DIFFERENCE or all(x.device.type == "cpu" for x in params)
 
 
 def _difference_step(primals: Sequence[Tensor], directions: Sequence[Tensor]) -> Tensor:
@@ -339,20 +347,18 @@ def _difference_jvp(
 
 
 def _recorded_base(
-    module: nn.Module, p: RecordedPass, take: int, size: int, dtype: torch.dtype
+    p: RecordedPass, take: int, size: int, dtype: torch.dtype, sliceable: bool
 ) -> Tensor | None:
-    """Return the recorded output as ``f(θ)`` on the first ``take`` samples, if it is that."""
+    """Return the recorded output as ``f(θ)`` on the first ``take`` samples, if it is that.
+
+    ``sliceable``: no layer couples the samples (no BatchNorm in training mode).
+    """
     out = p.output
     if out is None or p.autocast or out.dtype != dtype:
         return None
     if take == size:
         return out
-    coupled = any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
-    )
-    if coupled or p.drew_random:
-        return None
-    return out[:take]
+    return out[:take] if sliceable and not p.drew_random else None
 
 
 def _forward_mode_jvp(
