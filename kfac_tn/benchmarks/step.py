@@ -1,7 +1,7 @@
 """Benchmark a full training step: KFAC vs SGD and Adam (and curvlinops / BackPACK if installed).
 
 Run ``python -m kfac_tn.benchmarks.step [--models 3c3d resnet18] [--batch-size 128] [--steps 20]
-[--device cpu|cuda] [--threads T] [--inversion eigen|cholesky] [--budget B | --no-budget]
+[--device cpu|cuda] [--threads T] [--inversion auto|eigen|cholesky] [--budget B | --no-budget]
 [--eigenbasis-tolerance TAU] [--approx reduce expand] [--quick] [--out DIR]``.
 
 A step is: forward, backward (with KFAC's capture hooks: input factors in the forward hooks,
@@ -18,17 +18,23 @@ amortise the inversions as in training. Reported phases (seconds, mean over the 
 measure), and for KFAC the curvature work inside them, read from the optimizer's own phase timer
 (:class:`kfac_tn.optim.schedule.CostMeter`, on for every timed step here): ``factors`` (capture
 hooks and the factor EMA), ``inverses`` (decompositions) and ``fixed`` (preconditioning and the
-finiteness checks). ``paths`` counts the decompositions per path during the timed steps
-(``eigh``, ``warm``, ``qr``, ``cholesky``; see :mod:`kfac_tn.optim.inverses`) and ``periods``
-holds the budget's chosen ``[factor, inverse]`` period per layer. ``peak_mem_bytes`` is the peak
-torch allocation during one further step (CUDA: ``max_memory_allocated``; CPU: the profiler's
-allocator events).
+finiteness checks), and apart from them ``tuning``: the self-tuning's quadratic-model terms and
+loss evaluations (the step scale's JVP every step, the damping's loss every
+``damping_adaptation_period`` steps). ``--inversion auto`` (the default) is KFAC's own
+default (``inversion=None``: Cholesky for KFAC layers). ``paths`` counts the decompositions per
+path during the timed steps (``eigh``, ``warm``, ``qr``, ``cholesky``; see
+:mod:`kfac_tn.optim.inverses`) and ``periods`` holds the budget's chosen ``[factor, inverse]``
+period per layer. ``peak_mem_bytes`` is the peak torch allocation during one further step (CUDA:
+``max_memory_allocated``; CPU: the profiler's allocator events).
 
-Variant rows (KFAC-expand): ``ekfac`` (``preconditioner="ekfac"``: per-sample gradients projected
-into the eigenbasis on every factor step, eigen inversion only) and, for models with norm layers,
-``no-norm`` (``norm_block="skip"``: the norm layers' scale and shift get momentum SGD instead of
-the default 2×2 unitwise blocks, so its negative extra cost is what the norm blocks cost); each
-row also gets ``extra_vs_kfac_s``, its phase times minus those of the plain KFAC-expand row.
+Variant rows: ``no-tuning`` for every approximation and mode (``step_size="fixed"``,
+``damping_adaptation=False``: the curvature work alone, what the periods and the budget control);
+for KFAC-expand with fixed periods ``ekfac`` (``preconditioner="ekfac"``: per-sample gradients
+projected into the eigenbasis on every factor step, eigen or auto inversion only) and, for models
+with norm layers, ``no-norm`` (``norm_block="skip"``: the norm layers' scale and shift get
+momentum SGD instead of the default 2×2 unitwise blocks, so its negative extra cost is what the
+norm blocks cost). Each variant row also gets ``extra_vs_kfac_s``, its phase times minus those
+of the plain row of its approximation and mode.
 
 Comparison rows (when the packages import): ``curvlinops`` builds a ``KFACLinearOperator`` on the
 batch every step (its own forward and backward), ``backpack`` runs the backward under its
@@ -38,8 +44,8 @@ factors are computed.
 
 Results go to stdout as two tables and, with ``--out DIR``, to ``DIR/results.json`` (one row per
 model × optimizer × mode × variant: model, optimizer, kfac_approx, mode, variant, batch_size,
-device, threads, time_s{phase}, curvature_s{part}, paths, periods, ratio_to_sgd, peak_mem_bytes,
-and extra_vs_kfac_s for variants).
+device, threads, time_s{phase}, curvature_s{part}, tuning_s, paths, periods, ratio_to_sgd,
+peak_mem_bytes, and extra_vs_kfac_s for variants).
 """
 
 from __future__ import annotations
@@ -60,21 +66,25 @@ from torch import nn
 from kfac_tn import KFAC, linalg
 from kfac_tn.benchmarks._timing import measure_memory, synchronize
 from kfac_tn.optim.inverses import PATH_COUNTERS
-from kfac_tn.optim.schedule import PROBE_START, PROBE_STEPS
+from kfac_tn.optim.schedule import PROBE_START, PROBE_STEPS, TUNING
 
 logger = logging.getLogger(__name__)
 
 MODELS = ("3c3d", "resnet18", "resnet50")
 INVERSE_PERIOD = 10
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, str | bool]] = {
+    "no-tuning": dict(step_size="fixed", damping_adaptation=False),
     "ekfac": dict(preconditioner="ekfac"),
     "no-norm": dict(norm_block="skip"),
 }
-"""KFAC settings of the variant rows (on top of KFAC-expand, fixed periods)."""
+"""KFAC settings of the variant rows (on top of the row of their approximation and mode)."""
+INVERSIONS = {"auto": None, "eigen": "eigen", "cholesky": "cholesky"}
+"""``--inversion`` choices: KFAC's ``inversion`` (``auto``: its default)."""
 DEFAULT_BUDGET: float = inspect.signature(KFAC).parameters["curvature_budget"].default
 """The budget rows' ``curvature_budget`` (KFAC's default) unless ``--budget``/``--no-budget``
 says otherwise."""
 _CURVATURE_PARTS = ("factor", "inverse", "fixed")
+_PARTS = (*_CURVATURE_PARTS, TUNING)
 
 
 def build(name: str) -> nn.Module:
@@ -234,7 +244,7 @@ class _Runner:
         approx: str | None,
         batch_size: int,
         device: str,
-        inversion: str = "eigen",
+        inversion: str = "auto",
         mode: str | None = None,
         budget: float | None = None,
         tolerance: float | None = None,
@@ -289,6 +299,7 @@ class _Runner:
                 part: statistics.fmean(r.get(part, 0.0) for r in records)
                 for part in _CURVATURE_PARTS
             }
+            extra["tuning_s"] = statistics.fmean(r.get(TUNING, 0.0) for r in records)
             after = _paths(self.opt)
             extra["paths"] = {k: after[k] - self._paths_before.get(k, 0) for k in after}
             chosen = self.opt.state.get("kfac", {}).get("schedule", {}).get("periods", {})
@@ -338,7 +349,7 @@ def _make_step(
             model,
             lr=0.01,
             kfac_approx=approx,
-            inversion=inversion,
+            inversion=INVERSIONS[inversion],
             factor_update_period=periods[0],
             inverse_update_period=periods[1],
             curvature_budget=budget if mode == "budget" else None,
@@ -376,7 +387,7 @@ def _make_step(
         out = {"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0}
         if meter is not None:
             spans = meter.last if opt.schedule.measuring else meter.take()
-            for part in _CURVATURE_PARTS:
+            for part in _PARTS:
                 out[part] = sum(v for (kind, _), v in spans.items() if kind == part)
         return out
 
@@ -397,7 +408,7 @@ def run(
     steps: int,
     device: str,
     peers: bool = True,
-    inversion: str = "eigen",
+    inversion: str = "auto",
     budget: float | None = DEFAULT_BUDGET,
     tolerance: float | None = None,
     approxes: tuple[str, ...] = ("reduce", "expand"),
@@ -410,7 +421,7 @@ def run(
         steps: Timed steps.
         device: ``"cpu"`` or ``"cuda"``.
         peers: Add the curvlinops / BackPACK rows when they import.
-        inversion: KFAC's ``inversion``.
+        inversion: A key of :data:`INVERSIONS` (``"auto"``: KFAC's default).
         budget: ``curvature_budget`` of the budget rows (``None``: no budget rows).
         tolerance: KFAC's ``eigenbasis_tolerance`` (``None``: the optimizer's default).
         approxes: KFAC approximations to run.
@@ -421,9 +432,9 @@ def run(
     rows = []
     for model_name in models:
         configs = [("sgd", None, None, None), ("adam", None, None, None)]
-        configs += [("kfac", approx, "fixed", None) for approx in approxes]
-        if budget is not None:
-            configs += [("kfac", approx, "budget", None) for approx in approxes]
+        modes = ("fixed",) if budget is None else ("fixed", "budget")
+        configs += [("kfac", approx, mode, None) for mode in modes for approx in approxes]
+        configs += [("kfac", approx, mode, "no-tuning") for mode in modes for approx in approxes]
         configs += [("kfac", "expand", "fixed", v) for v in _variants(model_name, inversion)]
         if peers and _available("curvlinops"):
             configs += [("curvlinops", "reduce", None, None), ("curvlinops", "expand", None, None)]
@@ -481,25 +492,23 @@ def _variants(model_name: str, inversion: str) -> list[str]:
         isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
         for m in build(model_name).modules()
     )
-    out = ["ekfac"] if inversion == "eigen" else []
+    out = ["ekfac"] if INVERSIONS[inversion] != "cholesky" else []
     return out + ["no-norm"] if has_norm else out
 
 
 def _add_extra_cost(rows: list[dict]) -> None:
-    """``extra_vs_kfac_s``: each variant row's phase times minus the plain KFAC-expand row's."""
-    base = next(
-        (
-            r
-            for r in rows
-            if r["optimizer"] == "kfac"
-            and r["kfac_approx"] == "expand"
-            and r["mode"] == "1/10"
-            and not r.get("variant")
-        ),
-        None,
-    )
+    """``extra_vs_kfac_s``: a variant row's phase times minus those of its plain KFAC row.
+
+    The plain row is the one of the same approximation and mode without a variant.
+    """
+    plain = {
+        (r["kfac_approx"], r["mode"]): r
+        for r in rows
+        if r["optimizer"] == "kfac" and not r.get("variant")
+    }
     for row in rows:
-        if row.get("variant") and base is not None and base is not row:
+        base = plain.get((row["kfac_approx"], row["mode"]))
+        if row.get("variant") and base is not None:
             times, ref = row["time_s"], base["time_s"]
             row["extra_vs_kfac_s"] = {k: times[k] - ref[k] for k in times if k in ref}
 
@@ -524,7 +533,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append("")
         lines.append(
             f"{'model':9} {'approx':7} {'mode':11} {'variant':10} {'factors':>8} {'inverses':>8} "
-            f"{'fixed':>8}  "
+            f"{'fixed':>8} {'tuning':>8}  "
             "decompositions (timed steps)  periods factor/inverse"
         )
         for r in kfac:
@@ -533,8 +542,8 @@ def format_table(rows: list[dict]) -> str:
             periods = " ".join(f"{f}/{i}" for f, i in r["periods"].values()) or "1/10"
             lines.append(
                 f"{r['model']:9} {r['kfac_approx']:7} {r['mode']:11} {r.get('variant') or '':10} "
-                f"{c['factor']:8.4f} "
-                f"{c['inverse']:8.4f} {c['fixed']:8.4f}  {paths or '-':28} {periods}"
+                f"{c['factor']:8.4f} {c['inverse']:8.4f} {c['fixed']:8.4f} {r['tuning_s']:8.4f}  "
+                f"{paths or '-':28} {periods}"
             )
     return "\n".join(lines)
 
@@ -548,7 +557,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-peers", action="store_true", help="skip curvlinops/BackPACK rows")
-    parser.add_argument("--inversion", default="eigen", choices=("eigen", "cholesky"))
+    parser.add_argument("--inversion", default="auto", choices=tuple(INVERSIONS))
     parser.add_argument(
         "--budget", type=float, default=DEFAULT_BUDGET, help="curvature_budget of the budget rows"
     )

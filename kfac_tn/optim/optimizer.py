@@ -102,6 +102,7 @@ from kfac_tn.optim.qmodel import (
     step_pieces,
 )
 from kfac_tn.optim.schedule import (
+    TUNING,
     CostMeter,
     CurvatureSchedule,
     LayerWork,
@@ -652,21 +653,22 @@ class KFAC(torch.optim.Optimizer):
             return None
         # with the exact curvature at hand for the step size, the damping uses it too
         curvature = QModel.EXACT if qmodel_step else QModel(d["qmodel"])
-        return step_pieces(
-            update,
-            self.param_groups,
-            self.blocks,
-            self.state,
-            model=self.model,
-            records=records,
-            loss=LossType(d["loss"]),
-            r=self._record_scale(records),
-            curvature=curvature if damping_due else None,
-            exact=qmodel_step,
-            comm=self.placement.comm,
-            samples=d["qmodel_samples"],
-            jvp_mode=QModelJvp(d["qmodel_jvp"]),
-        )
+        with self.schedule.meter.span(TUNING):  # timed apart: base time for the budget
+            return step_pieces(
+                update,
+                self.param_groups,
+                self.blocks,
+                self.state,
+                model=self.model,
+                records=records,
+                loss=LossType(d["loss"]),
+                r=self._record_scale(records),
+                curvature=curvature if damping_due else None,
+                exact=qmodel_step,
+                comm=self.placement.comm,
+                samples=d["qmodel_samples"],
+                jvp_mode=QModelJvp(d["qmodel_jvp"]),
+            )
 
     def _rescale(self, update: Update, pieces: StepPieces | None) -> float:
         """``step_size="qmodel"``: scale the step by the quadratic model's minimiser along it.
@@ -694,17 +696,8 @@ class KFAC(torch.optim.Optimizer):
         """
         if pieces is None or not self._damping_due():
             return
-        loss, r = LossType(self.defaults["loss"]), self._record_scale(records)
-        current = dict(self._named_parameters())
-        losses = torch.stack(
-            [
-                recorded_loss(self.model, records, loss, r, params=current),
-                recorded_loss(self.model, records, loss, r),
-            ]
-        )
-        if self.placement.comm is not None:
-            losses = self.placement.comm.average(losses)
-        new, old = losses.tolist()
+        with self.schedule.meter.span(TUNING):
+            new, old = self._losses_before_and_after(records)
         rho = reduction_ratio(new - old + pieces.decay_change(alpha), pieces.predicted(alpha))
         for group in self.param_groups:
             if group["damping_adaptation"]:
@@ -718,6 +711,24 @@ class KFAC(torch.optim.Optimizer):
         own = self.state[_OWN]
         own["rho"] = rho
         own["damping_adaptations"] = own.get("damping_adaptations", 0) + 1
+
+    def _losses_before_and_after(self, records: list[RecordedPass]) -> tuple[float, float]:
+        """Return the recorded batch's loss at the current and at the recorded parameters.
+
+        One extra forward pass; averaged over workers when distributed.
+        """
+        loss, r = LossType(self.defaults["loss"]), self._record_scale(records)
+        current = dict(self._named_parameters())
+        losses = torch.stack(
+            [
+                recorded_loss(self.model, records, loss, r, params=current),
+                recorded_loss(self.model, records, loss, r),
+            ]
+        )
+        if self.placement.comm is not None:
+            losses = self.placement.comm.average(losses)
+        new, old = losses.tolist()
+        return new, old
 
     def _named_parameters(self) -> Iterable[tuple[str, Tensor]]:
         model = self.model

@@ -60,7 +60,8 @@ plans, workspaces; the periods are ``1/10`` meanwhile, so every layer's inverse 
 probe), then a step whenever a layer due for an update has not been measured for
 :data:`REMEASURE_STEPS` steps (at most one sampled step in :data:`SAMPLE_GAP`). A step's time
 runs from the model's first training forward after the previous step to the end of ``step()``
-(so it includes the self-tuning's extra loss evaluation, counted as base time). Estimates are
+(so it includes the self-tuning's loss evaluations and JVPs: their span, kind
+:data:`TUNING`, is reported but counted as base time). Estimates are
 exponential averages (weight :data:`COST_DECAY`) of the measurements. Decisions happen after the
 probe and then every :data:`DECIDE_EVERY` steps; a plan that still fits the budget (and uses at
 least :data:`KEEP_FRACTION` of it) is kept, so noise does not make the periods flap. Changes are
@@ -141,6 +142,8 @@ KEEP_FRACTION = 0.8
 """A current plan is kept while its estimated curvature cost is in [this, 1] × the budget."""
 RESERVE_FRACTION = 0.25
 """Share of the budget the factor and inverse updates get when the fixed work leaves less."""
+TUNING = "tuning"
+"""Meter kind of the self-tuning's stages (reported by benchmarks, base time for the budget)."""
 _PHASE_HORIZON = 4096  # steps over which phases are balanced (the lcm of the periods, capped)
 
 
@@ -409,6 +412,8 @@ def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) 
 class CostMeter:
     """Times phases of sampled steps: ``with meter.span(kind, layer): ...``.
 
+    Kinds: ``"factor"``, ``"inverse"`` and ``"fixed"`` (curvature work) and :data:`TUNING`
+    (the self-tuning's quadratic-model terms and loss evaluations; base time for the budget).
     Spans are no-ops (no clock read, no sync) while :attr:`active` is false.
 
     Args:
@@ -614,6 +619,8 @@ class CurvatureSchedule:
         inverse: dict[str, float] = {}
         shared = 0.0
         for (kind, key), seconds in spans.items():
+            if kind == TUNING:  # the self-tuning's forward passes: base time
+                continue
             curvature += seconds
             if kind == "factor" and key:
                 factor[key] = factor.get(key, 0.0) + seconds

@@ -26,13 +26,13 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == rows
-    assert [(r["optimizer"], r["kfac_approx"], r["mode"]) for r in rows] == [
-        ("sgd", None, None),
-        ("adam", None, None),
-        ("kfac", "reduce", "1/10"),
-        ("kfac", "expand", "1/10"),
-        ("kfac", "reduce", f"budget {step.DEFAULT_BUDGET:g}"),
-        ("kfac", "expand", f"budget {step.DEFAULT_BUDGET:g}"),
+    budget = f"budget {step.DEFAULT_BUDGET:g}"
+    plain = [("reduce", "1/10"), ("expand", "1/10"), ("reduce", budget), ("expand", budget)]
+    assert [(r["optimizer"], r["kfac_approx"], r["mode"], r["variant"]) for r in rows] == [
+        ("sgd", None, None, None),
+        ("adam", None, None, None),
+        *[("kfac", approx, mode, None) for approx, mode in plain],
+        *[("kfac", approx, mode, "no-tuning") for approx, mode in plain],
     ]
     for row in rows:
         assert row["model"] == "3c3d" and row["batch_size"] == 2 and row["device"] == "cpu"
@@ -48,6 +48,12 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
         # within the step phase: inverses and fixed work; factors also run in the hooks
         assert parts["inverse"] + parts["fixed"] <= row["time_s"]["step"]
         assert set(row["paths"]) == {"eigh", "warm", "qr", "cholesky", "offloaded"}
+    # the self-tuning's stages are timed apart, and only where it is on
+    assert all(r["tuning_s"] > 0 for r in rows[2:6])
+    assert all(r["tuning_s"] == 0 for r in rows[6:])
+    for row, plain_row in zip(rows[6:], rows[2:6]):  # against the plain row of its mode
+        extra = row["extra_vs_kfac_s"]["total"]
+        assert extra == pytest.approx(row["time_s"]["total"] - plain_row["time_s"]["total"])
     # budget rows: the probe ran in the warm-up, a plan exists for both layers
     assert set(rows[4]["periods"]) == {"0", "3"} and not rows[2]["periods"]
     out = capsys.readouterr().out
@@ -58,6 +64,7 @@ def test_budget_rows_can_be_left_out(monkeypatch):
     monkeypatch.setattr(step, "build", tiny)
     rows = step.main("--models 3c3d --batch-size 2 --steps 1 --no-peers --no-budget".split())
     assert [r["mode"] for r in rows if not r["variant"]] == [None, None, "1/10", "1/10"]
+    assert [r["mode"] for r in rows if r["variant"] == "no-tuning"] == ["1/10", "1/10"]
 
 
 def test_unknown_model_is_rejected():
@@ -80,8 +87,12 @@ def test_variant_rows_report_their_extra_cost(monkeypatch):
     monkeypatch.setattr(step, "build", tiny_with_norm)
     rows = step.main("--models resnet18 --batch-size 2 --steps 2 --no-peers".split())
     variants = {r["variant"]: r for r in rows if r["optimizer"] == "kfac"}
-    assert set(variants) == {None, "ekfac", "no-norm"}
-    base = next(r for r in rows if r["kfac_approx"] == "expand" and r["variant"] is None)
+    assert set(variants) == {None, "ekfac", "no-norm", "no-tuning"}
+    base = next(
+        r
+        for r in rows
+        if r["kfac_approx"] == "expand" and r["mode"] == "1/10" and r["variant"] is None
+    )
     for name in ("ekfac", "no-norm"):
         row = variants[name]
         assert row["kfac_approx"] == "expand"

@@ -239,6 +239,9 @@ def _drive(sched: CurvatureSchedule, clock: FakeClock, costs: dict, steps: int, 
                     clock.advance(costs["inverse"][name])
         with meter.span("fixed"):
             clock.advance(costs["fixed"])
+        if costs.get("tuning"):
+            with meter.span(schedule.TUNING):
+                clock.advance(costs["tuning"])
         clock.advance(costs["base"])
         sched.end_step(lambda: {n: (True, True) for n in explicit}, lambda: explicit)
 
@@ -271,6 +274,22 @@ def test_controller_on_a_fake_clock_chooses_the_periods_of_its_measured_costs(ca
     _drive(sched, clock, costs, schedule.DECIDE_EVERY, explicit)
     assert Periods(*sched.state["periods"]["a"]).inverse > expected.periods["a"].inverse
     assert sched.state["decisions"] == 2
+
+
+def test_controller_counts_the_self_tuning_as_base_time():
+    """The self-tuning's span is timed apart but plans like the forward pass it is."""
+    explicit = {"a": (None, None)}
+    plans = []
+    for base, tuning in ((1.0, 0.0), (0.6, 0.4)):
+        costs = {"base": base, "tuning": tuning, "fixed": 0.05}
+        costs |= {"factor": {"a": 0.2}, "inverse": {"a": 2.0}}
+        clock = FakeClock()
+        sched = CurvatureSchedule([("a", 8.0, 4.0)], 0.3, CostMeter(clock=clock))
+        _drive(sched, clock, costs, schedule.PROBE_START + schedule.PROBE_STEPS, explicit)
+        assert sched.state["base"][""][0] == pytest.approx(1.0)
+        assert sched.meter.last.get((schedule.TUNING, ""), 0.0) == pytest.approx(tuning)
+        plans.append(sched.state["periods"])
+    assert plans[0] == plans[1]
 
 
 def test_controller_keeps_a_plan_that_still_fits():
