@@ -217,7 +217,7 @@ class OptimizerConfig:
     factor_decay: float = 0.95
     factor_update_period: int | None = None
     inverse_update_period: int | None = None
-    curvature_budget: float | None = 0.3
+    curvature_budget: float | None = 0.4
     budget_costs: BudgetCosts = BudgetCosts.MODEL
     eigenbasis_tolerance: float = 0.0
     kfac_approx: KFACApprox = KFACApprox.EXPAND
