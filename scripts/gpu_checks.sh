@@ -13,8 +13,9 @@ PY=${PY:-python3}
 BATCH=${BATCH:-32}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
-timeout 120 $PY -m pytest -q -p no:cacheprovider -k "cuda or CUDA" tests/test_cuda.py \
-  tests/test_optimizer.py tests/test_nn.py tests/tn/test_sampled.py tests/test_train.py 2>&1 | tail -15 | tee "$OUT/test_cuda.txt"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -k "cuda or CUDA" tests/test_cuda.py \
+  tests/optim/test_optimizer.py tests/optim/test_inverses.py tests/test_nn.py tests/tn/test_sampled.py \
+  tests/tn/test_lag.py tests/tn/test_cost.py tests/training/test_train.py 2>&1 | tail -15 | tee "$OUT/test_cuda.txt"
 # one net at a time, so a slow net cannot lose the others' results; stop starting nets after TN_BUDGET s
 start=$SECONDS
 for net in ${TN_NETS:-3c3d 2c2d all_cnn_c resnet18 alexnet mobilenet_v2 inception_v3 resnext101_32x8d convnext_base}; do
@@ -24,7 +25,7 @@ for net in ${TN_NETS:-3c3d 2c2d all_cnn_c resnet18 alexnet mobilenet_v2 inceptio
   echo "tn $net rc=$?" >> "$OUT/tn.txt"
 done
 grep -E "^tn |rc=" "$OUT/tn.txt"
-timeout "${STEP_TIMEOUT:-100}" $PY -m kfac_tn.benchmarks.step --device cuda --models ${STEP_MODELS:-3c3d resnet18} \
+timeout "${STEP_TIMEOUT:-180}" $PY -m kfac_tn.benchmarks.step --device cuda --models ${STEP_MODELS:-3c3d resnet18} \
   --batch-size 128 --steps 20 --no-peers --out "$OUT/step" > "$OUT/step.txt" 2>&1
 tail -25 "$OUT/step.txt"
 for prec in bf16 fp16; do
