@@ -8,8 +8,8 @@ A step is: forward, backward (with KFAC's capture hooks: input factors in the fo
 gradient factors in the output-gradient hooks), then ``optimizer.step()``. KFAC runs in two
 modes per approximation: fixed periods ``1/10`` (factors every step, inverses every 10 steps,
 each layer on its own staggered phase) and ``curvature_budget=B`` (periods chosen per layer by
-the optimizer's cost model after the first step; the warm-up also covers the probe of
-``budget_costs="measured"``, so the timed steps use the chosen periods either way). Each step
+the optimizer's cost model after the first step; with ``budget_costs="measured"`` the warm-up
+also covers its probe, so the timed steps use the chosen periods either way). Each step
 is timed phase by phase with device synchronisation, and the
 optimizers' steps are interleaved (step ``i`` of every optimizer back to back) so that load
 changes on a shared machine hit all of them alike. After the warm-up the ``--steps`` timed steps
@@ -277,8 +277,13 @@ class _Runner:
         self._paths_before: dict[str, int] = {}
 
     def warm_up(self) -> None:
-        """Untimed steps: the first (factors, inverses, plan caches), and the budget's probe."""
-        extra = PROBE_START + PROBE_STEPS if self.mode == "budget" else 0
+        """Untimed steps: the first (factors, inverses, plan caches), and the budget's probe.
+
+        Only ``budget_costs="measured"`` probes (its plan comes after :data:`PROBE_STEPS`
+        sampled steps); the modeled plan is chosen after the first step.
+        """
+        measured = isinstance(self.opt, KFAC) and self.opt.defaults["budget_costs"] == "measured"
+        extra = PROBE_START + PROBE_STEPS if self.mode == "budget" and measured else 0
         for _ in range(1 + extra):
             self.one_step()
         if isinstance(self.opt, KFAC):
