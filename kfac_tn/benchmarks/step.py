@@ -65,8 +65,9 @@ from torch import nn
 
 from kfac_tn import KFAC, linalg
 from kfac_tn.benchmarks._timing import measure_memory, synchronize
+from kfac_tn.enums import BudgetCosts
 from kfac_tn.optim.inverses import PATH_COUNTERS
-from kfac_tn.optim.schedule import PROBE_START, PROBE_STEPS, TUNING
+from kfac_tn.optim.schedule import CURVATURE_KINDS, PROBE_START, PROBE_STEPS, TUNING
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ INVERSIONS = {"auto": None, "eigen": "eigen", "cholesky": "cholesky"}
 DEFAULT_BUDGET: float = inspect.signature(KFAC).parameters["curvature_budget"].default
 """The budget rows' ``curvature_budget`` (KFAC's default) unless ``--budget``/``--no-budget``
 says otherwise."""
-_CURVATURE_PARTS = ("factor", "inverse", "fixed")
-_PARTS = (*_CURVATURE_PARTS, TUNING)
+_PARTS = (*CURVATURE_KINDS, TUNING)
 
 
 def build(name: str) -> nn.Module:
@@ -282,7 +282,10 @@ class _Runner:
         Only ``budget_costs="measured"`` probes (its plan comes after :data:`PROBE_STEPS`
         sampled steps); the modeled plan is chosen after the first step.
         """
-        measured = isinstance(self.opt, KFAC) and self.opt.defaults["budget_costs"] == "measured"
+        measured = (
+            isinstance(self.opt, KFAC)
+            and self.opt.defaults["budget_costs"] == BudgetCosts.MEASURED.value
+        )
         extra = PROBE_START + PROBE_STEPS if self.mode == "budget" and measured else 0
         for _ in range(1 + extra):
             self.one_step()
@@ -302,7 +305,7 @@ class _Runner:
         if isinstance(self.opt, KFAC):
             extra["curvature_s"] = {
                 part: statistics.fmean(r.get(part, 0.0) for r in records)
-                for part in _CURVATURE_PARTS
+                for part in CURVATURE_KINDS
             }
             extra["tuning_s"] = statistics.fmean(r.get(TUNING, 0.0) for r in records)
             after = _paths(self.opt)

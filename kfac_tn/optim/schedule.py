@@ -142,6 +142,8 @@ KEEP_FRACTION = 0.8
 """A current plan is kept while its estimated curvature cost is in [this, 1] × the budget."""
 RESERVE_FRACTION = 0.25
 """Share of the budget the factor and inverse updates get when the fixed work leaves less."""
+CURVATURE_KINDS = ("factor", "inverse", "fixed")
+"""Meter kinds of curvature work (what the budget controls)."""
 TUNING = "tuning"
 """Meter kind of the self-tuning's stages (reported by benchmarks, base time for the budget)."""
 _PHASE_HORIZON = 4096  # steps over which phases are balanced (the lcm of the periods, capped)
@@ -412,7 +414,7 @@ def modeled_costs(layers: Mapping[str, LayerWork], extra_forwards: float = 0.0) 
 class CostMeter:
     """Times phases of sampled steps: ``with meter.span(kind, layer): ...``.
 
-    Kinds: ``"factor"``, ``"inverse"`` and ``"fixed"`` (curvature work) and :data:`TUNING`
+    Kinds: :data:`CURVATURE_KINDS` (``"factor"``, ``"inverse"``, ``"fixed"``) and :data:`TUNING`
     (the self-tuning's quadratic-model terms and loss evaluations; base time for the budget).
     Spans are no-ops (no clock read, no sync) while :attr:`active` is false.
 
@@ -619,7 +621,7 @@ class CurvatureSchedule:
         inverse: dict[str, float] = {}
         shared = 0.0
         for (kind, key), seconds in spans.items():
-            if kind == TUNING:  # the self-tuning's forward passes: base time
+            if kind not in CURVATURE_KINDS:  # the self-tuning's forward passes: base time
                 continue
             curvature += seconds
             if kind == "factor" and key:
