@@ -19,6 +19,11 @@ What is captured, per block and per pass, is decided by the optimizer before the
 (:meth:`StatisticsCollector.plan`): the settings of the blocks due for a factor update and, for
 EKFAC blocks, the eigenbasis their per-sample gradients are projected into (a reference to the
 stored eigenvectors: no copy, no host synchronisation in the hooks).
+
+A pass over an empty batch (zero samples) captures nothing and is not recorded for the
+self-tuning: its step keeps every factor as it was. Distributed, the statistics' averages are
+collectives every rank must join, so an empty batch on one rank raises instead of hanging the
+others (pad the ranks' batches, as ``DistributedSampler`` does).
 """
 
 from __future__ import annotations
@@ -215,7 +220,7 @@ class StatisticsCollector:
     def _on_forward(self, module: nn.Module, x: Tensor, output: Tensor) -> GradCallback | None:
         block = self._block_of_module[id(module)]
         capture = self._plan.get(id(block))
-        if capture is None or not output.requires_grad:
+        if capture is None or not output.requires_grad or _empty(x, self.comm):
             return None
         hp, basis = capture.hp, capture.basis
         dtype = hp.factor_dtype_for(block.weight.dtype)
@@ -264,7 +269,7 @@ class StatisticsCollector:
         self._recording = RecordedPass(args, kwargs, RngState.capture(device), autocast=autocast)
 
     def _on_model_output(self, output: object) -> None:
-        if isinstance(output, Tensor) and output.dim() >= 1:
+        if isinstance(output, Tensor) and output.dim() >= 1 and output.shape[0] > 0:
             self.entries_per_sample = output[0].numel()
         if self._recording is not None:  # before the sampled statistics below draw labels
             self._recording.drew_random = not self._recording.rng.unchanged()
@@ -275,6 +280,8 @@ class StatisticsCollector:
     def _record_output(self, output: object) -> None:
         record, self._recording = self._recording, None
         if record is None or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if output.numel() == 0:  # an empty batch says nothing about the step
             return
         record.output = output.detach()
         self._records.append(record)
@@ -343,6 +350,23 @@ class StatisticsCollector:
             return [self._sampled_grads.get(i) for i in range(count)]
         finally:
             self._sampled_grads = None
+
+
+def _empty(x: Tensor, comm: Communicator | None) -> bool:
+    """Whether the layer input ``x`` holds no samples (then nothing is captured).
+
+    Raises:
+        RuntimeError: If so in a distributed run (the ranks' collectives would not match).
+    """
+    if x.numel():
+        return False
+    if comm is not None:
+        raise RuntimeError(
+            f"KFAC: a layer input of shape {tuple(x.shape)} holds no samples on this rank; "
+            "distributed curvature capture needs samples on every rank in every step "
+            "(pad the ranks' batches, e.g. DistributedSampler(drop_last=False))"
+        )
+    return True
 
 
 def _summed(stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:

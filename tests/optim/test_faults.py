@@ -251,3 +251,56 @@ def test_failing_cholesky_is_retried_or_the_last_inverse_kept(fail_dtypes, count
     if counter == "failed_inversions":
         assert all(torch.equal(t, u) for t, u in zip(state["inverse"], good))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+EMPTY_BATCH_CASES = [
+    dict(fisher_type="empirical", kfac_approx="expand"),
+    dict(fisher_type="empirical", kfac_approx="reduce"),
+    dict(fisher_type="mc", kfac_approx="expand"),
+    dict(fisher_type="type2", kfac_approx="reduce"),
+]
+
+
+def _factors(opt: KFAC) -> dict[str, torch.Tensor]:
+    return {
+        f"{i}{k}": v.clone()
+        for i, s in enumerate(opt.state.values())
+        for k, v in s.items()
+        if k in ("A", "G") and isinstance(v, torch.Tensor)
+    }
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first_step", "later_step"])
+@pytest.mark.parametrize(
+    "case",
+    EMPTY_BATCH_CASES,
+    ids=[f"{c['fisher_type']}-{c['kfac_approx']}" for c in EMPTY_BATCH_CASES],
+)
+def test_empty_batch_step_keeps_the_curvature_and_training_goes_on(case, first):
+    """Regression: an empty batch raised in the capture hooks (ZeroDivisionError, IndexError)."""
+    model = net()
+    opt = KFAC(model, **{**KW, "inverse_update_period": 1}, **case)
+    if not first:
+        clean_step(model, opt, 0)
+    before, counts = _factors(opt), opt.stats.get("factor_updates")
+    x, y = batch(1)
+    opt.zero_grad()
+    F.cross_entropy(model(x[:0]), y[:0], reduction="sum").backward()
+    opt.step()
+    after = _factors(opt)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert opt.stats.get("factor_updates") == counts
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for i in range(2, 4):
+        clean_step(model, opt, i)
+    assert _factors(opt) and all(torch.isfinite(v).all() for v in _factors(opt).values())
+
+
+def test_empty_batch_raises_in_a_distributed_run():
+    from kfac_tn.optim.statistics import _empty
+
+    assert not _empty(torch.zeros(2, 3), comm=object())
+    assert _empty(torch.zeros(0, 3), comm=None)
+    with pytest.raises(RuntimeError, match="no samples on this rank"):
+        _empty(torch.zeros(0, 3), comm=object())
