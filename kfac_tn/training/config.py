@@ -319,7 +319,7 @@ _OPTIMIZER_DOCS: dict[str, str] = {
     "exact quadratic model's minimiser along it).",
     "max_step_scale": "largest rescaling of a step with ``step_size: qmodel``.",
     "qmodel_samples": "samples per batch the exact quadratic-model curvature is evaluated on "
-    "(scaled up to the batch; null: all).",
+    "(drawn by their loss-Hessian trace and reweighted; null: all).",
     "qmodel_jvp": "how that curvature's Jacobian-vector product is computed: ``forward`` "
     "(forward-mode AD, exact), ``difference`` (one forward pass, float32/float64 only) or "
     "``auto`` (difference on CPU, forward elsewhere).",

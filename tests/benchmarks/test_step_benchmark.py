@@ -33,6 +33,7 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
         ("adam", None, None, None),
         *[("kfac", approx, mode, None) for approx, mode in plain],
         *[("kfac", approx, mode, "no-tuning") for approx, mode in plain],
+        ("kfac", "expand", "1/10", "qmodel-32"),
     ]
     for row in rows:
         assert row["model"] == "3c3d" and row["batch_size"] == 2 and row["device"] == "cpu"
@@ -50,8 +51,9 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
         assert set(row["paths"]) == {"eigh", "warm", "qr", "cholesky", "offloaded"}
     # the self-tuning's stages are timed apart, and only where it is on
     assert all(r["tuning_s"] > 0 for r in rows[2:6])
-    assert all(r["tuning_s"] == 0 for r in rows[6:])
-    for row, plain_row in zip(rows[6:], rows[2:6]):  # against the plain row of its mode
+    assert all(r["tuning_s"] == 0 for r in rows[6:10])
+    assert rows[10]["tuning_s"] > 0  # qmodel-32: the self-tuning on, on fewer samples
+    for row, plain_row in zip(rows[6:10], rows[2:6]):  # against the plain row of its mode
         extra = row["extra_vs_kfac_s"]["total"]
         assert extra == pytest.approx(row["time_s"]["total"] - plain_row["time_s"]["total"])
     # budget rows: the probe ran in the warm-up, a plan exists for both layers
@@ -87,13 +89,13 @@ def test_variant_rows_report_their_extra_cost(monkeypatch):
     monkeypatch.setattr(step, "build", tiny_with_norm)
     rows = step.main("--models resnet18 --batch-size 2 --steps 2 --no-peers".split())
     variants = {r["variant"]: r for r in rows if r["optimizer"] == "kfac"}
-    assert set(variants) == {None, "ekfac", "no-norm", "no-tuning"}
+    assert set(variants) == {None, "ekfac", "no-norm", "no-tuning", "qmodel-32"}
     base = next(
         r
         for r in rows
         if r["kfac_approx"] == "expand" and r["mode"] == "1/10" and r["variant"] is None
     )
-    for name in ("ekfac", "no-norm"):
+    for name in ("ekfac", "no-norm", "qmodel-32"):
         row = variants[name]
         assert row["kfac_approx"] == "expand"
         extra = row["extra_vs_kfac_s"]

@@ -4,6 +4,7 @@ the loss re-evaluated from recovered targets, and the reduction ratio on a quadr
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -14,14 +15,18 @@ from torch.func import functional_call, jacrev
 
 from kfac_tn import KFAC
 from kfac_tn.enums import LossType, QModelJvp
-from kfac_tn.losses import loss_value, recovered_targets
+from kfac_tn.losses import hessian_traces, loss_value, recovered_targets
 from kfac_tn.optim.qmodel import (
+    SAMPLING_MIX,
     RecordedPass,
     RngState,
     exact_curvature,
+    importance_sample,
+    inclusion_probabilities,
     jvp_forwards,
     kronecker_curvature,
     recorded_loss,
+    sampling_offset,
 )
 
 # loss, reduction scale r for a batch of 6 with 3 outputs, torch loss
@@ -78,11 +83,12 @@ def _dense_ggn(model, params, tangents, x, y, fn):
 
 @pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
 @pytest.mark.parametrize("samples", [2, 4, 6, None], ids=lambda m: f"samples={m}")
-def test_sub_batch_curvature_is_the_scaled_ggn_of_the_first_samples(
-    name, r, fn, samples, generator
+@pytest.mark.parametrize("offset", [0.0, 0.37, 0.9], ids=lambda u: f"offset={u}")
+def test_sub_batch_curvature_is_the_weighted_ggn_of_the_drawn_samples(
+    name, r, fn, samples, offset, generator
 ):
-    """With ``samples=m`` the estimate is ``N/m`` times the r-scaled GGN sum over the first m
-    samples, which for a mean-reduced loss is the sub-batch's own mean GGN."""
+    """With ``samples=m`` the estimate is the r-scaled GGN of the drawn samples, each divided
+    by its inclusion probability (dense per-sample GGNs as the reference)."""
     model = tiny_net()
     x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
     y = targets_for(name, generator)
@@ -90,9 +96,37 @@ def test_sub_batch_curvature_is_the_scaled_ggn_of_the_first_samples(
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
     kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
-    actual = exact_curvature(model, [record], kind, r, params, tangents, samples=samples)
-    m = 6 if samples is None else samples
-    assert_close(actual, _dense_ggn(model, params, tangents, x[:m], y[:m], fn))
+    actual = exact_curvature(
+        model, [record], kind, r, params, tangents, samples=samples, offset=offset
+    )
+    per_sample = torch.stack(
+        [_dense_ggn(model, params, tangents, x[n : n + 1], y[n : n + 1], fn) / 6 for n in range(6)]
+    )  # each sample's share of the mean-reduced batch loss's GGN
+    if samples is None:
+        expected = per_sample.sum()
+    else:
+        index, pi = importance_sample(hessian_traces(record.output, kind), samples, offset)
+        assert len(index) == samples
+        expected = (per_sample[index] / pi).sum()
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
+def test_sub_batch_curvature_is_unbiased_over_the_offsets(name, r, fn, generator):
+    """Averaged over evenly spread offsets, the estimate from 2 of 6 samples is the full GGN."""
+    model = tiny_net()
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = targets_for(name, generator)
+    record, _ = _record(model, x, y, fn)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    exact = exact_curvature(model, [record], kind, r, params, tangents)
+    draws = [
+        exact_curvature(model, [record], kind, r, params, tangents, samples=2, offset=u)
+        for u in ((k + 0.5) / 400 for k in range(400))
+    ]
+    assert_close(torch.stack(draws).mean(), exact, rtol=1e-2)
 
 
 @pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
@@ -333,3 +367,112 @@ def test_optimizer_step_scales_agree_with_either_jvp(generator):
             scales[mode].append(opt.state["kfac"]["step_scale"])
     assert scales["difference"] == pytest.approx(scales["forward"], rel=1e-6)
     assert len(set(scales["forward"])) > 1  # the scale moved: not a cap both sides share
+
+
+# id, weights, samples drawn
+SAMPLING_CASES = [
+    ("uniform", [1.0] * 8, 4),
+    ("zeros_are_uniform", [0.0] * 8, 3),
+    ("one_dominant", [100.0, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3], 2),
+    ("two_dominant_of_many", [0.0] * 10 + [5.0, 7.0] + [1e-2] * 20, 5),
+    ("all", [3.0, 1.0, 2.0], 3),
+]
+
+
+@pytest.mark.parametrize(
+    "weights,m", [c[1:] for c in SAMPLING_CASES], ids=[c[0] for c in SAMPLING_CASES]
+)
+def test_inclusion_probabilities_are_capped_proportions_summing_to_m(weights, m):
+    w = torch.tensor(weights, dtype=torch.float64)
+    pi = inclusion_probabilities(w, m)
+    assert_close(pi.sum(), torch.tensor(float(m), dtype=torch.float64), rtol=1e-12)
+    assert bool((pi > 0).all()) and bool((pi <= 1).all())
+    assert bool((pi >= SAMPLING_MIX * m / len(weights) * (1 - 1e-12)).all())  # defensive floor
+    below = pi < 1  # the uncapped ones keep the order of their weights
+    assert torch.equal(torch.argsort(pi[below], stable=True), torch.argsort(w[below], stable=True))
+
+
+@pytest.mark.parametrize(
+    "weights,m", [c[1:] for c in SAMPLING_CASES], ids=[c[0] for c in SAMPLING_CASES]
+)
+def test_systematic_draw_takes_m_distinct_samples_with_the_sure_ones_always(weights, m):
+    w = torch.tensor(weights, dtype=torch.float64)
+    pi = inclusion_probabilities(w, m)
+    sure = set((pi == 1).nonzero().flatten().tolist())
+    counts = torch.zeros(len(weights), dtype=torch.float64)
+    offsets = [(k + 0.5) / 200 for k in range(200)]
+    for u in offsets:
+        index, drawn_pi = importance_sample(w, m, u)
+        assert len(index) == m and len(set(index.tolist())) == m
+        assert torch.equal(drawn_pi, pi[index])
+        assert sure <= set(index.tolist())
+        counts[index] += 1
+    assert_close(counts / len(offsets), pi, atol=1e-2, rtol=0)  # drawn with probability pi
+
+
+def test_sampling_offsets_are_deterministic_and_spread():
+    offsets = [sampling_offset(s) for s in range(100)]
+    assert offsets == [sampling_offset(s) for s in range(100)]
+    assert all(0 <= u < 1 for u in offsets)
+    counts = torch.histc(torch.tensor(offsets), bins=10, min=0, max=1)
+    assert int(counts.min()) >= 8  # every tenth of [0, 1) holds 8-12 of 100 consecutive steps
+
+
+def test_micro_batches_draw_the_samples_of_one_large_batch(generator):
+    """Two recorded passes of 3 samples each give the estimate of one pass of all 6."""
+    model = tiny_net()
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    fn = lambda f, t: F.cross_entropy(f, t, reduction="sum") / 6  # noqa: E731
+    whole, _ = _record(model, x, y, fn)
+    parts = [_record(model, x[i : i + 3], y[i : i + 3], fn)[0] for i in (0, 3)]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    ce = LossType.CROSS_ENTROPY
+    for u in (0.1, 0.6):
+        one = exact_curvature(model, [whole], ce, 1 / 6, params, tangents, samples=3, offset=u)
+        two = exact_curvature(model, parts, ce, 1 / 6, params, tangents, samples=3, offset=u)
+        assert_close(two, one)
+
+
+@pytest.mark.parametrize(
+    "shape,loss", [((4, 3), "cross_entropy"), ((4, 5, 3), "cross_entropy"), ((4, 2, 2), "mse")]
+)
+def test_hessian_traces_are_the_per_sample_traces_of_the_dense_hessian(shape, loss, generator):
+    f = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    kind = LossType(loss)
+    targets = torch.softmax(torch.randn(*shape, generator=generator, dtype=torch.float64), -1)
+    traces = hessian_traces(f, kind)
+
+    def sample_loss(fn: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # l_n, r = 1
+        if kind is LossType.MSE:
+            return (fn - t).square().sum()
+        return -(t * torch.log_softmax(fn, dim=-1)).sum()
+
+    for n in range(shape[0]):
+        h = torch.autograd.functional.hessian(partial(sample_loss, t=targets[n]), f[n])
+        dense = h.reshape(f[0].numel(), -1).trace()
+        scale = 2.0 if kind is LossType.MSE else 1.0
+        assert_close(traces[n] * scale, dense)
+
+
+def test_sub_batch_finds_the_uncertain_samples_that_carry_the_curvature(generator):
+    """Regression: the sub-batch was the first m samples; when those are confident predictions
+    (their loss Hessian near 0) the estimate missed nearly all of the curvature. Drawn by the
+    Hessian trace, 5 of 8 samples (the 4 uncertain ones always among them) give the full
+    batch's curvature within a percent."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    x[:4] *= 1000.0  # confident: softmax nearly one-hot, trace of the loss Hessian ~ 0
+    y = torch.randint(0, 3, (8,), generator=generator)
+    record, _ = _record(model, x, y, F.cross_entropy)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    ce = LossType.CROSS_ENTROPY
+    exact = exact_curvature(model, [record], ce, 1 / 8, params, tangents)
+    for u in (0.05, 0.5, 0.95):
+        estimate = exact_curvature(
+            model, [record], ce, 1 / 8, params, tangents, samples=5, offset=u
+        )
+        assert_close(estimate, exact, rtol=0.01)
