@@ -480,6 +480,53 @@ def _scenario_budget(rank: int, world_size: int, workdir: Path, args: Sequence[s
     return out
 
 
+def _sampled_run(rank, world_size, samples, steps, checkpoint=None):
+    """DDP + KFAC's default step scale with ``qmodel_samples=samples``; returns its step scales."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kfac_tn.optimizer import KFAC
+
+    model = make_model()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    ddp = DistributedDataParallel(model)
+    # the default difference quotient; a long proposed step, so the scale is below its cap
+    common = KFAC_COMMON | dict(qmodel_jvp="auto", lr=10.0, kl_clip=None)
+    opt = KFAC(ddp, **common, step_size="qmodel", qmodel_samples=samples)
+    if checkpoint is not None:
+        opt.load_state_dict(checkpoint["optimizer"])
+    scales = []
+    for t in steps:
+        train_steps(ddp, opt, range(t, t + 1), rank, world_size)
+        scales.append(opt.state["kfac"]["step_scale"])
+    return model, opt, scales
+
+
+def _scenario_sampled(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
+    """Importance-sampled step scales: ranks agree, a resumed run continues exactly."""
+    out: dict[str, Any] = {}
+    model, opt, out["exact_scales"] = _sampled_run(rank, world_size, None, range(STEPS))
+    opt.remove_hooks()
+    model, opt, scales = _sampled_run(rank, world_size, 2, range(CHECKPOINT_AFTER))
+    path = workdir / "checkpoint-sampled.pt"
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    for t in range(CHECKPOINT_AFTER, STEPS):
+        train_steps(opt.model, opt, range(t, t + 1), rank, world_size)
+        scales.append(opt.state["kfac"]["step_scale"])
+    out["scales"] = scales
+    out["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt.remove_hooks()
+    saved = torch.load(path, weights_only=False)
+    model, opt, out["resumed_scales"] = _sampled_run(
+        rank, world_size, 2, range(CHECKPOINT_AFTER, STEPS), saved
+    )
+    out["resumed_params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt.remove_hooks()
+    return out
+
+
 def _scenario_suite(rank: int, world_size: int, workdir: Path, args: Sequence[str]) -> Any:
     """Everything that runs on healthy workers, in one launch (process start-up is the cost)."""
     return {
@@ -489,6 +536,7 @@ def _scenario_suite(rank: int, world_size: int, workdir: Path, args: Sequence[st
         ),
         "assign_mismatch": _scenario_assign_mismatch(rank, world_size, workdir, args),
         "budget": _scenario_budget(rank, world_size, workdir, args),
+        "sampled": _scenario_sampled(rank, world_size, workdir, args),
     }
 
 
@@ -499,6 +547,7 @@ SCENARIOS: dict[str, Callable[[int, int, Path, Sequence[str]], Any]] = {
     "stalled_peer": _scenario_stalled_peer,
     "kfac": _scenario_kfac,
     "budget": _scenario_budget,
+    "sampled": _scenario_sampled,
     "suite": _scenario_suite,
 }
 

@@ -501,6 +501,23 @@ def test_budget_ranks_agree_and_resume_exactly(suite):
     assert _max_diff(first["tick"]["params"], workers.make_model().state_dict()) > 1e-3
 
 
+def test_sampled_step_scales_agree_across_ranks_and_resume_exactly(suite):
+    """The step scale's sub-batch is drawn per rank with the same offset (from the step count),
+    and the estimates are averaged: every rank takes the same scale, and a resumed run draws
+    the same samples as the uninterrupted one (to DDP's restart round-off, which the
+    difference quotient's JVP and the long steps here magnify to ~1e-9)."""
+    _, results = suite
+    first = results[0]["sampled"]
+    assert first["scales"] != first["exact_scales"]  # 2 samples of each rank's batch: an estimate
+    assert all(0 < a <= 1 for a in first["scales"])
+    for rank, res in enumerate(r["sampled"] for r in results):
+        assert res["scales"] == first["scales"], f"rank {rank}"
+        assert _max_diff(res["params"], first["params"]) == 0.0, f"rank {rank}"
+        after = workers.STEPS - workers.CHECKPOINT_AFTER
+        assert res["resumed_scales"] == pytest.approx(res["scales"][-after:], rel=1e-8)
+        assert _max_diff(res["resumed_params"], res["params"]) < 1e-8, f"rank {rank}"
+
+
 # ---------------------------------------------------------------- multi-process: failures
 
 
