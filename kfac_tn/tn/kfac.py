@@ -127,7 +127,7 @@ def kfac_expand_factor(
         ``[G, C_in/G·ΠK (+1), C_in/G·ΠK (+1)]``, symmetric.
 
     Raises:
-        ValueError: On invalid hyperparameters, input rank, groups or ``impl``.
+        ValueError: On invalid hyperparameters, input rank, groups, an empty batch or ``impl``.
     """
     spec = _factor_spec(
         x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
@@ -207,7 +207,7 @@ def kfac_reduce_factor(
         ``[G, C_in/G·ΠK (+1), C_in/G·ΠK (+1)]``, symmetric.
 
     Raises:
-        ValueError: On invalid hyperparameters, input rank, groups or ``impl``.
+        ValueError: On invalid hyperparameters, input rank, groups, an empty batch or ``impl``.
     """
     spec = _factor_spec(
         x, kernel_size, stride, padding, dilation, groups, transpose, output_padding
@@ -234,8 +234,8 @@ def grad_expand_factor(g: torch.Tensor, groups: int = 1, *, impl: str = "auto") 
         ``[G, C_out/G, C_out/G]``.
 
     Raises:
-        ValueError: If ``g`` has rank < 3, ``groups`` does not divide ``C_out`` or ``impl`` is
-            invalid.
+        ValueError: If ``g`` has rank < 3 or no samples, ``groups`` does not divide ``C_out``
+            or ``impl`` is invalid.
     """
     impl = _check_grad(g, groups, impl)
     n, c = g.shape[:2]
@@ -365,6 +365,7 @@ def _factor_spec(
     transpose: bool,
     output_padding: IntOrSeq,
 ) -> ConvSpec:
+    _check_samples(x, "x")
     spec, _ = prepare_factor(
         x,
         kernel_size,
@@ -378,8 +379,18 @@ def _factor_spec(
     return spec
 
 
+def _check_samples(t: torch.Tensor, name: str) -> None:
+    """Reject an empty batch: a factor is a mean over samples (0/0 otherwise)."""
+    if t.dim() >= 1 and t.shape[0] == 0:
+        raise ValueError(
+            f"Invalid {name}: shape {tuple(t.shape)} holds no samples; a factor is a mean over "
+            "at least one sample"
+        )
+
+
 def _check_grad(g: torch.Tensor, groups: int, impl: str) -> str:
     """Check the gradient-factor arguments; ``'auto'`` is the simplified network."""
+    _check_samples(g, "g")
     check_impl(impl)
     prepare_grad_factor(g, groups)
     return "tn_simplified" if impl == "auto" else impl

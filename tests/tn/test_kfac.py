@@ -150,6 +150,22 @@ def test_bad_input_rank():
         grad_reduce_factor(torch.zeros(2, 3, 4), groups=2)
 
 
+@pytest.mark.parametrize(
+    "fn,arg,name",
+    [
+        (lambda t: kfac_expand_factor(t, 3, padding=1), torch.zeros(0, 3, 6, 6), "x"),
+        (lambda t: kfac_reduce_factor(t, 3, padding=1), torch.zeros(0, 3, 6, 6), "x"),
+        (grad_expand_factor, torch.zeros(0, 4, 6, 6), "g"),
+        (grad_reduce_factor, torch.zeros(0, 4, 6, 6), "g"),
+    ],
+    ids=["kfac_expand", "kfac_reduce", "grad_expand", "grad_reduce"],
+)
+def test_empty_batch_is_rejected(fn, arg, name):
+    """Regression: an empty batch raised ZeroDivisionError or a reshape error."""
+    with pytest.raises(ValueError, match=f"Invalid {name}: .* holds no samples"):
+        fn(arg)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fn", [kfac_expand_factor, kfac_reduce_factor], ids=["expand", "reduce"])
 def test_factors_non_contiguous_and_float32(fn, impl, generator):
