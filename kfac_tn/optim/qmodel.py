@@ -225,9 +225,7 @@ def exact_curvature(
     Its base :math:`f(\theta)` is the pass's recorded output when the pass ran without
     autocast, in the parameters' dtype, and either on exactly these samples or without drawing
     random numbers and without BatchNorm in training mode (then a slice of it); otherwise one
-    more forward pass at :math:`\theta` with the recorded random state. Where a sub-batch
-    would need that extra pass and m >= N / 2, the difference quotient runs on all samples
-    instead (one pass over N, no more than two over m, and exact). A model whose layers
+    more forward pass at :math:`\theta` with the recorded random state. A model whose layers
     couple samples some other way (a custom batch statistic) needs ``"forward"`` with
     ``samples`` below the batch size.
 
@@ -264,6 +262,7 @@ def exact_curvature(
     names = [n for n in tangents if n in params]
     total = torch.zeros((), dtype=torch.float64)
     sizes = [_batch_size(p) for p in passes]
+    chosen = _chosen_samples(passes, sizes, loss, samples, offset)
     primals = tuple(params[n].detach() for n in names)
     directions = tuple(tangents[n].detach().to(params[n].dtype) for n in names)
     difference = _uses_difference(jvp_mode, primals)
@@ -275,16 +274,6 @@ def exact_curvature(
         sliceable = not any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
         )
-        whole = recorded_at and all(
-            _recorded_base(p, None, primals[0].dtype, sliceable) is not None for p in passes
-        )  # the recorded outputs are f(θ) on all samples
-        if (
-            samples is not None
-            and whole
-            and _whole_batch_is_cheaper(passes, sizes, samples, sliceable)
-        ):
-            samples = None  # exact, and no dearer: one forward over all instead of two over m
-    chosen = _chosen_samples(passes, sizes, loss, samples, offset)
     for p, size, pick in zip(passes, sizes, chosen):
         if pick is not None and not len(pick.index):
             continue
@@ -365,19 +354,6 @@ def _difference_jvp(
         with p.rng.replay():
             moved = functional_call(module, dict(shifted), args, kwargs, strict=False)
     return base, (moved - base) / t.to(base.device)
-
-
-def _whole_batch_is_cheaper(
-    passes: Sequence[RecordedPass], sizes: Sequence[int], samples: int, sliceable: bool
-) -> bool:
-    """Whether the difference quotient on all samples costs no more than on ``samples``.
-
-    (Given recorded outputs that are the base on all samples.) A sub-batch of a pass whose
-    recorded output cannot be sliced (BatchNorm in training mode, random draws) needs a base
-    pass too: two forward passes over m samples against one over the N of the whole batch.
-    """
-    unsliced = not sliceable or any(p.drew_random for p in passes)
-    return unsliced and 2 * samples >= sum(sizes)
 
 
 def _recorded_base(
