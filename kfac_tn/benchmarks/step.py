@@ -29,8 +29,9 @@ period per layer. ``peak_mem_bytes`` is the peak torch allocation during one fur
 
 Variant rows: ``no-tuning`` for every approximation and mode (``step_size="fixed"``,
 ``damping_adaptation=False``: the curvature work alone, what the periods and the budget control);
-for KFAC-expand with fixed periods ``ekfac`` (``preconditioner="ekfac"``: per-sample gradients
-projected into the eigenbasis on every factor step, eigen or auto inversion only) and, for models
+for KFAC-expand (or, with ``--approx reduce``, KFAC-reduce) with fixed periods ``ekfac``
+(``preconditioner="ekfac"``: per-sample gradients projected into the eigenbasis on every factor
+step, eigen or auto inversion only) and, for models
 with norm layers, ``no-norm`` (``norm_block="skip"``: the norm layers' scale and shift get
 momentum SGD instead of the default 2×2 unitwise blocks, so its negative extra cost is what the
 norm blocks cost) and ``qmodel-32`` (``qmodel_samples=32``: the self-tuning's JVP on half the
@@ -446,7 +447,9 @@ def run(
         modes = ("fixed",) if budget is None else ("fixed", "budget")
         configs += [("kfac", approx, mode, None) for mode in modes for approx in approxes]
         configs += [("kfac", approx, mode, "no-tuning") for mode in modes for approx in approxes]
-        configs += [("kfac", "expand", "fixed", v) for v in _variants(model_name, inversion)]
+        # the variants against KFAC-expand, or the one approximation asked for
+        variant_approx = "expand" if "expand" in approxes else approxes[0]
+        configs += [("kfac", variant_approx, "fixed", v) for v in _variants(model_name, inversion)]
         if peers and _available("curvlinops"):
             configs += [("curvlinops", "reduce", None, None), ("curvlinops", "expand", None, None)]
         if peers and _available("backpack"):

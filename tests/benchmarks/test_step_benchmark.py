@@ -69,6 +69,17 @@ def test_budget_rows_can_be_left_out(monkeypatch):
     assert [r["mode"] for r in rows if r["variant"] == "no-tuning"] == ["1/10", "1/10"]
 
 
+def test_variant_rows_follow_a_single_approximation(monkeypatch):
+    """Regression: with ``--approx reduce`` the variant rows still ran KFAC-expand, which had no
+    plain row to compare with (no ``extra_vs_kfac_s``)."""
+    monkeypatch.setattr(step, "build", tiny)
+    argv = "--models 3c3d --batch-size 2 --steps 1 --no-peers --no-budget --approx reduce"
+    rows = step.main(argv.split())
+    variants = [r for r in rows if r["variant"] not in (None, "no-tuning")]
+    assert variants and all(r["kfac_approx"] == "reduce" for r in variants)
+    assert all("extra_vs_kfac_s" in r for r in variants)
+
+
 def test_unknown_model_is_rejected():
     with pytest.raises(ValueError, match="Invalid model: 'vgg'"):
         step.build("vgg")
