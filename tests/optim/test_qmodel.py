@@ -81,6 +81,19 @@ def _dense_ggn(model, params, tangents, x, y, fn):
     return v @ flat_j.T @ hess @ flat_j @ v
 
 
+def _problem(name: str, fn, generator: torch.Generator):
+    """The tiny net, a batch of 6 with targets for loss ``name``, its recorded pass, the
+    parameters, random tangents and the loss kind."""
+    model = tiny_net()
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = targets_for(name, generator)
+    record, _ = _record(model, x, y, fn)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    return model, x, y, record, params, tangents, kind
+
+
 @pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
 @pytest.mark.parametrize("samples", [2, 4, 6, None], ids=lambda m: f"samples={m}")
 @pytest.mark.parametrize("offset", [0.0, 0.37, 0.9], ids=lambda u: f"offset={u}")
@@ -89,13 +102,7 @@ def test_sub_batch_curvature_is_the_weighted_ggn_of_the_drawn_samples(
 ):
     """With ``samples=m`` the estimate is the r-scaled GGN of the drawn samples, each divided
     by its inclusion probability (dense per-sample GGNs as the reference)."""
-    model = tiny_net()
-    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
-    y = targets_for(name, generator)
-    record, _ = _record(model, x, y, fn)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    model, x, y, record, params, tangents, kind = _problem(name, fn, generator)
     actual = exact_curvature(
         model, [record], kind, r, params, tangents, samples=samples, offset=offset
     )
@@ -114,13 +121,7 @@ def test_sub_batch_curvature_is_the_weighted_ggn_of_the_drawn_samples(
 @pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
 def test_sub_batch_curvature_is_unbiased_over_the_offsets(name, r, fn, generator):
     """Averaged over evenly spread offsets, the estimate from 2 of 6 samples is the full GGN."""
-    model = tiny_net()
-    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
-    y = targets_for(name, generator)
-    record, _ = _record(model, x, y, fn)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    model, x, y, record, params, tangents, kind = _problem(name, fn, generator)
     exact = exact_curvature(model, [record], kind, r, params, tangents)
     draws = [
         exact_curvature(model, [record], kind, r, params, tangents, samples=2, offset=u)
@@ -131,21 +132,10 @@ def test_sub_batch_curvature_is_unbiased_over_the_offsets(name, r, fn, generator
 
 @pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
 def test_exact_curvature_equals_the_dense_ggn(name, r, fn, generator):
-    model = tiny_net()
-    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
-    y = targets_for(name, generator)
-    record, _ = _record(model, x, y, fn)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    kind = LossType.MSE if name == "mse" else LossType.CROSS_ENTROPY
+    model, x, y, record, params, tangents, kind = _problem(name, fn, generator)
     actual = exact_curvature(model, [record], kind, r, params, tangents)
     # dense reference: J^T H J with H the Hessian of the loss w.r.t. the output
-    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
-    flat_j = torch.cat([jac[n].reshape(18, -1) for n in params], dim=1)
-    out = model(x).detach().reshape(-1).requires_grad_()
-    hess = torch.autograd.functional.hessian(lambda o: fn(o.reshape(6, 3), y), out)
-    v = torch.cat([tangents[n].reshape(-1) for n in params])
-    assert_close(actual, v @ flat_j.T @ hess @ flat_j @ v)
+    assert_close(actual, _dense_ggn(model, params, tangents, x, y, fn))
 
 
 def test_kronecker_curvature_equals_the_dense_kronecker_product(generator):
