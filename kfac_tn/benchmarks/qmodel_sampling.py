@@ -41,7 +41,7 @@ from torch.func import functional_call, jvp
 
 from kfac_tn import KFAC
 from kfac_tn.enums import LossType
-from kfac_tn.losses import hessian_traces
+from kfac_tn.losses import hessian_quadratic, hessian_traces
 from kfac_tn.optim.qmodel import importance_sample
 
 __all__ = ["OFFSETS", "main", "per_sample_curvature", "relative_errors"]
@@ -71,8 +71,11 @@ def per_sample_curvature(model: nn.Module, x: torch.Tensor, delta: dict[str, tor
 
     with torch.no_grad():
         out, jv = jvp(f, tuple(params[n] for n in names), tuple(delta[n] for n in names))
-    p, v = torch.softmax(out.double(), -1), jv.double()
-    return (p * v.square()).sum(-1) - (p * v).sum(-1).square(), out
+    ce = LossType.CROSS_ENTROPY
+    c = torch.stack(
+        [hessian_quadratic(out[i : i + 1], jv[i : i + 1], ce, 1.0) for i in range(len(x))]
+    )
+    return c, out
 
 
 def relative_errors(c: torch.Tensor, traces: torch.Tensor, m: int) -> dict[str, float]:
