@@ -23,10 +23,18 @@ tuples of tensors; the type says how it was computed). In optimizer state and ch
 stored as a plain list of its tensors plus the :class:`Inversion` value (``weights_only``
 checkpoints cannot hold named tuples); :func:`inverse_from_tensors` turns that back into the
 named tuple, and :func:`empty_inverse` allocates one to receive a broadcast.
+
+Factored gradients. A layer whose gradient matrix is a sum of few outer products,
+:math:`M = \sum_{r=1}^R g_r x_r^\top` (``nn.Linear`` with fewer batch rows than features), is
+preconditioned with the Cholesky inverses as :math:`(G^{-1} [g_1 \dots g_R])([x_1 \dots x_R]^\top
+A^{-1})`: :math:`R(d_A^2 + d_G^2 + d_G d_A)` multiply-adds instead of :math:`d_G d_A (d_G + d_A)`
+(:func:`factored_precondition`). The optimizer takes this path only when
+:func:`factored_matches` confirms that the gradient it is given *is* that sum, up to rounding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -48,6 +56,9 @@ __all__ = [
     "eigen_inverse",
     "cholesky_inverse",
     "compute_inverse",
+    "factored_matches",
+    "factored_pays",
+    "factored_precondition",
     "precondition",
     "pi_damping",
     "damped",
@@ -319,3 +330,75 @@ def precondition(
         a_inv, g_inv = inverse
         out = g_inv @ m @ a_inv
     return out.to(M.dtype)
+
+
+FACTORED_TOLERANCE = 2.0
+r"""Tolerance of :func:`factored_matches`, in units of :math:`\sqrt{R + d_A}\,\varepsilon` times
+the magnitude :math:`|g|^\top |x| |z|` of the products (typical rounding of the two ways of
+forming :math:`Mz` grows like :math:`\sqrt{R + d_A}`; the worst case is
+:math:`2(R + d_A)\varepsilon`). Genuine gradients pass with a wide margin: on 3c3d's two dense
+layers (float32, batch 128, 30 steps) the largest residual was 0.027 of the tolerance. A gradient
+changed by more than that (weight decay added to the loss, clipping, a second loss term) takes
+the dense path; a change below it is below the rounding of the gradient itself."""
+
+FACTORED_PROBES = 2
+"""Number of fixed probe vectors ``z`` :func:`factored_matches` compares ``M z`` along."""
+
+
+def factored_pays(rows: int, d_g: int, d_a: int) -> bool:
+    r"""Whether :func:`factored_precondition` needs fewer multiply-adds than the dense product.
+
+    Args:
+        rows: Number ``R`` of outer products in the gradient.
+        d_g: Rows of the gradient matrix.
+        d_a: Its columns.
+
+    Returns:
+        ``R (d_A² + d_G² + 2 d_G d_A) < d_G d_A (d_G + d_A)`` (the factored path and its check
+        against the dense product). On 3c3d's 1153x512 dense layer at batch 128 the factored
+        path takes 7.9 ms with its check against 24 ms (1 thread, AVX-512 CPU).
+    """
+    return rows * (d_a * d_a + d_g * d_g + 2 * d_g * d_a) < d_g * d_a * (d_g + d_a)
+
+
+def factored_matches(matrix: Tensor, g_rows: Tensor, x_rows: Tensor, probes: Tensor) -> Tensor:
+    r"""Whether ``matrix`` equals :math:`\sum_r g_r x_r^\top` up to rounding, probed along ``z``.
+
+    Compares :math:`M z` with :math:`G^\top (X z)` for the probe vectors (a few
+    matrix-vector products instead of forming the sum), element by element, against
+    :data:`FACTORED_TOLERANCE` times the magnitude :math:`|G|^\top (|X| |z|)`.
+
+    Args:
+        matrix: The gradient matrix ``[d_G, d_A]``.
+        g_rows: ``G`` ``[R, d_G]``.
+        x_rows: ``X`` ``[R, d_A]``.
+        probes: ``z`` ``[d_A, k]`` (fixed; same dtype and device as ``matrix``).
+
+    Returns:
+        A 0-dim bool tensor (no host synchronisation); ``False`` if anything is not finite.
+    """
+    xz = x_rows @ probes
+    residual = matrix @ probes - g_rows.T @ xz
+    magnitude = g_rows.abs().T @ (x_rows.abs() @ probes.abs())
+    eps = torch.finfo(matrix.dtype).eps
+    tol = FACTORED_TOLERANCE * math.sqrt(x_rows.shape[0] + x_rows.shape[1]) * eps
+    return (residual.abs() <= tol * magnitude).all()
+
+
+def factored_precondition(g_rows: Tensor, x_rows: Tensor, inverse: CholeskyInverse) -> Tensor:
+    r"""Apply a one-group Cholesky inverse to the gradient :math:`\sum_r g_r x_r^\top`.
+
+    Args:
+        g_rows: ``[R, d_G]``.
+        x_rows: ``[R, d_A]``.
+        inverse: The block's :class:`CholeskyInverse` (one group).
+
+    Returns:
+        ``[1, d_G, d_A]``: :math:`(G^{-1} G_{rows}^\top)(X_{rows} A^{-1})`, equal to
+        ``precondition(M, inverse)`` for that ``M`` up to rounding, in the inverse's dtype.
+    """
+    a_inv, g_inv = inverse
+    dtype = a_inv.dtype
+    left = g_inv[0] @ g_rows.to(dtype).T  # [d_G, R]
+    right = x_rows.to(dtype) @ a_inv[0]  # [R, d_A]
+    return (left @ right)[None]

@@ -142,3 +142,70 @@ def test_block_accumulated_passes_weighted_by_samples():
     block.update_factors(state, decay=0.9, grad_scale=0.5)
     assert_close(state["A"], (3 * a1 + a2) / 4)
     assert_close(state["G"], 0.5 * (g1 + g2))
+
+
+# ---------------------------------------------------------------------- factored gradients
+FACTORED = [(5, 7, 3), (12, 4, 20), (1, 9, 9)]  # d_G, d_A, rows R
+FACTORED_IDS = ["fewer_rows", "more_rows", "one_row"]
+
+
+def _factored_problem(d_g: int, d_a: int, rows: int):
+    gen = torch.Generator().manual_seed(3)
+    g_rows = torch.randn(rows, d_g, generator=gen, dtype=torch.float64)
+    x_rows = torch.randn(rows, d_a, generator=gen, dtype=torch.float64)
+    probes = torch.randn(d_a, linalg.FACTORED_PROBES, generator=gen, dtype=torch.float64)
+    return g_rows, x_rows, probes, gen
+
+
+@pytest.mark.parametrize("d_g,d_a,rows", FACTORED, ids=FACTORED_IDS)
+def test_factored_precondition_equals_the_dense_product(d_g, d_a, rows):
+    g_rows, x_rows, _, gen = _factored_problem(d_g, d_a, rows)
+    A, G = psd(1, d_a, gen), psd(1, d_g, gen)
+    inv = linalg.compute_inverse(A, G, inversion="cholesky", damping=1e-2, dtype=torch.float64)
+    inverse = linalg.inverse_from_tensors(inv.tensors, "cholesky")
+    want = linalg.precondition((g_rows.T @ x_rows)[None], inverse, damping=1e-2)
+    assert_close(linalg.factored_precondition(g_rows, x_rows, inverse), want, rtol=1e-12)
+
+
+def _changed(m: torch.Tensor, index: tuple[int, int], value: float) -> torch.Tensor:
+    out = m.clone()
+    out[index] = value
+    return out
+
+
+# how the gradient differs from the rows' sum -> whether factored_matches accepts it
+CHANGES = {
+    "unchanged": (lambda m: m, True),
+    "rounded_to_float32": (lambda m: m.float().double(), False),
+    "scaled_by_1+1e-9": (lambda m: m * (1 + 1e-9), False),
+    "weight_decay_term": (lambda m: m + 1e-6 * torch.ones_like(m), False),
+    "one_entry_changed": (lambda m: _changed(m, (0, 1), m[0, 1] + 1e-8), False),
+    "nan_entry": (lambda m: _changed(m, (0, 0), float("nan")), False),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES), ids=list(CHANGES))
+@pytest.mark.parametrize("d_g,d_a,rows", FACTORED, ids=FACTORED_IDS)
+def test_factored_matches_accepts_only_the_rows_sum(d_g, d_a, rows, change):
+    g_rows, x_rows, probes, _ = _factored_problem(d_g, d_a, rows)
+    modify, accepted = CHANGES[change]
+    matrix = modify(g_rows.T @ x_rows)
+    assert bool(linalg.factored_matches(matrix, g_rows, x_rows, probes)) is accepted
+
+
+def test_factored_matches_accepts_a_summation_in_another_order():
+    """Float32 rounding of a different summation order (batches of rows) is accepted."""
+    gen = torch.Generator().manual_seed(0)
+    g_rows, x_rows = torch.randn(128, 64, generator=gen), torch.randn(128, 300, generator=gen)
+    matrix = sum(g_rows[i : i + 16].T @ x_rows[i : i + 16] for i in range(0, 128, 16))
+    probes = torch.randn(300, linalg.FACTORED_PROBES, generator=gen)
+    assert bool(linalg.factored_matches(matrix, g_rows, x_rows, probes))
+
+
+@pytest.mark.parametrize(
+    "rows,d_g,d_a,pays",
+    [(128, 512, 1153, True), (128, 10, 257, False), (1000, 512, 513, False), (1, 3, 3, True)],
+    ids=["3c3d_fc1", "narrow_output", "many_rows", "one_row"],
+)
+def test_factored_pays_when_fewer_multiply_adds(rows, d_g, d_a, pays):
+    assert linalg.factored_pays(rows, d_g, d_a) is pays

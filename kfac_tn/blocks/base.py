@@ -174,10 +174,13 @@ class KroneckerBlock(ABC):
         groups: Number of independent Kronecker blocks (channel groups).
         per_sample_budget_bytes: Bytes of per-sample tensors (gradients, unfolded inputs) one
             chunk of samples may use when the EKFAC scalings are computed.
+        has_gradient_rows: Whether :meth:`gradient_rows` gives a pass gradient's outer
+            products (factored gradients, :mod:`kfac_tn.linalg`).
     """
 
     groups: int = 1
     per_sample_budget_bytes: int = 128 * 2**20
+    has_gradient_rows: bool = False
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module = module
@@ -277,6 +280,20 @@ class KroneckerBlock(ABC):
         n = self._step_samples or (output_shape[0] if output_shape else 1)
         p_a = self._input_positions(x_shape, output_shape)
         return n, p_a, self._output_positions(output_shape)
+
+    def gradient_rows(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:
+        r"""Return the pass's weight-gradient matrix as outer products, if the layer has that form.
+
+        Args:
+            x: The layer input of one pass.
+            g: The gradient w.r.t. its output.
+
+        Returns:
+            ``(g_rows [R, d_G], x_rows [R, d_A])`` with :math:`\sum_r g_r x_r^\top` the pass's
+            ``[d_G, d_A]`` gradient matrix (one group; :mod:`kfac_tn.linalg`, factored
+            gradients), or ``None`` (this base class: the layer has no such form).
+        """
+        return None
 
     def _keeps_input(self, basis: EigenBasis | None) -> bool:
         """Whether the backward statistics need the layer input (EKFAC: with a basis)."""
@@ -686,7 +703,14 @@ class KroneckerBlock(ABC):
         return "inverse" in state
 
     # ------------------------------------------------------------------ template: preconditioning
-    def precondition(self, state: dict, grads: list[Tensor], *, damping: float) -> list[Tensor]:
+    def precondition(
+        self,
+        state: dict,
+        grads: list[Tensor],
+        *,
+        damping: float,
+        rows: tuple[Tensor, Tensor] | None = None,
+    ) -> list[Tensor]:
         r"""Precondition the layer's gradients with the damped inverse Kronecker block.
 
         With EKFAC scalings in ``state`` the step is
@@ -697,11 +721,19 @@ class KroneckerBlock(ABC):
             grads: Gradients ``[grad_weight]`` or ``[grad_weight, grad_bias]``.
             damping: Damping ``δ`` (``"eigen"`` uses it here; ``"cholesky"`` baked in the damping
                 of its last inverse update).
+            rows: ``(g_rows [R, d_G], x_rows [R, d_A])`` whose outer products sum to the gradient
+                matrix (checked by the caller, :func:`kfac_tn.linalg.factored_matches`), or
+                ``None``. Used with a Cholesky inverse (:meth:`takes_rows`).
 
         Returns:
             Preconditioned tensors, shaped like ``grads``.
         """
         bias = grads[1] if len(grads) > 1 else None
+        if rows is not None and self.takes_rows(state):
+            inverse = linalg.inverse_from_tensors(state["inverse"], state["inverse_kind"])
+            out = linalg.factored_precondition(*rows, inverse).to(grads[0].dtype)
+            weight, bias_out = self._from_matrix(out)
+            return [weight] if bias_out is None else [weight, bias_out]
         matrix = self._to_matrix(grads[0], bias)
         if "scalings" in state:
             basis = self.eigenbasis(state)
@@ -711,6 +743,20 @@ class KroneckerBlock(ABC):
             out = linalg.precondition(matrix, inverse, damping=damping)
         weight, bias_out = self._from_matrix(out)
         return [weight] if bias_out is None else [weight, bias_out]
+
+    def takes_rows(self, state: dict) -> bool:
+        """Whether :meth:`precondition` can use factored gradient rows with this state.
+
+        A block with :meth:`gradient_rows` and a one-group Cholesky inverse (the eigen and EKFAC
+        forms divide element-wise in the eigenbasis, which does not keep the sum of outer
+        products).
+        """
+        return (
+            self.has_gradient_rows
+            and self.groups == 1
+            and state.get("inverse_kind") == Inversion.CHOLESKY.value
+            and "scalings" not in state
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, groups={self.groups})"

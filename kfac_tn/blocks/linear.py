@@ -23,6 +23,7 @@ class LinearBlock(KroneckerBlock):
     """``nn.Linear``: one group, ``d_A = D_in (+1)``, ``d_G = D_out``."""
 
     groups = 1
+    has_gradient_rows = True
 
     def _input_factor(self, x: Tensor, output: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
         if x.dim() == 1:
@@ -45,6 +46,14 @@ class LinearBlock(KroneckerBlock):
             g = g.sum(1, keepdim=True)
         rows = g.reshape(-1, g.shape[-1])
         return symmetric_gram(rows.T[None])
+
+    def gradient_rows(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g [N·S, D_out], [x, 1] [N·S, D_in (+1)])``: the weight gradient is ``gᵀ [x, 1]``."""
+        g_rows = g.reshape(-1, g.shape[-1])
+        x_rows = x.reshape(-1, x.shape[-1])
+        if self.bias is not None:
+            x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)
+        return g_rows, x_rows
 
     # per-sample parts (EKFAC): shared dimensions are the positions S
     def _columns(self, x: Tensor, g: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from torch import Tensor
 from kfac_tn.blocks import KroneckerBlock
 from kfac_tn.distributed import Communicator, get_communicator
 from kfac_tn.enums import DistributedStrategy, Inversion
+from kfac_tn.optim.factored import Rows
 from kfac_tn.optim.hyperparams import LayerHP
 from kfac_tn.optim.inverses import InverseUpdater
 
@@ -46,7 +47,11 @@ HPs = Mapping[int, LayerHP]  # by id(block)
 
 
 def precondition_block(
-    block: KroneckerBlock, state: dict[str, Any], grads: list[Tensor], damping: float
+    block: KroneckerBlock,
+    state: dict[str, Any],
+    grads: list[Tensor],
+    damping: float,
+    rows: Rows | None = None,
 ) -> list[Tensor]:
     """Preconditioned gradients of one block (the plain gradients while it has no inverse).
 
@@ -55,6 +60,8 @@ def precondition_block(
         state: Its optimizer state (``state[block.weight]``).
         grads: ``[grad_weight]`` or ``[grad_weight, grad_bias]``.
         damping: The block's damping.
+        rows: The gradient's factored rows, checked (:mod:`kfac_tn.optim.factored`), or
+            ``None``; counted in ``state["factored_preconditionings"]`` when used.
 
     Returns:
         Fresh tensors shaped like ``grads``. Factors that never saw a finite batch give the plain
@@ -63,7 +70,11 @@ def precondition_block(
     """
     if "inverse" not in state:
         return [g.clone() for g in grads]
-    out = block.precondition(state, grads, damping=damping)
+    if rows is not None and block.takes_rows(state):
+        state["factored_preconditionings"] = state.get("factored_preconditionings", 0) + 1
+    else:
+        rows = None
+    out = block.precondition(state, grads, damping=damping, rows=rows)
     valid = state["factors_valid"]
     if valid.device.type == "cpu":
         return out if bool(valid) else [g.clone() for g in grads]
@@ -88,15 +99,27 @@ class Placement:
         self.inverses.update(due, state, hps)
 
     def precondition(
-        self, blocks: list[KroneckerBlock], state: State, hps: HPs
+        self,
+        blocks: list[KroneckerBlock],
+        state: State,
+        hps: HPs,
+        factored: Mapping[int, Rows] | None = None,
     ) -> dict[int, Tensor]:
-        """Preconditioned gradients keyed by ``id(param)`` (blocks without inverse: absent)."""
+        """Preconditioned gradients keyed by ``id(param)`` (blocks without inverse: absent).
+
+        ``factored``: ``{id(block): rows}`` of the blocks whose gradient is the sum of their
+        rows' outer products (:mod:`kfac_tn.optim.factored`; kept in one process only).
+        """
+        factored = factored or {}
         directions: dict[int, Tensor] = {}
         for block in blocks:
             layer_state = state[block.weight]
             if "inverse" in layer_state:
                 grads = [p.grad for p in block.params]
-                out = precondition_block(block, layer_state, grads, hps[id(block)].damping)
+                damping = hps[id(block)].damping
+                out = precondition_block(
+                    block, layer_state, grads, damping, factored.get(id(block))
+                )
                 directions.update({id(p): d for p, d in zip(block.params, out)})
         return directions
 
@@ -144,11 +167,16 @@ class Sharded(_Distributed):
         _replicate_inverses(self, replicated, state, hps)
 
     def precondition(
-        self, blocks: list[KroneckerBlock], state: State, hps: HPs
+        self,
+        blocks: list[KroneckerBlock],
+        state: State,
+        hps: HPs,
+        factored: Mapping[int, Rows] | None = None,
     ) -> dict[int, Tensor]:
         """Owners precondition their blocks' gradients; the results are broadcast to all.
 
         EKFAC blocks, whose inverses every rank holds, are preconditioned locally.
+        ``factored`` is unused: distributed, no rows are kept (the gradients are averages).
         """
         self.assign(self._blocks)
         replicated = [b for b in blocks if _ekfac(b, hps)]

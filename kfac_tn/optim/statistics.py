@@ -20,6 +20,14 @@ What is captured, per block and per pass, is decided by the optimizer before the
 EKFAC blocks, the eigenbasis their per-sample gradients are projected into (a reference to the
 stored eigenvectors: no copy, no host synchronisation in the hooks).
 
+Factored gradients. With the empirical Fisher in one process, a block whose pass gradient is a
+sum of few outer products (:meth:`KroneckerBlock.gradient_rows`, when that is cheaper to
+precondition: :func:`kfac_tn.linalg.factored_pays`) also keeps those rows until the step
+(:meth:`StatisticsCollector.take_gradient_rows`), on every pass, not only on factor-update
+steps, for the blocks the optimizer names (those with a Cholesky inverse). They are references
+to the layer's input and output gradient plus a bias column, no other copy. Float16/bfloat16
+passes (autocast) keep none.
+
 A pass over an empty batch (zero samples) captures nothing and is not recorded for the
 self-tuning: its step keeps every factor as it was. Distributed, the statistics' averages are
 collectives every rank must join, so an empty batch on one rank raises instead of hanging the
@@ -30,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from kfac_tn import linalg
 from kfac_tn.blocks import STATISTICS, EigenBasis, Forward, KroneckerBlock
 from kfac_tn.distributed import Communicator
 from kfac_tn.enums import FisherType, LossReduction, LossType
@@ -119,6 +128,9 @@ class StatisticsCollector:
         self._record = False  # keep the model's inputs, outputs and output gradients
         self._recording: RecordedPass | None = None
         self._records: list[RecordedPass] = []
+        self._rows: dict[int, list[tuple[Tensor, Tensor]]] = {}  # id(block) -> passes' rows
+        self._keep_rows = self.fisher_type is FisherType.EMPIRICAL and comm is None
+        self._rows_for: frozenset[int] = frozenset()  # id(block) keeping rows in coming passes
         # times the capture work of sampled steps (kfac_tn.optim.schedule.CostMeter), or None
         self.meter: CostMeter | None = None
         # called when a training forward of the model begins (opens a sampled step), or None
@@ -137,26 +149,56 @@ class StatisticsCollector:
         self._hooks.remove()
         self.discard()
 
-    def plan(self, captures: Mapping[int, Capture], *, record: bool = False) -> None:
+    def plan(
+        self,
+        captures: Mapping[int, Capture],
+        *,
+        record: bool = False,
+        rows: Collection[int] = (),
+    ) -> None:
         """Set what the coming passes capture.
 
         Args:
             captures: ``{id(block): capture}`` of the blocks due for a factor update.
             record: Also record the model's inputs, outputs and output gradients
                 (:class:`~kfac_tn.optim.qmodel.RecordedPass`, for the quadratic model).
+            rows: ``id(block)`` of the blocks whose factored gradient rows the step can use
+                (kept whether or not a factor update is due; module docstring).
         """
         self._plan = dict(captures)
         self._record = record
         self._records = []
+        self._rows_for = frozenset(rows) if self._keep_rows else frozenset()
 
     def take_records(self) -> list[RecordedPass]:
         """Return the complete recorded passes since :meth:`plan`; the collector forgets them."""
         records, self._records, self._recording = self._records, [], None
         return [r for r in records if r.complete]
 
+    def take_gradient_rows(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """Return ``{id(block): (g_rows, x_rows)}`` of the passes since the last call; forget them.
+
+        The rows of all passes, concatenated; ``g_rows`` unscaled by an enabled ``GradScaler``.
+        Blocks whose rows together no longer pay (:func:`kfac_tn.linalg.factored_pays`) are left
+        out.
+        """
+        kept, self._rows = self._rows, {}
+        unscale = self._amp_unscale()
+        out = {}
+        for block in self.blocks:
+            parts = kept.get(id(block))
+            if not parts:
+                continue
+            g_rows = torch.cat([g for g, _ in parts]) if len(parts) > 1 else parts[0][0]
+            x_rows = torch.cat([x for _, x in parts]) if len(parts) > 1 else parts[0][1]
+            if linalg.factored_pays(x_rows.shape[0], g_rows.shape[1], x_rows.shape[1]):
+                out[id(block)] = (g_rows * unscale if unscale != 1.0 else g_rows, x_rows)
+        return out
+
     def discard(self) -> None:
         """Drop captured statistics and pending forward passes (``zero_grad``, a skipped step)."""
         self._pending = []
+        self._rows = {}
         for block in self.blocks:
             block.clear_statistics()
 
@@ -215,13 +257,15 @@ class StatisticsCollector:
         if not (module.training and torch.is_grad_enabled()):
             return False
         block = self._block_of_module.get(id(module))
-        return block is not None and id(block) in self._plan
+        return block is not None and (id(block) in self._plan or id(block) in self._rows_for)
 
     def _on_forward(self, module: nn.Module, x: Tensor, output: Tensor) -> GradCallback | None:
         block = self._block_of_module[id(module)]
         capture = self._plan.get(id(block))
-        if capture is None or not output.requires_grad or _empty(x, self.comm):
+        if not output.requires_grad or _empty(x, self.comm):
             return None
+        if capture is None:
+            return self._rows_only(block, x)
         hp, basis = capture.hp, capture.basis
         dtype = hp.factor_dtype_for(block.weight.dtype)
         with self._timed(block.name):
@@ -237,12 +281,39 @@ class StatisticsCollector:
 
             return on_sampled_grad
 
+        layer_input = x.detach() if id(block) in self._rows_for else None
+
         def on_grad(g: Tensor) -> None:
             with self._timed(block.name):
                 stats = block.backward_statistics(forward, g, hp.kfac_approx, dtype, basis)
                 self._commit(block, forward, stats)
+                if layer_input is not None:
+                    self._keep_gradient_rows(block, layer_input, g.detach())
 
         return on_grad
+
+    def _rows_only(self, block: KroneckerBlock, x: Tensor) -> GradCallback | None:
+        """Return the output-gradient callback of a pass that keeps only ``block``'s rows."""
+        if id(block) not in self._rows_for:
+            return None
+        layer_input = x.detach()
+
+        def on_grad(g: Tensor) -> None:
+            self._keep_gradient_rows(block, layer_input, g.detach())
+
+        return on_grad
+
+    def _keep_gradient_rows(self, block: KroneckerBlock, x: Tensor, g: Tensor) -> None:
+        """Keep the pass's factored gradient rows of ``block``, if it has them and they pay."""
+        dtype = block.weight.dtype
+        if not (x.dtype == g.dtype == dtype and dtype in (torch.float32, torch.float64)):
+            return
+        rows = block.gradient_rows(x, g)
+        if rows is None:
+            return
+        (rows_r, d_g), d_a = rows[0].shape, rows[1].shape[1]
+        if linalg.factored_pays(rows_r, d_g, d_a):
+            self._rows.setdefault(id(block), []).append(rows)
 
     def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time the enclosed capture work as layer ``name``'s factor cost (sampled steps)."""

@@ -427,6 +427,7 @@ def test_stats_counters():
         "qr_decompositions": 0,
         "cholesky_decompositions": 16,  # per matrix: 2 updates x (2 + 2 + 4: the grouped conv)
         "offloaded_decompositions": 0,
+        "factored_preconditionings": 0,  # the 3x17 dense layer at batch 8 does not pay
         "kfac_layers": 3,
         "damping": [opt.param_groups[0]["damping"]],
         "rho": opt.state["kfac"]["rho"],
