@@ -80,6 +80,15 @@ def shared_dimension(model, opt, i):
     opt.step()
 
 
+def layer_called_twice(model, opt, i):
+    """The first layer applied to two halves in one forward: two passes' rows per step."""
+    opt.zero_grad()
+    x, y = batch(i)
+    hidden = torch.cat([model[0](x[:3]), model[0](x[3:])])
+    F.cross_entropy(model[1:](hidden), y).backward()
+    opt.step()
+
+
 def clipped(model, opt, i):
     opt.zero_grad()
     loss_of(model, *batch(i)).backward()
@@ -123,6 +132,7 @@ SCENARIOS = [
     Scenario("accumulated_passes", accumulated_passes, 2),
     Scenario("zero_grad_between_passes", zero_grad_between_passes, 2),
     Scenario("shared_dimension", shared_dimension, 2),
+    Scenario("layer_called_twice", layer_called_twice, 2),
     Scenario("grad_scaler", grad_scaler, 2),
     Scenario("default_settings", plain, 2, settings={}),  # the budget: factor period > 1
     Scenario("clipped", clipped, 0),
@@ -193,3 +203,23 @@ def test_bf16_autocast_keeps_no_rows():
         loss.backward()
         opt.step()
     assert opt.stats["factored_preconditionings"] == 0
+
+
+def test_resume_with_factored_path_is_bitwise_exact():
+    """Rows are per step, not state: 2 steps, save, load into a fresh optimizer, 2 more."""
+    model = mlp()
+    opt = KFAC(model, lr=0.1)
+    for i in range(4):
+        plain(model, opt, i)
+    resumed = mlp()
+    first = KFAC(resumed, lr=0.1)
+    for i in range(2):
+        plain(resumed, first, i)
+    second = KFAC(resumed, lr=0.1)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    for i in range(2, 4):
+        plain(resumed, second, i)
+    assert opt.stats["factored_preconditionings"] > 0
+    assert second.stats["factored_preconditionings"] == opt.stats["factored_preconditionings"]
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
