@@ -291,7 +291,9 @@ class KroneckerBlock(ABC):
         Returns:
             ``(g_rows [R, d_G], x_rows [R, d_A])`` with :math:`\sum_r g_r x_r^\top` the pass's
             ``[d_G, d_A]`` gradient matrix (one group; :mod:`kfac_tn.linalg`, factored
-            gradients), or ``None`` (this base class: the layer has no such form).
+            gradients), or ``None``: the layer has no such form (this base class; a subclass
+            with it sets :attr:`has_gradient_rows`), or it would not pay for these shapes
+            (:func:`kfac_tn.linalg.factored_pays`).
         """
         return None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kfac_tn import linalg
 from kfac_tn.blocks.base import KFACApprox, KroneckerBlock, register_block
 from kfac_tn.tn.gram import symmetric_gram
 
@@ -47,9 +48,15 @@ class LinearBlock(KroneckerBlock):
         rows = g.reshape(-1, g.shape[-1])
         return symmetric_gram(rows.T[None])
 
-    def gradient_rows(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """``(g [N·S, D_out], [x, 1] [N·S, D_in (+1)])``: the weight gradient is ``gᵀ [x, 1]``."""
+    def gradient_rows(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(g [N·S, D_out], [x, 1] [N·S, D_in (+1)])``: the weight gradient is ``gᵀ [x, 1]``.
+
+        ``None`` when the factored form would not pay (:func:`kfac_tn.linalg.factored_pays`).
+        """
         g_rows = g.reshape(-1, g.shape[-1])
+        d_a = x.shape[-1] + (self.bias is not None)
+        if not linalg.factored_pays(g_rows.shape[0], g_rows.shape[1], d_a):
+            return None
         x_rows = x.reshape(-1, x.shape[-1])
         if self.bias is not None:
             x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)

@@ -308,11 +308,8 @@ class StatisticsCollector:
         dtype = block.weight.dtype
         if not (x.dtype == g.dtype == dtype and dtype in (torch.float32, torch.float64)):
             return
-        rows = block.gradient_rows(x, g)
-        if rows is None:
-            return
-        (rows_r, d_g), d_a = rows[0].shape, rows[1].shape[1]
-        if linalg.factored_pays(rows_r, d_g, d_a):
+        rows = block.gradient_rows(x, g)  # None if the layer has no such form or it won't pay
+        if rows is not None:
             self._rows.setdefault(id(block), []).append(rows)
 
     def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
