@@ -337,7 +337,7 @@ r"""Tolerance of :func:`factored_matches`, in units of :math:`\sqrt{R + d_A}\,\v
 the magnitude :math:`|g|^\top |x| |z|` of the products (typical rounding of the two ways of
 forming :math:`Mz` grows like :math:`\sqrt{R + d_A}`; the worst case is
 :math:`2(R + d_A)\varepsilon`). Genuine gradients pass with a wide margin: on 3c3d's two dense
-layers (float32, batch 128, 30 steps) the largest residual was 0.027 of the tolerance. A gradient
+layers (float32, batch 128, 30 steps) the largest residual was 0.028 of the tolerance. A gradient
 changed by more than that (weight decay added to the loss, clipping, a second loss term) takes
 the dense path; a change below it is below the rounding of the gradient itself."""
 
@@ -361,26 +361,26 @@ def factored_pays(rows: int, d_g: int, d_a: int) -> bool:
     return rows * (d_a * d_a + d_g * d_g + 2 * d_g * d_a) < d_g * d_a * (d_g + d_a)
 
 
-def factored_matches(matrix: Tensor, g_rows: Tensor, x_rows: Tensor, probes: Tensor) -> Tensor:
-    r"""Whether ``matrix`` equals :math:`\sum_r g_r x_r^\top` up to rounding, probed along ``z``.
+def factored_matches(product: Tensor, g_rows: Tensor, x_rows: Tensor, probes: Tensor) -> Tensor:
+    r"""Whether :math:`M z` equals :math:`(\sum_r g_r x_r^\top) z` up to rounding.
 
-    Compares :math:`M z` with :math:`G^\top (X z)` for the probe vectors (a few
-    matrix-vector products instead of forming the sum), element by element, against
-    :data:`FACTORED_TOLERANCE` times the magnitude :math:`|G|^\top (|X| |z|)`.
+    Compares ``product`` :math:`= M z` (the gradient matrix times the probe vectors) with
+    :math:`G^\top (X z)` (a few matrix-vector products instead of forming the sum), element by
+    element, against :data:`FACTORED_TOLERANCE` times the magnitude :math:`|G|^\top (|X| |z|)`.
 
     Args:
-        matrix: The gradient matrix ``[d_G, d_A]``.
+        product: :math:`M z` ``[d_G, k]``, for the gradient matrix ``M [d_G, d_A]``.
         g_rows: ``G`` ``[R, d_G]``.
         x_rows: ``X`` ``[R, d_A]``.
-        probes: ``z`` ``[d_A, k]`` (fixed; same dtype and device as ``matrix``).
+        probes: ``z`` ``[d_A, k]`` (fixed; same dtype and device as ``M``).
 
     Returns:
         A 0-dim bool tensor (no host synchronisation); ``False`` if anything is not finite.
     """
     xz = x_rows @ probes
-    residual = matrix @ probes - g_rows.T @ xz
+    residual = product - g_rows.T @ xz
     magnitude = g_rows.abs().T @ (x_rows.abs() @ probes.abs())
-    eps = torch.finfo(matrix.dtype).eps
+    eps = torch.finfo(product.dtype).eps
     tol = FACTORED_TOLERANCE * math.sqrt(x_rows.shape[0] + x_rows.shape[1]) * eps
     return (residual.abs() <= tol * magnitude).all()
 

@@ -190,7 +190,7 @@ def test_factored_matches_accepts_only_the_rows_sum(d_g, d_a, rows, change):
     g_rows, x_rows, probes, _ = _factored_problem(d_g, d_a, rows)
     modify, accepted = CHANGES[change]
     matrix = modify(g_rows.T @ x_rows)
-    assert bool(linalg.factored_matches(matrix, g_rows, x_rows, probes)) is accepted
+    assert bool(linalg.factored_matches(matrix @ probes, g_rows, x_rows, probes)) is accepted
 
 
 def test_factored_matches_accepts_a_summation_in_another_order():
@@ -199,7 +199,7 @@ def test_factored_matches_accepts_a_summation_in_another_order():
     g_rows, x_rows = torch.randn(128, 64, generator=gen), torch.randn(128, 300, generator=gen)
     matrix = sum(g_rows[i : i + 16].T @ x_rows[i : i + 16] for i in range(0, 128, 16))
     probes = torch.randn(300, linalg.FACTORED_PROBES, generator=gen)
-    assert bool(linalg.factored_matches(matrix, g_rows, x_rows, probes))
+    assert bool(linalg.factored_matches(matrix @ probes, g_rows, x_rows, probes))
 
 
 @pytest.mark.parametrize(

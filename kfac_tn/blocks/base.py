@@ -297,6 +297,15 @@ class KroneckerBlock(ABC):
         """
         return None
 
+    def gradient_times(self, grads: list[Tensor], z: Tensor) -> Tensor:
+        """Return ``M z`` for the one-group gradient matrix ``M`` of ``grads`` and ``z [d_A, k]``.
+
+        Returns:
+            ``[d_G, k]``. This base class forms ``M`` (:meth:`to_matrix`); a subclass may avoid
+            the copy.
+        """
+        return self.to_matrix(grads)[0] @ z
+
     def _keeps_input(self, basis: EigenBasis | None) -> bool:
         """Whether the backward statistics need the layer input (EKFAC: with a basis)."""
         return basis is not None

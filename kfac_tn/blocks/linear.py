@@ -62,6 +62,12 @@ class LinearBlock(KroneckerBlock):
             x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)
         return g_rows, x_rows
 
+    def gradient_times(self, grads: list[Tensor], z: Tensor) -> Tensor:
+        """``[∇W, ∇b] z`` without forming the concatenated matrix."""
+        if len(grads) == 1:
+            return grads[0] @ z
+        return torch.addmm(grads[1][:, None] * z[-1:], grads[0], z[:-1])
+
     # per-sample parts (EKFAC): shared dimensions are the positions S
     def _columns(self, x: Tensor, g: Tensor) -> Tensor:
         rows = _rows(x)

@@ -66,12 +66,13 @@ class FactoredCheck:
             layer_state = state.get(block.weight)
             if block_rows is None or layer_state is None or not block.takes_rows(layer_state):
                 continue
-            matrix = block.to_matrix([p.grad for p in block.params])[0]  # [d_G, d_A]
             g_rows, x_rows = block_rows
-            if matrix.shape != (g_rows.shape[1], x_rows.shape[1]):
+            weight_grad = block.weight.grad
+            probes = self._probe(x_rows.shape[1], weight_grad.dtype, weight_grad.device)
+            product = block.gradient_times([p.grad for p in block.params], probes)  # [d_G, k]
+            if product.shape[0] != g_rows.shape[1]:
                 continue
-            probes = self._probe(matrix.shape[1], matrix.dtype, matrix.device)
-            out.append((block, linalg.factored_matches(matrix, g_rows, x_rows, probes)))
+            out.append((block, linalg.factored_matches(product, g_rows, x_rows, probes)))
         return out
 
     def _probe(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:

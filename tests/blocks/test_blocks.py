@@ -221,3 +221,14 @@ def test_factors_and_cholesky_inverse_exactly_symmetric_under_an_asymmetric_kern
     state = opt.state[layer.weight]
     for t in (state["A"], state["G"], *state["inverse"]):
         assert torch.equal(t, t.mT)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_gradient_times_equals_the_matrix_product(bias):
+    """``LinearBlock.gradient_times`` skips forming ``[∇W, ∇b]``; same product."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4, bias=bias).double()
+    block = LinearBlock(layer, "0")
+    grads = [torch.randn_like(p) for p in block.params]
+    z = torch.randn(5 + bias, 2, dtype=torch.float64)
+    assert_close(block.gradient_times(grads, z), block.to_matrix(grads)[0] @ z, rtol=1e-14)
