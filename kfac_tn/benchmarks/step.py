@@ -23,9 +23,10 @@ loss evaluations (the step scale's JVP every step, the damping's loss every
 ``damping_adaptation_period`` steps). ``--inversion auto`` (the default) is KFAC's own
 default (``inversion=None``: Cholesky for KFAC layers). ``paths`` counts the decompositions per
 path during the timed steps (``eigh``, ``warm``, ``qr``, ``cholesky``; see
-:mod:`kfac_tn.optim.inverses`) and ``periods`` holds the budget's chosen ``[factor, inverse]``
-period per layer. ``peak_mem_bytes`` is the peak torch allocation during one further step (CUDA:
-``max_memory_allocated``; CPU: the profiler's allocator events).
+:mod:`kfac_tn.optim.inverses`) and the layer steps preconditioned in factored form
+(``factored``, :mod:`kfac_tn.optim.factored`), and ``periods`` holds the budget's chosen
+``[factor, inverse]`` period per layer. ``peak_mem_bytes`` is the peak torch allocation during
+one further step (CUDA: ``max_memory_allocated``; CPU: the profiler's allocator events).
 
 Variant rows: ``no-tuning`` for every approximation and mode (``step_size="fixed"``,
 ``damping_adaptation=False``: the curvature work alone, what the periods and the budget control);
@@ -328,8 +329,11 @@ class _Runner:
 
 
 def _paths(opt: KFAC) -> dict[str, int]:
+    """Decompositions per path, and layer steps preconditioned in factored form."""
     stats = opt.stats
-    return {k.removesuffix("_decompositions"): stats[k] for k in PATH_COUNTERS}
+    paths = {k.removesuffix("_decompositions"): stats[k] for k in PATH_COUNTERS}
+    paths["factored"] = stats["factored_preconditionings"]
+    return paths
 
 
 def _make_step(
@@ -549,7 +553,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{'model':9} {'approx':7} {'mode':11} {'variant':10} {'factors':>8} {'inverses':>8} "
             f"{'fixed':>8} {'tuning':>8}  "
-            "decompositions (timed steps)  periods factor/inverse"
+            "paths (timed steps)           periods factor/inverse"
         )
         for r in kfac:
             c = r["curvature_s"]

@@ -48,7 +48,7 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
         assert set(parts) == {"factor", "inverse", "fixed"} and parts["fixed"] > 0
         # within the step phase: inverses and fixed work; factors also run in the hooks
         assert parts["inverse"] + parts["fixed"] <= row["time_s"]["step"]
-        assert set(row["paths"]) == {"eigh", "warm", "qr", "cholesky", "offloaded"}
+        assert set(row["paths"]) == {"eigh", "warm", "qr", "cholesky", "offloaded", "factored"}
     # the self-tuning's stages are timed apart, and only where it is on
     assert all(r["tuning_s"] > 0 for r in rows[2:6])
     assert all(r["tuning_s"] == 0 for r in rows[6:10])
@@ -59,7 +59,7 @@ def test_step_benchmark_writes_rows(tmp_path, capsys, monkeypatch):
     # budget rows: the probe ran in the warm-up, a plan exists for both layers
     assert set(rows[4]["periods"]) == {"0", "3"} and not rows[2]["periods"]
     out = capsys.readouterr().out
-    assert "x SGD" in out and "decompositions" in out
+    assert "x SGD" in out and "paths (timed steps)" in out
 
 
 def test_budget_rows_can_be_left_out(monkeypatch):
