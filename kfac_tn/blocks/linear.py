@@ -53,14 +53,11 @@ class LinearBlock(KroneckerBlock):
 
         ``None`` when the factored form would not pay (:func:`kfac_tn.linalg.factored_pays`).
         """
-        g_rows = g.reshape(-1, g.shape[-1])
+        g_rows = self._grad_rows(g).reshape(-1, g.shape[-1])
         d_a = x.shape[-1] + (self.bias is not None)
         if not linalg.factored_pays(g_rows.shape[0], g_rows.shape[1], d_a):
             return None
-        x_rows = x.reshape(-1, x.shape[-1])
-        if self.bias is not None:
-            x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)
-        return g_rows, x_rows
+        return g_rows, self._columns(x, g).reshape(-1, d_a)
 
     def gradient_times(self, grads: list[Tensor], z: Tensor) -> Tensor:
         """``[∇W, ∇b] z`` without forming the concatenated matrix."""
