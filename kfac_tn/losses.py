@@ -149,22 +149,30 @@ def recovered_targets(output: Tensor, output_grad: Tensor, loss: LossType, r: fl
     return f - g / (2.0 * r)
 
 
-def loss_value(output: Tensor, targets: Tensor, loss: LossType, r: float) -> Tensor:
-    r"""Return :math:`r \sum_n \ell_n(f_n, y_n)` in float64 (soft-target CE or squared error).
+def loss_value(
+    output: Tensor, targets: Tensor, loss: LossType, r: float, weight: Tensor | None = None
+) -> Tensor:
+    r"""Return :math:`r \sum_n w_n \ell_n(f_n, y_n)` in float64 (soft-target CE or squared error).
 
     Args:
         output: Model output ``[N, C]`` / ``[N, *]``.
         targets: Targets shaped like ``output`` (e.g. from :func:`recovered_targets`).
         loss: The loss function.
         r: The reduction scale.
+        weight: Per-sample weights :math:`w_n` ``[N]`` (``None``: all 1).
 
     Returns:
         A float64 scalar tensor.
     """
     f = output.detach().double()
     if loss is LossType.CROSS_ENTROPY:
-        return -r * (targets * torch.log_softmax(f, dim=-1)).sum()
-    return r * (f - targets).square().sum()
+        terms = -targets * torch.log_softmax(f, dim=-1)
+    else:
+        terms = (f - targets).square()
+    if weight is None:
+        return r * terms.sum()
+    per_sample = terms.reshape(terms.shape[0], -1).sum(1)
+    return r * (weight.to(per_sample) * per_sample).sum()
 
 
 def hessian_quadratic(output: Tensor, v: Tensor, loss: LossType, r: float) -> Tensor:

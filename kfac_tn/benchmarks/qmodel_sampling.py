@@ -20,7 +20,15 @@ weight decay 5e-4. Every ``--every`` steps the benchmark takes the step's applie
   evenly spread offsets.
 
 The table lists per task, m and estimator the median, 90th percentile and maximum of the
-relative error over the evaluated steps; ``--out DIR`` writes ``results.json``.
+relative error over the evaluated steps.
+
+A second table compares, on every damping-adaptation step of the same runs, the reduction
+ratio :math:`\rho` the optimizer takes from the step scale's sub-batch of m = 64 (its default
+``qmodel_samples``; the loss change and the model's prediction both on the drawn samples,
+Horvitz-Thompson weighted) with :math:`\rho` on the whole batch (the rule before; one more
+forward pass over the batch, run by the benchmark only): how often the Levenberg-Marquardt
+rule decides alike (:math:`\rho < 1/4`, in between, :math:`> 3/4`) and the median and largest
+:math:`|\rho_{batch} - \rho_{sub}|`. ``--out DIR`` writes ``results.json``.
 """
 
 from __future__ import annotations
@@ -42,9 +50,17 @@ from torch.func import functional_call, jvp
 from kfac_tn import KFAC
 from kfac_tn.enums import LossType
 from kfac_tn.losses import hessian_quadratic, hessian_traces
+from kfac_tn.optim.damping import reduction_ratio
 from kfac_tn.optim.qmodel import importance_sample
 
-__all__ = ["OFFSETS", "main", "per_sample_curvature", "relative_errors"]
+__all__ = [
+    "OFFSETS",
+    "lm_zone",
+    "main",
+    "per_sample_curvature",
+    "relative_errors",
+    "summarise_rhos",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +117,43 @@ def relative_errors(c: torch.Tensor, traces: torch.Tensor, m: int) -> dict[str, 
     return {"uniform": uniform, "importance": spread / total}
 
 
+def _record_rhos(opt: KFAC, task: str, rows: list[dict[str, Any]]) -> None:
+    """Wrap ``opt``'s damping stage: on sub-batch steps also take rho on the whole batch."""
+    adapt = opt._adapt_damping
+
+    def both(pieces, alpha, records):
+        if pieces is not None and opt._damping_due() and pieces.sampled is not None:
+            ratios = {}
+            for key, sampled in (("rho_batch", None), ("rho_sub", pieces.sampled)):
+                new, old = opt._losses_before_and_after(records, sampled)
+                change = new - old + pieces.decay_change(alpha)
+                predicted = pieces.predicted(alpha, sampled=sampled is not None)
+                ratios[key] = reduction_ratio(change, predicted)
+            rows.append(dict(task=task, step=opt.state["kfac"].get("step", 0), **ratios))
+        adapt(pieces, alpha, records)
+
+    opt._adapt_damping = both
+
+
+def lm_zone(rho: float) -> int:
+    """Return the Levenberg-Marquardt rule's decision: -1 raise, 0 keep, 1 lower the damping."""
+    if not math.isfinite(rho):
+        return 0 if math.isnan(rho) else -1
+    return -1 if rho < 0.25 else (1 if rho > 0.75 else 0)
+
+
 def run_task(
-    name: str, batch_size: int, samples: Sequence[int], epochs: int, every: int
+    name: str,
+    batch_size: int,
+    samples: Sequence[int],
+    epochs: int,
+    every: int,
+    rhos: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one task with KFAC's defaults; return one row per evaluated step and ``m``."""
+    """Train one task with KFAC's defaults; return one row per evaluated step and ``m``.
+
+    ``rhos`` collects the reduction-ratio rows (module docstring).
+    """
     from kfac_tn.benchmarks.race import TASKS
 
     task = TASKS[name]
@@ -112,6 +161,8 @@ def run_task(
     torch.manual_seed(0)
     model = task.model()
     opt = KFAC(model, lr=0.1, weight_decay=5e-4)
+    if rhos is not None:
+        _record_rhos(opt, name, rhos)
     gen, step, rows = torch.Generator().manual_seed(0), 0, []
     for _ in range(epochs):
         order = torch.randperm(len(y_train), generator=gen)
@@ -164,6 +215,30 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def summarise_rhos(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task: steps, LM decisions alike, median and largest ``|rho_batch - rho_sub|``."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        chosen = [r for r in rows if r["task"] == task]
+        gaps = sorted(
+            abs(r["rho_batch"] - r["rho_sub"])
+            for r in chosen
+            if math.isfinite(r["rho_batch"]) and math.isfinite(r["rho_sub"])
+        )
+        alike = sum(lm_zone(r["rho_batch"]) == lm_zone(r["rho_sub"]) for r in chosen)
+        median = statistics.median(gaps) if gaps else math.nan
+        out.append(
+            dict(
+                task=task,
+                steps=len(chosen),
+                alike=alike,
+                median=median,
+                max=max(gaps, default=math.nan),
+            )
+        )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark (module docstring); return the summary rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -176,9 +251,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, rhos = [], []
     for name in args.tasks:
-        rows += run_task(name, args.batch_size, args.samples, args.epochs, args.every)
+        rows += run_task(name, args.batch_size, args.samples, args.epochs, args.every, rhos)
     summary = summarise(rows)
     print(f"batch_size={args.batch_size} threads={args.threads}")
     print("task | m | estimator | steps | median | 90% | max")
@@ -187,9 +262,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"{r['task']} | {r['samples']} | {r['estimator']} | {r['steps']} | "
             f"{r['median']:.3f} | {r['p90']:.3f} | {r['max']:.3f}"
         )
+    rho_summary = summarise_rhos(rhos)
+    print("task | damping steps | LM decision alike | median |rho_batch - rho_sub| | max")
+    for r in rho_summary:
+        print(f"{r['task']} | {r['steps']} | {r['alike']} | {r['median']:.3f} | {r['max']:.3f}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}))
+        saved = {"rows": rows, "summary": summary, "rho_rows": rhos, "rho_summary": rho_summary}
+        (args.out / "results.json").write_text(json.dumps(saved))
     return summary
 
 

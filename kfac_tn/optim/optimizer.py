@@ -97,9 +97,11 @@ from kfac_tn.optim.layers import find_blocks
 from kfac_tn.optim.placement import Placement, make_placement
 from kfac_tn.optim.qmodel import (
     RecordedPass,
+    SampledBatch,
     StepPieces,
     jvp_forwards,
     recorded_loss,
+    sampled_loss,
     sampling_offset,
     step_pieces,
 )
@@ -697,6 +699,7 @@ class KFAC(torch.optim.Optimizer):
                 samples=d["qmodel_samples"],
                 jvp_mode=QModelJvp(d["qmodel_jvp"]),
                 offset=sampling_offset(self.state[_OWN].get("step", 0)),
+                keep_sample=damping_due,
             )
 
     def _rescale(self, update: Update, pieces: StepPieces | None) -> float:
@@ -721,13 +724,18 @@ class KFAC(torch.optim.Optimizer):
         """Levenberg–Marquardt: move each adapting group's damping by the reduction ratio.
 
         The ratio compares the objective's change over the applied step with the change the
-        quadratic model predicted, both on the step's own batch (one extra forward pass).
+        quadratic model predicted, both on the step's own batch (one extra forward pass), or,
+        when the step scale's exact curvature ran on a sub-batch of it, both on that sub-batch
+        (the forward pass on those samples only; Horvitz-Thompson estimates of the batch's
+        changes from the same draw, so their errors are correlated).
         """
         if pieces is None or not self._damping_due():
             return
+        sampled = pieces.sampled is not None and math.isfinite(pieces.sampled_linear)
         with self.schedule.meter.span(TUNING):
-            new, old = self._losses_before_and_after(records)
-        rho = reduction_ratio(new - old + pieces.decay_change(alpha), pieces.predicted(alpha))
+            new, old = self._losses_before_and_after(records, pieces.sampled if sampled else None)
+        predicted = pieces.predicted(alpha, sampled=sampled)
+        rho = reduction_ratio(new - old + pieces.decay_change(alpha), predicted)
         for group in self.param_groups:
             if group["damping_adaptation"]:
                 group["damping"] = levenberg_marquardt(
@@ -741,19 +749,25 @@ class KFAC(torch.optim.Optimizer):
         own["rho"] = rho
         own["damping_adaptations"] = own.get("damping_adaptations", 0) + 1
 
-    def _losses_before_and_after(self, records: list[RecordedPass]) -> tuple[float, float]:
+    def _losses_before_and_after(
+        self, records: list[RecordedPass], sampled: SampledBatch | None
+    ) -> tuple[float, float]:
         """Return the recorded batch's loss at the current and at the recorded parameters.
 
-        One extra forward pass; averaged over workers when distributed.
+        One extra forward pass (on the ``sampled`` samples alone, weighted, if given);
+        averaged over workers when distributed.
         """
         loss, r = LossType(self.defaults["loss"]), self._record_scale(records)
         current = dict(self._named_parameters())
-        losses = torch.stack(
-            [
-                recorded_loss(self.model, records, loss, r, params=current),
-                recorded_loss(self.model, records, loss, r),
-            ]
-        )
+        if sampled is not None:
+            losses = torch.stack(sampled_loss(self.model, sampled, loss, r, current))
+        else:
+            losses = torch.stack(
+                [
+                    recorded_loss(self.model, records, loss, r, params=current),
+                    recorded_loss(self.model, records, loss, r),
+                ]
+            )
         if self.placement.comm is not None:
             losses = self.placement.comm.average(losses)
         new, old = losses.tolist()
@@ -840,7 +854,7 @@ class KFAC(torch.optim.Optimizer):
         A JVP (``step_size="qmodel"`` every step, ``qmodel="exact"`` on adaptation steps) costs
         about three forward passes on its samples in forward mode and one as a difference
         quotient (:func:`~kfac_tn.optim.qmodel.jvp_forwards`); the damping adaptation one
-        forward.
+        forward, on the JVP's samples when the step scale drew them.
         """
         d = self.defaults
         batch = max((w.samples for w in layers.values()), default=1)
@@ -851,7 +865,8 @@ class KFAC(torch.optim.Optimizer):
         extra = jvp if self._qmodel_step() else 0.0
         if adapting:
             exact = not self._qmodel_step() and d["qmodel"] == QModel.EXACT.value
-            extra += (1.0 + (jvp if exact else 0.0)) / period
+            judged = share if self._qmodel_step() or exact else 1.0  # ρ on the JVP's samples
+            extra += (judged + (jvp if exact else 0.0)) / period
         return extra
 
     def _due_next(self) -> dict[str, tuple[bool, bool]]:

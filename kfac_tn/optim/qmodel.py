@@ -50,12 +50,15 @@ __all__ = [
     "RngState",
     "StepPieces",
     "SAMPLING_MIX",
+    "SampledBatch",
+    "SampledPass",
     "exact_curvature",
     "importance_sample",
     "inclusion_probabilities",
     "jvp_forwards",
     "kronecker_curvature",
     "recorded_loss",
+    "sampled_loss",
     "sampling_offset",
     "step_pieces",
 ]
@@ -260,6 +263,102 @@ def exact_curvature(
     Returns:
         A float64 scalar.
     """
+    curvature, _ = _exact_terms(
+        model, passes, loss, r, params, tangents, samples, jvp_mode, offset, keep=False
+    )
+    return curvature
+
+
+@dataclass
+class SampledPass:
+    r"""One recorded pass's share of the exact curvature's sub-batch.
+
+    Attributes:
+        record: The recorded pass.
+        args: Its model arguments on the drawn samples.
+        kwargs: Its keyword arguments on the drawn samples.
+        base: :math:`f(\theta)` on them ``[k, *]``, the function the JVP differentiated.
+        targets: Their recovered targets ``[k, *]``.
+        weight: Their Horvitz-Thompson weights :math:`1/\pi_n` ``[k]`` (float64).
+    """
+
+    record: RecordedPass
+    args: tuple
+    kwargs: dict
+    base: Tensor
+    targets: Tensor
+    weight: Tensor
+
+
+@dataclass
+class SampledBatch:
+    r"""The sub-batch the exact curvature ran on, kept so a step can be judged on it alone.
+
+    Attributes:
+        passes: The passes' drawn samples.
+        linear: :math:`\sum_{n} (\partial L / \partial f_n)^\top (J\Delta)_n / \pi_n`, the
+            Horvitz-Thompson estimate of :math:`\nabla L^\top \Delta` on these samples
+            (float64 scalar; the chain rule on the recorded output gradients).
+    """
+
+    passes: list[SampledPass]
+    linear: Tensor
+
+
+def sampled_loss(
+    model: nn.Module,
+    batch: SampledBatch,
+    loss: LossType,
+    r: float,
+    params: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    r"""Return the weighted loss of a :class:`SampledBatch` at ``params`` and at the recorded θ.
+
+    Both are :math:`r \sum_n \ell_n / \pi_n` over the drawn samples, so their difference is
+    the Horvitz-Thompson estimate of the batch loss's change; the model runs once (at
+    ``params``, on the drawn samples only, with the recorded random state and the buffers
+    restored afterwards), the value at θ is that of :attr:`SampledPass.base`.
+
+    Args:
+        model: The model (DDP unwrapped).
+        batch: The sub-batch.
+        loss: The loss function.
+        r: Reduction scale.
+        params: The parameters to evaluate at, by ``named_parameters`` name.
+
+    Returns:
+        The weighted losses at ``params`` and at the recorded θ, float64 scalars.
+    """
+    module = _module(model)
+    new = torch.zeros((), dtype=torch.float64)
+    old = torch.zeros((), dtype=torch.float64)
+    for s in batch.passes:
+        with (
+            torch.no_grad(),
+            _running_stats_frozen(module),
+            _buffers_restored(module),
+            s.record.rng.replay(),
+        ):
+            output = functional_call(module, dict(params), s.args, s.kwargs, strict=False)
+        new = new + loss_value(output, s.targets, loss, r, s.weight).cpu()
+        old = old + loss_value(s.base, s.targets, loss, r, s.weight).cpu()
+    return new, old
+
+
+def _exact_terms(
+    model: nn.Module,
+    passes: Sequence[RecordedPass],
+    loss: LossType,
+    r: float,
+    params: Mapping[str, Tensor],
+    tangents: Mapping[str, Tensor],
+    samples: int | None,
+    jvp_mode: QModelJvp,
+    offset: float,
+    *,
+    keep: bool,
+) -> tuple[Tensor, SampledBatch | None]:
+    """:func:`exact_curvature`, and with ``keep`` its :class:`SampledBatch` (when it drew one)."""
     module = _module(model)
     names = [n for n in tangents if n in params]
     total = torch.zeros((), dtype=torch.float64)
@@ -276,6 +375,8 @@ def exact_curvature(
         sliceable = not any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
         )
+    kept: list[SampledPass] | None = [] if keep and chosen and chosen[0] is not None else None
+    linear = torch.zeros((), dtype=torch.float64)
     for p, size, pick in zip(passes, sizes, chosen):
         if pick is not None and not len(pick.index):
             continue
@@ -286,10 +387,42 @@ def exact_curvature(
             output, jv = _difference_jvp(module, p, args, kwargs, shifted, t, base, at)
         else:
             output, jv = _forward_mode_jvp(module, p, args, kwargs, names, primals, directions)
-        if pick is not None:  # Horvitz-Thompson: sample n counts 1 / pi_n times
-            jv = jv * pick.weight.rsqrt().to(jv).reshape(-1, *[1] * (jv.dim() - 1))
-        total = total + hessian_quadratic(output, jv, loss, r).cpu()
-    return total
+        if pick is None:
+            total = total + hessian_quadratic(output, jv, loss, r).cpu()
+            continue
+        # Horvitz-Thompson: sample n counts 1 / pi_n times
+        scaled = jv * pick.weight.rsqrt().to(jv).reshape(-1, *[1] * (jv.dim() - 1))
+        total = total + hessian_quadratic(output, scaled, loss, r).cpu()
+        if kept is not None:
+            kept, linear = _keep_pass(kept, linear, p, pick, args, kwargs, output, jv, loss, r)
+    if kept is None:
+        return total, None
+    return total, SampledBatch(kept, linear)
+
+
+def _keep_pass(
+    kept: list[SampledPass] | None,
+    linear: Tensor,
+    p: RecordedPass,
+    pick: _Pick,
+    args: tuple,
+    kwargs: dict,
+    base: Tensor,
+    jv: Tensor,
+    loss: LossType,
+    r: float,
+) -> tuple[list[SampledPass] | None, Tensor]:
+    """Add one pass's drawn samples to the kept sub-batch (``None``: it cannot be kept)."""
+    out, grad = p.output, p.output_grad
+    if kept is None or out is None or grad is None or out.dim() == 0:
+        return None, linear
+    index = pick.index.to(out.device)
+    targets = recovered_targets(out, grad, loss, r)[index]
+    weight = pick.weight.reciprocal()
+    per_sample = (grad[index].double() * jv.double()).reshape(len(index), -1).sum(1)
+    linear = linear + (weight.to(per_sample) * per_sample).sum().cpu()
+    kept.append(SampledPass(p, args, kwargs, base.detach(), targets, weight))
+    return kept, linear
 
 
 _FORWARD_MODE_PASSES = 3.0
@@ -569,6 +702,10 @@ class StepPieces:
         damping_square: :math:`\sum \delta \lVert\Delta\rVert^2` (the groups' damping).
         curvature: :math:`\Delta^\top C \Delta` with the chosen curvature (``nan`` if not needed).
         exact_curvature: :math:`\Delta^\top G \Delta` with the GGN (``nan`` if not needed).
+        sampled: The sub-batch the exact curvature was estimated on, if it was kept
+            (this worker's; ``None``: it ran on the whole batch, or was not asked to keep it).
+        sampled_linear: :attr:`SampledBatch.linear` averaged over workers (``nan`` without
+            ``sampled``).
     """
 
     linear: float
@@ -577,9 +714,18 @@ class StepPieces:
     damping_square: float
     curvature: float
     exact_curvature: float
+    sampled: SampledBatch | None = None
+    sampled_linear: float = math.nan
 
-    def predicted(self, alpha: float = 1.0) -> float:
-        r"""Return :math:`q(\alpha\Delta)` with the chosen curvature (damping not included)."""
+    def predicted(self, alpha: float = 1.0, *, sampled: bool = False) -> float:
+        r"""Return :math:`q(\alpha\Delta)` with the chosen curvature (damping not included).
+
+        With ``sampled``, on the sub-batch alone: :attr:`sampled_linear` in place of
+        :attr:`linear` and the exact curvature (estimated on the same samples).
+        """
+        if sampled:
+            first = alpha * (self.sampled_linear + self.decay_linear)
+            return first + 0.5 * alpha**2 * (self.exact_curvature + self.decay_square)
         first = alpha * (self.linear + self.decay_linear)
         return first + 0.5 * alpha**2 * (self.curvature + self.decay_square)
 
@@ -604,6 +750,7 @@ def step_pieces(
     samples: int | None = None,
     jvp_mode: QModelJvp = QModelJvp.FORWARD,
     offset: float = 0.5,
+    keep_sample: bool = False,
 ) -> StepPieces:
     """Evaluate the quadratic-model terms of ``update`` at the current (old) parameters.
 
@@ -622,6 +769,8 @@ def step_pieces(
         samples: Samples the exact curvature uses (:func:`exact_curvature`).
         jvp_mode: How the exact curvature's JVP is computed (:func:`exact_curvature`).
         offset: The exact curvature's sample draw (:func:`importance_sample`).
+        keep_sample: Keep the exact curvature's sub-batch (:attr:`StepPieces.sampled`), to
+            judge the step on it (when it drew one: ``samples`` below the batch size).
 
     Returns:
         The :class:`StepPieces`.
@@ -638,18 +787,22 @@ def step_pieces(
             ]
         ).cpu()
     nan = torch.tensor([math.nan], dtype=torch.float64)
-    ggn = nan
+    ggn, sampled = nan, None
     if exact or curvature is QModel.EXACT:
-        ggn = _exact_for(update, model, records, loss, r, samples, jvp_mode, offset).reshape(1)
+        ggn, sampled = _exact_for(
+            update, model, records, loss, r, samples, jvp_mode, offset, keep_sample
+        )
+        ggn = ggn.reshape(1)
     kron = nan
     if curvature is QModel.KRONECKER:
         kron = kronecker_curvature(blocks, state, update.steps).reshape(1)
-    values = torch.cat([terms, kron, ggn])
+    sampled_lin = nan if sampled is None else sampled.linear.reshape(1)
+    values = torch.cat([terms, kron, ggn, sampled_lin])
     if comm is not None:
         values = comm.average(values)
-    lin, d_lin, d_sq, damp_sq, kron_c, ggn_c = values.tolist()
+    lin, d_lin, d_sq, damp_sq, kron_c, ggn_c, s_lin = values.tolist()
     chosen = ggn_c if curvature is QModel.EXACT else kron_c
-    return StepPieces(lin, d_lin, d_sq, damp_sq, chosen, ggn_c)
+    return StepPieces(lin, d_lin, d_sq, damp_sq, chosen, ggn_c, sampled, s_lin)
 
 
 def _exact_for(
@@ -661,10 +814,11 @@ def _exact_for(
     samples: int | None,
     jvp_mode: QModelJvp,
     offset: float,
-) -> Tensor:
+    keep: bool,
+) -> tuple[Tensor, SampledBatch | None]:
     names = {id(p): n for n, p in _module(model).named_parameters()}
     params = {names[id(p)]: p for p in update.params if id(p) in names}
     tangents = {names[id(p)]: update.steps[id(p)] for p in update.params if id(p) in names}
-    return exact_curvature(
-        model, records, loss, r, params, tangents, samples=samples, jvp_mode=jvp_mode, offset=offset
+    return _exact_terms(
+        model, records, loss, r, params, tangents, samples, jvp_mode, offset, keep=keep
     )

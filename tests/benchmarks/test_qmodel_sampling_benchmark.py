@@ -46,3 +46,36 @@ def test_run_writes_rows_and_summary(tmp_path, capsys, one_thread):
     assert {r["estimator"] for r in summary} == {"uniform", "importance"}
     assert all(r["steps"] == 2 and 0 <= r["median"] <= r["p90"] <= r["max"] for r in summary)
     assert "importance" in capsys.readouterr().out
+
+
+ZONE_CASES = [  # rho, the LM rule's decision
+    ("bad", 0.1, -1),
+    ("fine", 0.5, 0),
+    ("good", 0.9, 1),
+    ("overshoot", -math.inf, -1),
+    ("no_information", math.nan, 0),
+]
+
+
+@pytest.mark.parametrize("rho,zone", [c[1:] for c in ZONE_CASES], ids=[c[0] for c in ZONE_CASES])
+def test_lm_zone(rho, zone):
+    assert qmodel_sampling.lm_zone(rho) == zone
+
+
+def test_rho_summary_counts_alike_decisions_and_gaps():
+    rows = [
+        dict(task="t", step=0, rho_batch=0.8, rho_sub=0.9),
+        dict(task="t", step=5, rho_batch=0.7, rho_sub=0.8),  # keep vs lower
+        dict(task="t", step=10, rho_batch=math.nan, rho_sub=0.5),
+    ]
+    (summary,) = qmodel_sampling.summarise_rhos(rows)
+    assert summary["steps"] == 3 and summary["alike"] == 2
+    assert summary["median"] == pytest.approx(0.1) and summary["max"] == pytest.approx(0.1)
+
+
+def test_run_takes_both_rhos_on_sub_batch_damping_steps(one_thread):
+    """Batch 128 > the default 64 samples: every damping step (0, 5, 10) gives a pair."""
+    rhos = []
+    qmodel_sampling.run_task("digits", 128, [64], 1, 100, rhos)
+    assert [r["step"] for r in rhos] == [0, 5, 10]
+    assert all(math.isfinite(r["rho_batch"]) and math.isfinite(r["rho_sub"]) for r in rhos)

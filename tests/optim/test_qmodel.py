@@ -20,12 +20,14 @@ from kfac_tn.optim.qmodel import (
     SAMPLING_MIX,
     RecordedPass,
     RngState,
+    _exact_terms,
     exact_curvature,
     importance_sample,
     inclusion_probabilities,
     jvp_forwards,
     kronecker_curvature,
     recorded_loss,
+    sampled_loss,
     sampling_offset,
 )
 
@@ -174,8 +176,30 @@ def test_recorded_loss_replays_dropout_and_keeps_batchnorm_statistics(generator)
         assert torch.equal(model[1].state_dict()[key], value)
 
 
-def test_reduction_ratio_is_one_on_a_quadratic_problem(generator):
-    """Linear regression with MSE: the exact quadratic model is the loss itself, so rho = 1."""
+# id, qmodel_samples, qmodel_jvp, step_size, rel. tolerance on rho, batch sizes of one step's
+# forward passes (the step's own, the JVP's, the damping's)
+QUADRATIC_CASES = [
+    ("whole_batch", None, "forward", "fixed", 1e-9, [16, 16, 16]),
+    ("sub_batch", 5, "forward", "fixed", 1e-9, [16, 5, 5]),
+    ("sub_batch_difference", 5, "difference", "fixed", 1e-6, [16, 5, 5]),
+    ("sub_batch_step_scale", 5, "forward", "qmodel", 1e-9, [16, 5, 5]),
+]
+
+
+@pytest.mark.parametrize(
+    "samples,jvp,step_size,rel,sizes",
+    [c[1:] for c in QUADRATIC_CASES],
+    ids=[c[0] for c in QUADRATIC_CASES],
+)
+def test_reduction_ratio_is_one_on_a_quadratic_problem(
+    samples, jvp, step_size, rel, sizes, generator
+):
+    """Linear regression with MSE: the exact quadratic model is the loss itself, so rho = 1.
+
+    Also when the JVP ran on a sub-batch: rho then compares the weighted loss change of those
+    samples with their weighted model (each sample's loss is its own quadratic, so it is 1
+    whatever the draw), and the damping's forward pass runs on them alone.
+    """
     torch.manual_seed(0)
     model = nn.Linear(5, 2).double()
     opt = KFAC(
@@ -184,20 +208,84 @@ def test_reduction_ratio_is_one_on_a_quadratic_problem(generator):
         weight_decay=1e-2,
         loss="mse",
         qmodel="exact",
-        qmodel_jvp="forward",  # an identity: no difference quotient's rounding
-        step_size="fixed",
+        qmodel_jvp=jvp,  # forward: an identity, no difference quotient's rounding
+        qmodel_samples=samples,
+        step_size=step_size,
         damping_adaptation_period=1,
         min_damping=1e-8,
     )
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     for _ in range(4):
         x = torch.randn(16, 5, generator=generator, dtype=torch.float64)
         y = torch.randn(16, 2, generator=generator, dtype=torch.float64)
         opt.zero_grad()
+        seen.clear()
         F.mse_loss(model(x), y).backward()
         before = opt.param_groups[0]["damping"]
         opt.step()
-        assert opt.state["kfac"]["rho"] == pytest.approx(1.0, rel=1e-9)
+        assert seen == sizes
+        assert opt.state["kfac"]["rho"] == pytest.approx(1.0, rel=rel)
         assert opt.param_groups[0]["damping"] == pytest.approx(before * 0.9, rel=1e-12)
+
+
+def _per_sample(model, params, x, y, fn):
+    """Each sample's share of the mean-reduced loss ``fn`` at ``params``, ``[N]``."""
+    out = functional_call(model, params, (x,))
+    return torch.stack([fn(out[n : n + 1], y[n : n + 1]) / len(x) for n in range(len(x))])
+
+
+@pytest.mark.parametrize("name,r,fn", LOSSES, ids=[c[0] for c in LOSSES])
+@pytest.mark.parametrize("jvp", ["forward", "difference"])
+@pytest.mark.parametrize("offset", [0.0, 0.37, 0.9], ids=lambda u: f"offset={u}")
+def test_sampled_batch_holds_the_weighted_terms_of_the_drawn_samples(
+    name, r, fn, jvp, offset, generator
+):
+    """The kept sub-batch's linear term and loss change are the drawn samples' own (autograd
+    per-sample references), each divided by its inclusion probability; its curvature is
+    :func:`exact_curvature`'s."""
+    model, x, y, record, params, tangents, kind = _problem(name, fn, generator)
+    mode = QModelJvp(jvp)
+    curvature, sampled = _exact_terms(
+        model, [record], kind, r, params, tangents, 3, mode, offset, keep=True
+    )
+    assert_close(
+        curvature,
+        exact_curvature(
+            model, [record], kind, r, params, tangents, samples=3, jvp_mode=mode, offset=offset
+        ),
+    )
+    index, pi = importance_sample(hessian_traces(record.output, kind), 3, offset)
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    names = list(params)
+
+    def per_sample_at(vector):
+        chunks = vector.split([p.numel() for p in params.values()])
+        at = {n: c.reshape(params[n].shape) for n, c in zip(names, chunks)}
+        return _per_sample(model, at, x, y, fn)
+
+    grads = torch.autograd.functional.jacobian(per_sample_at, flat)  # [N, P]
+    direction = torch.cat([tangents[n].reshape(-1) for n in names])
+    rtol = 1e-6 if jvp == "difference" else 1e-10
+    assert_close(sampled.linear, ((grads @ direction)[index] / pi).sum(), rtol=rtol)
+    moved = {n: params[n] + 0.1 * tangents[n] for n in names}
+    new, old = sampled_loss(model, sampled, kind, r, moved)
+    assert_close(new, (_per_sample(model, moved, x, y, fn)[index] / pi).sum())
+    assert_close(old, (_per_sample(model, params, x, y, fn)[index] / pi).sum())
+
+
+def test_sampled_batch_is_kept_only_for_a_sub_batch(generator):
+    model, x, y, record, params, tangents, kind = _problem("cross_entropy", LOSSES[0][2], generator)
+    mode = QModelJvp.FORWARD
+    for samples in (6, None):
+        _, sampled = _exact_terms(
+            model, [record], kind, 1 / 6, params, tangents, samples, mode, 0.5, keep=True
+        )
+        assert sampled is None
+    _, sampled = _exact_terms(
+        model, [record], kind, 1 / 6, params, tangents, 3, mode, 0.5, keep=False
+    )
+    assert sampled is None
 
 
 class _FeatureMajorNoise(nn.Module):
