@@ -351,6 +351,41 @@ def test_difference_quotient_curvature_matches_forward_mode(
     assert_close(diff, exact, rtol=rtol)
 
 
+# id, net, whether the recorded output was drawn with random numbers
+SAMPLED_NET_CASES = [
+    ("tanh_sliced", "tanh", False),
+    ("batchnorm_sub_batch_statistics", "batchnorm", False),
+    ("dropout_replayed_masks", "dropout", True),
+    ("noise_replayed", "noise", True),
+]
+
+
+@pytest.mark.parametrize("jvp", ["forward", "difference"])
+@pytest.mark.parametrize(
+    "kind,drew", [c[1:] for c in SAMPLED_NET_CASES], ids=[c[0] for c in SAMPLED_NET_CASES]
+)
+def test_sampled_loss_at_unchanged_parameters_does_not_change(kind, drew, jvp, generator):
+    """The sub-batch's loss at θ is that of the function the JVP differentiated (its batch
+    statistics, its random draws), so without a step there is no change (float64)."""
+    model = _net(kind, torch.float64)
+    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    rng = RngState.capture(None)
+    out = model(x)
+    (g,) = torch.autograd.grad(F.cross_entropy(out, y), out)
+    record = RecordedPass((x,), {}, rng, out.detach(), g, drew_random=drew)
+    params = dict(model.named_parameters())
+    tangents = {n: 0.1 * torch.randn(p.shape, generator=generator) for n, p in params.items()}
+    ce = LossType.CROSS_ENTROPY
+    _, sampled = _exact_terms(
+        model, [record], ce, 1 / 6, params, tangents, 3, QModelJvp(jvp), 0.4, keep=True
+    )
+    new, old = sampled_loss(model, sampled, ce, 1 / 6, params)
+    assert_close(new, old, rtol=1e-12)
+    moved = {n: p + 0.1 * tangents[n] for n, p in params.items()}
+    assert (sampled_loss(model, sampled, ce, 1 / 6, moved)[0] - old).abs() > 1e-6
+
+
 def test_difference_quotient_of_a_zero_step_is_zero(generator):
     model = _net("tanh", torch.float64)
     x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
