@@ -594,3 +594,37 @@ def test_factors_follow_the_parameter_dtype():
     state = opt.state[model[0].weight]
     assert state["A"].dtype == state["G"].dtype == torch.float64
     assert state["momentum_buffer"].dtype == torch.float64
+
+
+# id, KFAC settings, batch size, the self-tuning's forward passes of the batch per step the
+# budget's cost model counts (float32 on CPU: the difference-quotient JVP, 1 pass on its samples)
+EXTRA_FORWARD_CASES = [
+    ("defaults_whole_batch", {}, 64, 1.0 + 1.0 / 5),
+    ("defaults_sub_batch", {}, 128, 0.5 + 0.5 / 5),  # the damping's pass on the JVP's samples
+    ("forward_mode_sub_batch", {"qmodel_jvp": "forward"}, 128, 1.5 + 0.5 / 5),
+    ("fixed_step_kronecker_damping", {"step_size": "fixed"}, 128, 1.0 / 5),
+    ("fixed_step_exact_damping", {"step_size": "fixed", "qmodel": "exact"}, 128, 1.0 / 5),
+    (
+        "fixed_step_exact_damping_forward_mode",
+        {"step_size": "fixed", "qmodel": "exact", "qmodel_jvp": "forward"},
+        128,
+        (0.5 + 1.5) / 5,
+    ),
+    ("fixed_step_no_adaptation", {"step_size": "fixed", "damping_adaptation": False}, 128, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs,n,expected",
+    [c[1:] for c in EXTRA_FORWARD_CASES],
+    ids=[c[0] for c in EXTRA_FORWARD_CASES],
+)
+def test_cost_model_counts_the_self_tunings_forward_passes(kwargs, n, expected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 16, 3))
+    opt = KFAC(model, lr=0.1, **kwargs)
+    x, y = torch.randn(n, 1, 6, 6), torch.randint(0, 3, (n,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    _, extra = opt._layer_work()
+    assert extra == pytest.approx(expected)
