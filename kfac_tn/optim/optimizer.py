@@ -239,7 +239,9 @@ class KFAC(torch.optim.Optimizer):
             break its rule at batch 64, 0 of 160 at 128) and saves about a tenth of an SGD
             step on 3c3d at batch 128, but at batch 64 it trades the exact term for an
             estimate (worst drop 0.025 against 0.014) and the race and the main job were no
-            faster with it (``python -m kfac_tn.benchmarks.robustness``).
+            faster with it (``python -m kfac_tn.benchmarks.robustness``). When the exact term
+            ran on such a sub-batch, the damping's reduction ratio is taken on it too (one
+            forward pass over those samples instead of the batch; see ``_adapt_damping``).
         qmodel_jvp: How ``Δᵀ G Δ``'s Jacobian-vector product ``JΔ`` is computed:
             ``"forward"`` (``torch.func.jvp``, exact, about three forward passes),
             ``"difference"`` (one forward pass at ``θ + tΔ`` against the recorded output,
