@@ -20,13 +20,14 @@ measure), and for KFAC the curvature work inside them, read from the optimizer's
 hooks and the factor EMA), ``inverses`` (decompositions) and ``fixed`` (preconditioning and the
 finiteness checks), and apart from them ``tuning``: the self-tuning's quadratic-model terms and
 loss evaluations (the step scale's JVP every step, the damping's loss every
-``damping_adaptation_period`` steps). ``--inversion auto`` (the default) is KFAC's own
-default (``inversion=None``: Cholesky for KFAC layers). ``paths`` counts the decompositions per
-path during the timed steps (``eigh``, ``warm``, ``qr``, ``cholesky``; see
-:mod:`kfac_tn.optim.inverses`) and the layer steps preconditioned in factored form
-(``factored``, :mod:`kfac_tn.optim.factored`), and ``periods`` holds the budget's chosen
-``[factor, inverse]`` period per layer. ``peak_mem_bytes`` is the peak torch allocation during
-one further step (CUDA: ``max_memory_allocated``; CPU: the profiler's allocator events).
+``damping_adaptation_period`` steps, on the JVP's samples when it drew a sub-batch).
+``--inversion auto`` (the default) is KFAC's own default (``inversion=None``: Cholesky for
+KFAC layers). ``paths`` counts the decompositions per path during the timed steps (``eigh``,
+``warm``, ``qr``, ``cholesky``; see :mod:`kfac_tn.optim.inverses`) and the layer steps
+preconditioned in factored form (``factored``, :mod:`kfac_tn.optim.factored`), and
+``periods`` holds the budget's chosen ``[factor, inverse]`` period per layer.
+``peak_mem_bytes`` is the peak torch allocation during one further step (CUDA:
+``max_memory_allocated``; CPU: the profiler's allocator events).
 
 Variant rows: ``no-tuning`` for every approximation and mode (``step_size="fixed"``,
 ``damping_adaptation=False``: the curvature work alone, what the periods and the budget control);
