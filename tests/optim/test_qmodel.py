@@ -308,6 +308,23 @@ def _net(kind: str, dtype: torch.dtype) -> nn.Module:
     return nn.Sequential(*layers).to(dtype)
 
 
+def _recorded_net(kind: str, dtype: torch.dtype, drew: bool, generator: torch.Generator):
+    """:func:`_net`, one recorded cross-entropy pass over 6 samples, its parameters (the
+    recorded outputs' own) and random tangents."""
+    model = _net(kind, dtype)
+    x = torch.randn(6, 2, 4, 4, generator=generator).to(dtype)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    rng = RngState.capture(None)
+    out = model(x)
+    (g,) = torch.autograd.grad(F.cross_entropy(out, y), out)
+    record = RecordedPass((x,), {}, rng, out.detach(), g, drew_random=drew)
+    params = dict(model.named_parameters())
+    tangents = {
+        n: 0.1 * torch.randn(p.shape, generator=generator).to(dtype) for n, p in params.items()
+    }
+    return model, record, params, tangents
+
+
 # id, net, dtype, samples, drew_random as recorded, rtol against forward mode
 DIFFERENCE_CASES = [
     ("tanh_f64_all", "tanh", torch.float64, None, False, 1e-6),
@@ -331,17 +348,7 @@ def test_difference_quotient_curvature_matches_forward_mode(
     """The difference quotient on the recorded output (or a slice, or a fresh base where a
     slice would be another function: BatchNorm's batch statistics, dropout's masks) agrees
     with the exact forward-mode JVP."""
-    model = _net(kind, dtype)
-    x = torch.randn(6, 2, 4, 4, generator=generator).to(dtype)
-    y = torch.randint(0, 3, (6,), generator=generator)
-    rng = RngState.capture(None)
-    out = model(x)
-    (g,) = torch.autograd.grad(F.cross_entropy(out, y), out)
-    record = RecordedPass((x,), {}, rng, out.detach(), g, drew_random=drew)
-    params = dict(model.named_parameters())  # the recorded outputs' parameters
-    tangents = {
-        n: 0.1 * torch.randn(p.shape, generator=generator).to(dtype) for n, p in params.items()
-    }
+    model, record, params, tangents = _recorded_net(kind, dtype, drew, generator)
     kind_ = LossType.CROSS_ENTROPY
     common = dict(samples=samples)
     exact = exact_curvature(model, [record], kind_, 1 / 6, params, tangents, **common)
@@ -367,15 +374,7 @@ SAMPLED_NET_CASES = [
 def test_sampled_loss_at_unchanged_parameters_does_not_change(kind, drew, jvp, generator):
     """The sub-batch's loss at θ is that of the function the JVP differentiated (its batch
     statistics, its random draws), so without a step there is no change (float64)."""
-    model = _net(kind, torch.float64)
-    x = torch.randn(6, 2, 4, 4, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (6,), generator=generator)
-    rng = RngState.capture(None)
-    out = model(x)
-    (g,) = torch.autograd.grad(F.cross_entropy(out, y), out)
-    record = RecordedPass((x,), {}, rng, out.detach(), g, drew_random=drew)
-    params = dict(model.named_parameters())
-    tangents = {n: 0.1 * torch.randn(p.shape, generator=generator) for n, p in params.items()}
+    model, record, params, tangents = _recorded_net(kind, torch.float64, drew, generator)
     ce = LossType.CROSS_ENTROPY
     _, sampled = _exact_terms(
         model, [record], ce, 1 / 6, params, tangents, 3, QModelJvp(jvp), 0.4, keep=True
