@@ -50,7 +50,6 @@ from torch.func import functional_call, jvp
 from kfac_tn import KFAC
 from kfac_tn.enums import LossType
 from kfac_tn.losses import hessian_quadratic, hessian_traces
-from kfac_tn.optim.damping import reduction_ratio
 from kfac_tn.optim.qmodel import importance_sample
 
 __all__ = [
@@ -123,12 +122,10 @@ def _record_rhos(opt: KFAC, task: str, rows: list[dict[str, Any]]) -> None:
 
     def both(pieces, alpha, records):
         if pieces is not None and opt._damping_due() and pieces.sampled is not None:
-            ratios = {}
-            for key, sampled in (("rho_batch", None), ("rho_sub", pieces.sampled)):
-                new, old = opt._losses_before_and_after(records, sampled)
-                change = new - old + pieces.decay_change(alpha)
-                predicted = pieces.predicted(alpha, sampled=sampled is not None)
-                ratios[key] = reduction_ratio(change, predicted)
+            ratios = {
+                key: opt._reduction_ratio(pieces, alpha, records, sampled=sampled)
+                for key, sampled in (("rho_batch", False), ("rho_sub", True))
+            }
             rows.append(dict(task=task, step=opt.state["kfac"].get("step", 0), **ratios))
         adapt(pieces, alpha, records)
 

@@ -735,9 +735,7 @@ class KFAC(torch.optim.Optimizer):
             return
         sampled = pieces.sampled is not None and math.isfinite(pieces.sampled_linear)
         with self.schedule.meter.span(TUNING):
-            new, old = self._losses_before_and_after(records, pieces.sampled if sampled else None)
-        predicted = pieces.predicted(alpha, sampled=sampled)
-        rho = reduction_ratio(new - old + pieces.decay_change(alpha), predicted)
+            rho = self._reduction_ratio(pieces, alpha, records, sampled=sampled)
         for group in self.param_groups:
             if group["damping_adaptation"]:
                 group["damping"] = levenberg_marquardt(
@@ -750,6 +748,14 @@ class KFAC(torch.optim.Optimizer):
         own = self.state[_OWN]
         own["rho"] = rho
         own["damping_adaptations"] = own.get("damping_adaptations", 0) + 1
+
+    def _reduction_ratio(
+        self, pieces: StepPieces, alpha: float, records: list[RecordedPass], *, sampled: bool
+    ) -> float:
+        """Return ρ of the applied step: on ``pieces.sampled`` if ``sampled``, else the batch."""
+        new, old = self._losses_before_and_after(records, pieces.sampled if sampled else None)
+        predicted = pieces.predicted(alpha, sampled=sampled)
+        return reduction_ratio(new - old + pieces.decay_change(alpha), predicted)
 
     def _losses_before_and_after(
         self, records: list[RecordedPass], sampled: SampledBatch | None

@@ -280,6 +280,8 @@ class SampledPass:
         base: :math:`f(\theta)` on them ``[k, *]``, the function the JVP differentiated.
         targets: Their recovered targets ``[k, *]``.
         weight: Their Horvitz-Thompson weights :math:`1/\pi_n` ``[k]`` (float64).
+        linear: :math:`\sum_n (\partial L / \partial f_n)^\top (J\Delta)_n / \pi_n` over
+            them (float64 scalar, on the CPU; the chain rule on the recorded output gradients).
     """
 
     record: RecordedPass
@@ -288,6 +290,7 @@ class SampledPass:
     base: Tensor
     targets: Tensor
     weight: Tensor
+    linear: Tensor
 
 
 @dataclass
@@ -296,13 +299,21 @@ class SampledBatch:
 
     Attributes:
         passes: The passes' drawn samples.
-        linear: :math:`\sum_{n} (\partial L / \partial f_n)^\top (J\Delta)_n / \pi_n`, the
-            Horvitz-Thompson estimate of :math:`\nabla L^\top \Delta` on these samples
-            (float64 scalar; the chain rule on the recorded output gradients).
     """
 
     passes: list[SampledPass]
-    linear: Tensor
+
+    @property
+    def linear(self) -> Tensor:
+        r"""The Horvitz-Thompson estimate of :math:`\nabla L^\top \Delta` on these samples.
+
+        Returns:
+            The passes' :attr:`SampledPass.linear` summed, a float64 scalar.
+        """
+        total = torch.zeros((), dtype=torch.float64)
+        for s in self.passes:
+            total = total + s.linear
+        return total
 
 
 def sampled_loss(
@@ -376,7 +387,6 @@ def _exact_terms(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
         )
     kept: list[SampledPass] | None = [] if keep and chosen and chosen[0] is not None else None
-    linear = torch.zeros((), dtype=torch.float64)
     for p, size, pick in zip(passes, sizes, chosen):
         if pick is not None and not len(pick.index):
             continue
@@ -394,15 +404,12 @@ def _exact_terms(
         scaled = jv * pick.weight.rsqrt().to(jv).reshape(-1, *[1] * (jv.dim() - 1))
         total = total + hessian_quadratic(output, scaled, loss, r).cpu()
         if kept is not None:
-            kept, linear = _keep_pass(kept, linear, p, pick, args, kwargs, output, jv, loss, r)
-    if kept is None:
-        return total, None
-    return total, SampledBatch(kept, linear)
+            piece = _sampled_pass(p, pick, args, kwargs, output, jv, loss, r)
+            kept = None if piece is None else [*kept, piece]
+    return total, None if kept is None else SampledBatch(kept)
 
 
-def _keep_pass(
-    kept: list[SampledPass] | None,
-    linear: Tensor,
+def _sampled_pass(
     p: RecordedPass,
     pick: _Pick,
     args: tuple,
@@ -411,18 +418,17 @@ def _keep_pass(
     jv: Tensor,
     loss: LossType,
     r: float,
-) -> tuple[list[SampledPass] | None, Tensor]:
-    """Add one pass's drawn samples to the kept sub-batch (``None``: it cannot be kept)."""
+) -> SampledPass | None:
+    """Return one pass's drawn samples as a :class:`SampledPass` (``None``: it cannot be one)."""
     out, grad = p.output, p.output_grad
-    if kept is None or out is None or grad is None or out.dim() == 0:
-        return None, linear
+    if out is None or grad is None or out.dim() == 0:
+        return None
     index = pick.index.to(out.device)
     targets = recovered_targets(out, grad, loss, r)[index]
     weight = pick.weight.reciprocal()
     per_sample = (grad[index].double() * jv.double()).reshape(len(index), -1).sum(1)
-    linear = linear + (weight.to(per_sample) * per_sample).sum().cpu()
-    kept.append(SampledPass(p, args, kwargs, base.detach(), targets, weight))
-    return kept, linear
+    linear = (weight.to(per_sample) * per_sample).sum().cpu()
+    return SampledPass(p, args, kwargs, base.detach(), targets, weight, linear)
 
 
 _FORWARD_MODE_PASSES = 3.0
